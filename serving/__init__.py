@@ -1,0 +1,1 @@
+"""The serving spec: one typed source for model, vLLM and adapter set."""

@@ -1,0 +1,117 @@
+"""Facts about the outside world the project relies on, each stated once.
+
+Numbers come from Azure's size documentation, the EXAONE 3.5 model cards and
+vLLM's own argument checks; see the comments for the surprising ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# vLLM 0.3.0 through 0.21.x let requests bypass --api-key (CVE-2026-48746, GHSA-94f4-hr76-p5j6).
+MIN_VLLM_VERSION = (0, 22, 0)
+
+# vLLM's --max-lora-rank accepts only these values (vllm/config/lora.py).
+ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# Linear layers of vLLM's ExaoneForCausalLM that take LoRA. PEFT has no EXAONE default,
+# so adapters must list these explicitly as target_modules.
+EXAONE_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+EXAONE_MLP_MODULES = ("c_fc_0", "c_fc_1", "c_proj")
+EXAONE_LORA_MODULES = EXAONE_ATTN_MODULES + EXAONE_MLP_MODULES
+
+# Network sources that mean "everyone": never allowed for SSH or the API.
+OPEN_SOURCES = ("*", "internet", "any", "0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True)
+class GpuSku:
+    """An Azure VM size with NVIDIA GPUs."""
+
+    name: str
+    vcpus: int
+    ram_gib: int
+    gpus: int
+    gpu_memory_gb: int
+    gpu_model: str
+
+
+# Only the NC H100 v5 family: Gen2 images only, H100 NVL PCIe cards (no Fabric Manager).
+GPU_SKUS: dict[str, GpuSku] = {
+    "Standard_NC40ads_H100_v5": GpuSku("Standard_NC40ads_H100_v5", 40, 320, 1, 94, "H100 NVL"),
+    "Standard_NC80adis_H100_v5": GpuSku("Standard_NC80adis_H100_v5", 80, 640, 2, 94, "H100 NVL"),
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The parts of an EXAONE config.json that shape weights, LoRA tensors and KV cache."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelDims:
+        """Read an EXAONE (``model_type: exaone``) config.json; it says num_layers, not
+        num_hidden_layers."""
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        layers = config.get("num_layers", config.get("num_hidden_layers"))
+        if layers is None:
+            raise KeyError("num_layers")
+        return cls(
+            num_layers=int(layers),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads", heads)),
+            intermediate_size=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    def lora_shapes(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of an EXAONE linear layer that takes LoRA."""
+        q_out = self.num_attention_heads * self.head_dim
+        kv_out = self.num_key_value_heads * self.head_dim
+        return {
+            "q_proj": (self.hidden_size, q_out),
+            "k_proj": (self.hidden_size, kv_out),
+            "v_proj": (self.hidden_size, kv_out),
+            "out_proj": (q_out, self.hidden_size),
+            "c_fc_0": (self.hidden_size, self.intermediate_size),
+            "c_fc_1": (self.hidden_size, self.intermediate_size),
+            "c_proj": (self.intermediate_size, self.hidden_size),
+        }[module]
+
+
+# EXAONE 3.5 Instruct checkpoints (config.json of each; EXAONE AI Model License 1.1 - NC).
+EXAONE_MODELS: dict[str, ModelDims] = {
+    "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct": ModelDims(
+        num_layers=30, hidden_size=2560, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=7168, vocab_size=102400, head_dim=80, tie_word_embeddings=True,
+    ),
+    "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct": ModelDims(
+        num_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=102400, head_dim=128,
+    ),
+    "LGAI-EXAONE/EXAONE-3.5-32B-Instruct": ModelDims(
+        num_layers=64, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
+        intermediate_size=27392, vocab_size=102400, head_dim=128,
+    ),
+}
+
+# Gen2 Ubuntu images for the NC H100 v5 VMs: (publisher, offer, sku, version).
+VM_IMAGES: dict[str, tuple[str, str, str, str]] = {
+    "ubuntu-2404": ("Canonical", "ubuntu-24_04-lts", "server", "latest"),
+    "ubuntu-2204": ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", "latest"),
+    # NVIDIA driver, CUDA and InfiniBand stack preinstalled: the drivers step skips.
+    "ubuntu-hpc-2204": ("microsoft-dsvm", "ubuntu-hpc", "2204", "latest"),
+    "ubuntu-hpc-2404": ("microsoft-dsvm", "ubuntu-hpc", "2404", "latest"),
+}
