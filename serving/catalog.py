@@ -94,16 +94,32 @@ class ModelDims:
 # EXAONE 3.5 Instruct checkpoints (config.json of each; EXAONE AI Model License 1.1 - NC).
 EXAONE_MODELS: dict[str, ModelDims] = {
     "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct": ModelDims(
-        num_layers=30, hidden_size=2560, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=7168, vocab_size=102400, head_dim=80, tie_word_embeddings=True,
+        num_layers=30,
+        hidden_size=2560,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=7168,
+        vocab_size=102400,
+        head_dim=80,
+        tie_word_embeddings=True,
     ),
     "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct": ModelDims(
-        num_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=102400, head_dim=128,
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=102400,
+        head_dim=128,
     ),
     "LGAI-EXAONE/EXAONE-3.5-32B-Instruct": ModelDims(
-        num_layers=64, hidden_size=5120, num_attention_heads=40, num_key_value_heads=8,
-        intermediate_size=27392, vocab_size=102400, head_dim=128,
+        num_layers=64,
+        hidden_size=5120,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=27392,
+        vocab_size=102400,
+        head_dim=128,
     ),
 }
 

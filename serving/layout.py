@@ -86,3 +86,8 @@ def local(root: Path) -> Layout:
 
 def for_target(spec: Spec, root: Path) -> Layout:
     return {"vm": VM, "aks": POD}.get(spec.target) or local(root)
+
+
+def vm_host_names(spec: Spec) -> list[str]:
+    """Computer names of the stack's GPU VMs (Azure VM names and hostnames agree)."""
+    return [f"exaone-{spec.stack}-{i}" for i in range(spec.vm.count)]

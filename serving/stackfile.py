@@ -46,7 +46,7 @@ def stack_path(stack: str) -> Path:
 
 def stack_names() -> list[str]:
     """Checked-in example stacks, in file-name order."""
-    return sorted(p.name[len("Pulumi."):-len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
+    return sorted(p.name[len("Pulumi.") : -len(".yaml")] for p in ROOT.glob("Pulumi.*.yaml"))
 
 
 def load(stack: str | None = None, config: Path | None = None) -> Spec:
@@ -62,9 +62,13 @@ def load(stack: str | None = None, config: Path | None = None) -> Spec:
     except yaml.YAMLError as exc:
         raise SpecError([Problem(where, f"is not valid YAML: {exc}")]) from None
     if not isinstance(document, dict) or not isinstance(document.get("config", {}), dict):
-        raise SpecError([Problem(where, "must be a mapping with a 'config:' mapping, like Pulumi.<stack>.yaml")])
+        raise SpecError(
+            [Problem(where, "must be a mapping with a 'config:' mapping, like Pulumi.<stack>.yaml")]
+        )
     ns = namespace() + ":"
-    values = {k[len(ns):]: v for k, v in (document.get("config") or {}).items() if str(k).startswith(ns)}
+    values = {
+        k[len(ns) :]: v for k, v in (document.get("config") or {}).items() if str(k).startswith(ns)
+    }
     return from_values(values, stack=name, where=where)
 
 
@@ -82,7 +86,9 @@ def from_values(values: Mapping[str, Any], *, stack: str, where: str = "config")
     problems: list[Problem] = []
     known = schema()
     for unknown in sorted(set(values) - set(known)):
-        problems.append(Problem(key(unknown), "is not a known key; see the config schema in Pulumi.yaml"))
+        problems.append(
+            Problem(key(unknown), "is not a known key; see the config schema in Pulumi.yaml")
+        )
     merged = {**defaults(), **{k: v for k, v in values.items() if k in known}}
 
     api_key = _secret_ref(merged, key, problems)
@@ -111,14 +117,21 @@ def _secret_ref(merged: dict[str, Any], key, problems: list[Problem]) -> SecretR
     if isinstance(value, _Present) or (isinstance(value, dict) and "secure" in value):
         return SecretRef(kind="pulumi", name="apiKey")
     if value:
-        problems.append(Problem(key("apiKey"), "is in clear text; allowed: `pulumi config set --secret "
-                                "apiKey`, or apiKeyRef env:NAME / file:PATH"))
+        problems.append(
+            Problem(
+                key("apiKey"),
+                "is in clear text; allowed: `pulumi config set --secret "
+                "apiKey`, or apiKeyRef env:NAME / file:PATH",
+            )
+        )
         return SecretRef(kind="none")
     if not ref:
         return SecretRef(kind="none")
     scheme, _, name = str(ref).partition(":")
     if scheme not in ("env", "file") or not name:
-        problems.append(Problem(key("apiKeyRef"), f"{ref!r} is malformed; allowed: env:NAME or file:PATH"))
+        problems.append(
+            Problem(key("apiKeyRef"), f"{ref!r} is malformed; allowed: env:NAME or file:PATH")
+        )
         return SecretRef(kind="none")
     return SecretRef(kind=scheme, name=name)
 
@@ -132,12 +145,15 @@ def _nest(flat: dict[str, Any], stack: str) -> dict[str, Any]:
     raw: dict[str, Any] = {"stack": stack}
     for field_name, field in Spec.model_fields.items():
         annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and annotation is not SecretRef:
+        if (
+            isinstance(annotation, type)
+            and issubclass(annotation, BaseModel)
+            and annotation is not SecretRef
+        ):
             raw[field_name] = {a: flat[a] for a in _section_aliases(annotation) if a in flat}
         elif field_name in flat:
             raw[field_name] = flat[field_name]
-    adapters = flat.get("adapters") or []
-    raw["adapters"] = adapters if isinstance(adapters, list) else adapters
+    raw["adapters"] = flat.get("adapters") or []
     return raw
 
 

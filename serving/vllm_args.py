@@ -21,7 +21,11 @@ def lora_modules(spec: Spec, layout: Layout) -> list[str]:
     """One JSON object per adapter: vLLM takes space-separated items, not a JSON list."""
     return [
         json.dumps(
-            {"name": a.name, "path": layout.adapter_path(spec, a), "base_model_name": spec.model.served_name},
+            {
+                "name": a.name,
+                "path": layout.adapter_path(spec, a),
+                "base_model_name": spec.model.served_name,
+            },
             separators=(",", ":"),
         )
         for a in spec.adapters
@@ -47,9 +51,12 @@ def args(spec: Spec, layout: Layout) -> list[str]:
             out += ["--tensor-parallel-size", str(vllm.tensor_parallel_size)]
     out += [
         "--enable-lora",
-        "--max-loras", str(vllm.max_loras),
-        "--max-cpu-loras", str(vllm.max_cpu_loras),
-        "--max-lora-rank", str(spec.max_lora_rank),
+        "--max-loras",
+        str(vllm.max_loras),
+        "--max-cpu-loras",
+        str(vllm.max_cpu_loras),
+        "--max-lora-rank",
+        str(spec.max_lora_rank),
     ]
     modules = lora_modules(spec, layout)
     if modules:
@@ -81,6 +88,10 @@ def environment(spec: Spec, layout: Layout) -> dict[str, str]:
     }
     if vllm.runtime_lora_updating:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
+    if not vllm.cpu:
+        # The service user's home is read-only under the unit's sandbox; CUDA's JIT cache
+        # would otherwise fail to persist and recompile kernels on every start.
+        env["CUDA_CACHE_PATH"] = f"{layout.cache_dir}/cuda"
     if vllm.cpu:
         env["VLLM_TARGET_DEVICE"] = "cpu"
         env["VLLM_CPU_KVCACHE_SPACE"] = str(vllm.cpu_kv_cache_gb)

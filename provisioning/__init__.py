@@ -1,0 +1,23 @@
+"""Fabric tasks that roll the VMs forward; the root collection only composes namespaces."""
+
+from __future__ import annotations
+
+from invoke import Collection, task
+
+from serving import stackfile
+from serving.errors import SpecError
+
+
+@task(help={"stack": "stack name: Pulumi.<STACK>.yaml"})
+def validate(c, stack: str = "dev") -> None:
+    """Validate the stack's spec before anything touches a host."""
+    from invoke.exceptions import Exit
+
+    try:
+        spec = stackfile.load(stack=stack)
+    except SpecError as exc:
+        raise Exit("\n".join(str(p) for p in exc.problems), code=2) from None
+    print(f"{spec.stack}: valid ({spec.target}, {len(spec.adapters)} adapters)")
+
+
+ns = Collection(validate)

@@ -1,0 +1,191 @@
+"""``python -m serving``: validate, render, check adapters, digest, demo.
+
+Exit 0 on success. On bad input: one line per problem on stderr, naming the key or file
+and what is allowed, exit 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from serving import stackfile
+from serving.errors import Problem, SpecError
+from serving.spec import Spec
+
+EXIT_BAD_INPUT = 2
+# Wide enough for the summary table when the output is a file or a CI log.
+out = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _spec(args: argparse.Namespace) -> Spec:
+    if args.config:
+        return stackfile.load(config=Path(args.config))
+    return stackfile.load(stack=args.stack)
+
+
+def _stack_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--stack", help="a checked-in stack: Pulumi.<STACK>.yaml")
+    group.add_argument("--config", help="a config file of the same shape")
+
+
+def summary_table(specs: list[Spec], title: str) -> Table:
+    table = Table(title=title)
+    for column in (
+        "stack",
+        "target",
+        "GPU size x count",
+        "model @ revision",
+        "vLLM",
+        "adapters",
+        "max-lora-rank",
+        "API key",
+    ):
+        table.add_column(column)
+    for spec in specs:
+        size = f"{spec.vm.size} x {spec.vm.count}" if spec.target != "local" else "this CPU"
+        rev = spec.model.revision[:12] if spec.model.revision else "(local)"
+        table.add_row(
+            spec.stack,
+            spec.target,
+            size,
+            f"{spec.model.id} @ {rev}",
+            f"{spec.vllm.package} {spec.vllm.version}",
+            ", ".join(f"{a.name}:{a.version}" for a in spec.adapters) or "-",
+            str(spec.max_lora_rank),
+            str(spec.api_key),
+        )
+    return table
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    out.print(summary_table([spec], f"{spec.stack}: valid"))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from serving import render
+
+    spec = _spec(args)
+    files = render.artifacts(spec, stackfile.ROOT)
+    written = render.write(files, Path(args.out))
+    for path in written:
+        out.print(f"wrote {path}")
+    return 0
+
+
+def cmd_check_adapter(args: argparse.Namespace) -> int:
+    from serving import adapter_check
+
+    spec = _spec(args) if (args.stack or args.config) else None
+    base = args.base_model or (spec.model.id if spec else None)
+    if not base:
+        raise SpecError(
+            [
+                Problem(
+                    "--base-model",
+                    "is required without --stack/--config; "
+                    "allowed: an EXAONE 3.5 repo id or a local model folder",
+                )
+            ]
+        )
+    source = spec.model.source if spec and spec.model.source_kind == "path" else base
+    try:
+        dims = adapter_check.base_dims(
+            str(stackfile.ROOT / source) if spec and source != base else source
+        )
+    except (OSError, KeyError, ValueError) as exc:
+        raise SpecError([Problem("--base-model", str(exc))]) from None
+    max_rank = args.max_lora_rank or (spec.max_lora_rank if spec else 512)
+    problems: list[Problem] = []
+    for path in args.paths:
+        found = adapter_check.check_adapter(
+            Path(path),
+            dims=dims,
+            base_model_id=base if args.base_model or spec else None,
+            max_lora_rank=max_rank,
+            sha256=args.sha256,
+        )
+        problems += found
+        if not found:
+            out.print(f"[green]ok[/] {path}")
+    if problems:
+        raise SpecError(problems)
+    return 0
+
+
+def cmd_digest(args: argparse.Namespace) -> int:
+    from serving.digest import folder_digest
+
+    for path in args.paths:
+        try:
+            print(f"{folder_digest(Path(path))}  {path}")
+        except (OSError, ValueError) as exc:
+            raise SpecError([Problem(path, str(exc))]) from None
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Validate and render every checked-in stack, then show what each would run."""
+    import tempfile
+
+    from serving import render
+
+    specs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in stackfile.stack_names():
+            spec = stackfile.load(stack=name)
+            files = render.artifacts(spec, stackfile.ROOT)
+            render.write(files, Path(tmp, name))
+            specs.append(spec)
+            out.print(f"[green]✓[/] {name}: {len(files)} artifacts rendered")
+    out.print(summary_table(specs, "Example stacks"))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a stack's config; prints a summary")
+    _stack_args(v)
+    v.set_defaults(func=cmd_validate)
+
+    r = sub.add_parser("render", help="write the stack's artifacts (unit, env, k8s, monitoring)")
+    _stack_args(r)
+    r.add_argument("--out", required=True, help="folder to write into")
+    r.set_defaults(func=cmd_render)
+
+    c = sub.add_parser("check-adapter", help="check PEFT adapter folders before deploying")
+    c.add_argument("paths", nargs="+", metavar="PATH")
+    c.add_argument("--max-lora-rank", type=int, default=0, help="default: the stack's, else 512")
+    c.add_argument("--base-model", help="EXAONE repo id or local model folder")
+    c.add_argument("--sha256", help="expected folder digest (see `digest`)")
+    c.add_argument("--stack", help="take base model and max rank from this stack")
+    c.add_argument("--config", help="as --stack, from a config file")
+    c.set_defaults(func=cmd_check_adapter)
+
+    d = sub.add_parser("digest", help="print the folder digest an adapter's sha256 must match")
+    d.add_argument("paths", nargs="+", metavar="PATH")
+    d.set_defaults(func=cmd_digest)
+
+    demo = sub.add_parser("demo", help="the main job on this machine")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SpecError as exc:
+        for problem in exc.problems:
+            err.print(str(problem), markup=False)
+        return EXIT_BAD_INPUT

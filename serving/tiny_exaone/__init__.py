@@ -1,0 +1,1 @@
+"""Remote code shipped with the tiny EXAONE-architecture model (copied into its folder)."""

@@ -1,0 +1,229 @@
+"""A tiny EXAONE-architecture model for tests and the local CPU target.
+
+Same config keys, tensor names and remote-code layout as LG's EXAONE 3.5 checkpoints, at a
+size that builds in well under a second and that vLLM's CPU build serves. Weights are random
+(deterministic per seed); the tokenizer is a small byte-level BPE trained on built-in text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from serving.catalog import ModelDims
+
+DEFAULT_MODEL_ID = "local/exaone-3.5-tiny"
+MARKER = ".tiny-model"
+# Bump when the recipe changes, so existing folders are rebuilt.
+RECIPE_VERSION = 1
+
+# vLLM's CPU attention rejects head_dim 16; 64 works (hidden 128, 2 heads, 1 KV head).
+TINY_LAYERS = 2
+TINY_HIDDEN = 128
+TINY_HEADS = 2
+TINY_KV_HEADS = 1
+TINY_HEAD_DIM = 64
+TINY_FFN = 256
+TINY_MAX_POSITIONS = 1024
+TOKENIZER_VOCAB_TARGET = 512
+
+PAD, BOS, EOT, UNK = "[PAD]", "[BOS]", "[|endofturn|]", "[UNK]"
+# EXAONE 3.5's chat markers; a turn ends with [|endofturn|], which is also the EOS token.
+ROLE_TOKENS = ("[|system|]", "[|user|]", "[|assistant|]")
+SPECIAL_TOKENS = (PAD, BOS, EOT, UNK, *ROLE_TOKENS)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '[|system|][|endofturn|]\\n' }}{% endif %}"
+    "{{ '[|' + message['role'] + '|]' + message['content'] }}"
+    "{% if message['role'] == 'user' %}{{ '\\n' }}{% else %}{{ '[|endofturn|]\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
+)
+
+_TEXT = """\
+EXAONE is a family of bilingual language models. This tiny model shares its architecture:
+an embedding, a stack of decoder blocks, each with RMS normalisation, grouped-query attention
+with rotary positions, and a gated feed-forward layer, then a final normalisation and a head.
+The weights are random, so the words it writes mean nothing; the tests only need outputs that
+change when a LoRA adapter is applied on top of the base model.
+Adapters are small: two thin matrices per linear layer, A and B, whose product is added to the
+frozen weight. A server can hold many of them and pick one per request.
+Hello! How are you today? I am fine, thank you. What would you like to know?
+Please answer briefly and politely. Write a short, formal reply. Write a casual reply.
+The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 16 32 64 128 256 512 1024 2048.
+안녕하세요. 만나서 반갑습니다. 오늘 날씨가 좋네요. 무엇을 도와드릴까요?
+감사합니다. 짧고 정중하게 답해 주세요. 편하게 이야기해요.
+"""
+
+
+def tiny_dims(vocab_size: int) -> ModelDims:
+    return ModelDims(
+        num_layers=TINY_LAYERS,
+        hidden_size=TINY_HIDDEN,
+        num_attention_heads=TINY_HEADS,
+        num_key_value_heads=TINY_KV_HEADS,
+        intermediate_size=TINY_FFN,
+        vocab_size=vocab_size,
+        head_dim=TINY_HEAD_DIM,
+    )
+
+
+def config_source() -> str:
+    """Source of the remote ``configuration_exaone.py`` copied next to the weights."""
+    return (resources.files("serving.tiny_exaone") / "configuration_exaone.py").read_text()
+
+
+def _marker_text(seed: int, model_id: str) -> str:
+    recipe = {
+        "recipe": RECIPE_VERSION,
+        "seed": seed,
+        "model_id": model_id,
+        "configuration_exaone_sha256": hashlib.sha256(config_source().encode()).hexdigest(),
+    }
+    return json.dumps(recipe, sort_keys=True) + "\n"
+
+
+def _train_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_TARGET,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_TEXT.splitlines(), trainer)
+    return tokenizer
+
+
+def _config(dims: ModelDims, model_id: str, ids: dict[str, int]) -> dict:
+    return {
+        "_name_or_path": model_id,
+        "architectures": ["ExaoneForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_exaone.ExaoneConfig"},
+        "model_type": "exaone",
+        "activation_function": "silu",
+        "attention_dropout": 0.0,
+        "embed_dropout": 0.0,
+        "bos_token_id": ids[BOS],
+        "eos_token_id": ids[EOT],
+        "pad_token_id": ids[PAD],
+        "head_dim": dims.head_dim,
+        "hidden_size": dims.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": dims.intermediate_size,
+        "layer_norm_epsilon": 1e-5,
+        "max_position_embeddings": TINY_MAX_POSITIONS,
+        "num_attention_heads": dims.num_attention_heads,
+        "num_key_value_heads": dims.num_key_value_heads,
+        "num_layers": dims.num_layers,
+        # Both spellings: transformers 5 reads rope_parameters, older readers rope_theta.
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "use_cache": True,
+        "vocab_size": dims.vocab_size,
+    }
+
+
+def _weights(dims: ModelDims, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(out_features: int, in_features: int) -> torch.Tensor:
+        return torch.randn((out_features, in_features), generator=gen) * 0.02
+
+    hidden = dims.hidden_size
+    tensors = {"transformer.wte.weight": normal(dims.vocab_size, hidden)}
+    for i in range(dims.num_layers):
+        block = f"transformer.h.{i}"
+        tensors[f"{block}.ln_1.weight"] = torch.ones(hidden)
+        tensors[f"{block}.ln_2.weight"] = torch.ones(hidden)
+        for module in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            in_features, out_features = dims.lora_shapes(module)
+            tensors[f"{block}.attn.attention.{module}.weight"] = normal(out_features, in_features)
+        for module in ("c_fc_0", "c_fc_1", "c_proj"):
+            in_features, out_features = dims.lora_shapes(module)
+            tensors[f"{block}.mlp.{module}.weight"] = normal(out_features, in_features)
+    tensors["transformer.ln_f.weight"] = torch.ones(hidden)
+    tensors["lm_head.weight"] = normal(dims.vocab_size, hidden)
+    return tensors
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def _build(folder: Path, *, seed: int, model_id: str) -> None:
+    tokenizer = _train_tokenizer()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+    dims = tiny_dims(tokenizer.get_vocab_size())
+
+    _write_json(folder / "config.json", _config(dims, model_id, ids))
+    (folder / "configuration_exaone.py").write_text(config_source())
+    _write_json(folder / "generation_config.json", {
+        "bos_token_id": ids[BOS], "eos_token_id": ids[EOT], "pad_token_id": ids[PAD],
+    })
+    _write_json(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOT,
+        "pad_token": PAD,
+        "unk_token": UNK,
+        "additional_special_tokens": list(ROLE_TOKENS),
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": TINY_MAX_POSITIONS,
+        "chat_template": CHAT_TEMPLATE,
+    })
+    _write_json(folder / "special_tokens_map.json", {
+        "bos_token": BOS, "eos_token": EOT, "pad_token": PAD, "unk_token": UNK,
+        "additional_special_tokens": list(ROLE_TOKENS),
+    })
+    save_file(_weights(dims, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for path in folder.iterdir():
+        path.chmod(0o644)  # safetensors writes 0600; the serving user reads these
+    (folder / MARKER).write_text(_marker_text(seed, model_id))
+
+
+def make_tiny_model(
+    dest: Path, *, seed: int = 0, model_id: str = DEFAULT_MODEL_ID
+) -> Path:
+    """Write the tiny model to ``dest`` (skipped when ``dest`` already holds this recipe).
+
+    A folder that exists without this maker's marker is not overwritten (raises
+    FileExistsError); one with an older marker is replaced as a whole.
+    """
+    dest = Path(dest)
+    marker = dest / MARKER
+    wanted = _marker_text(seed, model_id)
+    if marker.is_file() and marker.read_text() == wanted:
+        return dest
+    if dest.exists() and not marker.is_file() and any(dest.iterdir()):
+        raise FileExistsError(f"{dest} exists and was not made by make_tiny_model; not replaced")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it private; the serving user reads it
+        _build(staging, seed=seed, model_id=model_id)
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest

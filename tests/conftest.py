@@ -1,0 +1,36 @@
+"""Session fixtures: the tiny EXAONE-architecture model and good PEFT adapters, built once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub; PEFT and transformers must stay on local folders.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from serving.tinymodel import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "exaone-3.5-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def good_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Adapters vLLM would serve on the tiny model: all 7 modules, attention only, rank_pattern."""
+    from serving.catalog import EXAONE_ATTN_MODULES
+    from serving.loramaker import make_adapter
+    from serving.tinymodel import DEFAULT_MODEL_ID
+
+    root = tmp_path_factory.mktemp("adapters")
+    common = {"base": tiny_model, "base_model_id": DEFAULT_MODEL_ID}
+    return {
+        "all-modules": make_adapter(root / "all-modules", rank=8, seed=1, **common),
+        "attention-only": make_adapter(root / "attention-only", rank=16, seed=2,
+                                       targets=EXAONE_ATTN_MODULES, **common),
+        "rank-pattern": make_adapter(root / "rank-pattern", rank=8, seed=3,
+                                     rank_pattern={"q_proj": 16, "c_proj": 4}, **common),
+    }
