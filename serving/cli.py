@@ -7,6 +7,7 @@ and what is allowed, exit 2, and nothing written.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving import stackfile
+from serving.catalog import ALLOWED_LORA_RANKS
 from serving.errors import Problem, SpecError
 from serving.spec import Spec
 
@@ -81,35 +83,53 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _base_model_id(model: str) -> str:
+    """The id adapters must name: a catalog id as is, a model folder's recorded _name_or_path."""
+    config = Path(model) / "config.json"
+    if config.is_file():
+        return str(json.loads(config.read_text()).get("_name_or_path") or model)
+    return model
+
+
 def cmd_check_adapter(args: argparse.Namespace) -> int:
-    from serving import adapter_check
+    from serving import adapter_check, layout
+    from serving.catalog import EXAONE_MODELS
 
     spec = _spec(args) if (args.stack or args.config) else None
-    base = args.base_model or (spec.model.id if spec else None)
-    if not base:
+    if args.base_model:
+        dims = adapter_check.base_dims(args.base_model)
+        base_id = _base_model_id(args.base_model)
+    elif spec:
+        known = spec.model.id in EXAONE_MODELS
+        place = layout.for_target(spec, stackfile.ROOT)
+        dims = adapter_check.base_dims(spec.model.id if known else place.model_path(spec))
+        base_id = spec.model.id
+    else:
         raise SpecError(
             [
                 Problem(
                     "--base-model",
-                    "is required without --stack/--config; "
-                    "allowed: an EXAONE 3.5 repo id or a local model folder",
+                    "is required without --stack/--config; allowed: "
+                    "an EXAONE 3.5 repo id or a local model folder",
                 )
             ]
         )
-    source = spec.model.source if spec and spec.model.source_kind == "path" else base
-    try:
-        dims = adapter_check.base_dims(
-            str(stackfile.ROOT / source) if spec and source != base else source
+    max_rank = args.max_lora_rank or (spec.max_lora_rank if spec else max(ALLOWED_LORA_RANKS))
+    if max_rank not in ALLOWED_LORA_RANKS:
+        allowed = ", ".join(map(str, ALLOWED_LORA_RANKS))
+        raise SpecError(
+            [
+                Problem(
+                    "--max-lora-rank", f"{max_rank} is not a rank vLLM accepts; allowed: {allowed}"
+                )
+            ]
         )
-    except (OSError, KeyError, ValueError) as exc:
-        raise SpecError([Problem("--base-model", str(exc))]) from None
-    max_rank = args.max_lora_rank or (spec.max_lora_rank if spec else 512)
     problems: list[Problem] = []
     for path in args.paths:
         found = adapter_check.check_adapter(
             Path(path),
             dims=dims,
-            base_model_id=base if args.base_model or spec else None,
+            base_model_id=base_id,
             max_lora_rank=max_rank,
             sha256=args.sha256,
         )
