@@ -1,0 +1,1 @@
+"""The Pulumi program: one component per concern, composed by ``infra/__main__.py``."""

@@ -1,0 +1,115 @@
+"""The Pulumi program: read the stack through the serving spec, compose components, export.
+
+Nothing is registered before the spec (and the infra's own checks) have passed.
+"""
+
+import sys
+from pathlib import Path
+
+# Pulumi runs this file from infra/ (`main: infra/` in Pulumi.yaml), so Python puts infra/
+# first on sys.path and the repository root not at all. The program imports the repo's own
+# packages (serving, k8s, infra), so the root goes first, and infra/ itself is dropped so
+# that its modules (config.py, storage.py...) cannot shadow top-level packages.
+_INFRA = Path(__file__).resolve().parent
+_ROOT = _INFRA.parent
+sys.path[:] = [str(_ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _INFRA]
+
+import pulumi  # noqa: E402
+from pulumi_azure_native import authorization  # noqa: E402
+
+from infra import config  # noqa: E402
+from infra.aks import AksCluster, AksClusterArgs  # noqa: E402
+from infra.group import ResourceGroup, ResourceGroupArgs  # noqa: E402
+from infra.identity import WorkloadIdentity, WorkloadIdentityArgs  # noqa: E402
+from infra.network import Network, NetworkArgs  # noqa: E402
+from infra.storage import CONTAINERS, Storage, StorageArgs  # noqa: E402
+from infra.tags import tags  # noqa: E402
+from infra.vm import GpuVms, GpuVmsArgs  # noqa: E402
+from infra.workload import VllmOnAks, VllmOnAksArgs  # noqa: E402
+from serving import layout  # noqa: E402
+
+
+def cloud(stack: config.StackConfig) -> None:
+    spec = stack.spec
+    base = f"exaone-{spec.stack}"
+    client = authorization.get_client_config_output()
+    net_cfg = spec.network
+
+    group = ResourceGroup(base, ResourceGroupArgs(
+        group_name=base, location=spec.location, production=spec.production,
+        tags=tags(spec, "resource-group")))
+    net = Network(f"{base}-net", NetworkArgs(
+        resource_group_name=group.name, location=spec.location,
+        vnet_cidr=net_cfg.vnet_cidr, subnet_cidr=stack.subnet_cidr,
+        with_nsg=spec.target == "vm", ssh_cidrs=net_cfg.ssh_cidrs, api_cidrs=net_cfg.api_cidrs,
+        api_port=spec.vllm.port,
+        with_nat=spec.target == "vm" and spec.vm.public_ip == "none",
+        tags=tags(spec, "network")))
+    store = Storage(f"{base}-store", StorageArgs(
+        resource_group_name=group.name, location=spec.location, stack=spec.stack,
+        subscription_id=client.subscription_id, subnet_id=net.subnet_id,
+        operator_cidrs=net_cfg.ssh_cidrs, production=spec.production,
+        tags=tags(spec, "storage")))
+    identity = WorkloadIdentity(f"{base}-vllm", WorkloadIdentityArgs(
+        resource_group_name=group.name, location=spec.location,
+        subscription_id=client.subscription_id, storage_account_id=store.account_id,
+        tags=tags(spec, "identity")))
+
+    pulumi.export("resourceGroup", group.name)
+    pulumi.export("storageAccount", store.account_name)
+    pulumi.export("modelsContainer", store.containers[CONTAINERS[0]].name)
+    pulumi.export("adaptersContainer", store.containers[CONTAINERS[1]].name)
+    pulumi.export("identityClientId", identity.client_id)
+    pulumi.export("tenantId", client.tenant_id)
+
+    if spec.target == "vm":
+        vms = GpuVms(f"{base}-gpu", GpuVmsArgs(
+            resource_group_name=group.name, location=spec.location,
+            subnet_id=net.subnet_id, subnet_cidr=stack.subnet_cidr,
+            vm_names=tuple(layout.vm_host_names(spec)), size=spec.vm.size,
+            image=spec.vm.image, os_disk_gb=spec.vm.os_disk_gb, admin_user=spec.vm.admin_user,
+            ssh_public_key=spec.vm.ssh_public_key, public_ip=spec.vm.public_ip,
+            encryption_at_host=spec.vm.encryption_at_host, identity_id=identity.id,
+            # Dev cost control only: production VMs never stop on a schedule.
+            auto_shutdown_time="" if spec.production else spec.vm.auto_shutdown_time,
+            tags=tags(spec, "gpu-vm")))
+        pulumi.export("hosts", [
+            {"name": h.name, "address": h.address, "privateAddress": h.private_address,
+             "adminUser": h.admin_user} for h in vms.hosts])
+        endpoints = [h.address.apply(lambda a: f"http://{a}:{spec.vllm.port}/v1")
+                     for h in vms.hosts]
+        pulumi.export("apiEndpoint", endpoints[0])
+        pulumi.export("apiEndpoints", endpoints)
+        return
+
+    aks = AksCluster(f"{base}-aks", AksClusterArgs(
+        resource_group_name=group.name, location=spec.location,
+        subscription_id=client.subscription_id, dns_prefix=base, subnet_id=net.subnet_id,
+        operator_cidrs=net_cfg.ssh_cidrs, system_vm_size=spec.aks.system_vm_size,
+        gpu_vm_size=spec.vm.size, gpu_count=spec.vm.count, gpu_driver=spec.aks.gpu_driver,
+        os_disk_gb=spec.vm.os_disk_gb, encryption_at_host=spec.vm.encryption_at_host,
+        production=spec.production, pod_cidr=config.AKS_POD_CIDR,
+        service_cidr=config.AKS_SERVICE_CIDR, dns_service_ip=config.AKS_DNS_SERVICE_IP,
+        tags=tags(spec, "aks")))
+    workload = VllmOnAks(f"{base}-k8s", VllmOnAksArgs(
+        spec=spec, kubeconfig=aks.kubeconfig, resource_group_name=group.name,
+        storage_account_name=store.account_name, identity_name=identity.name,
+        identity_client_id=identity.client_id, tenant_id=client.tenant_id,
+        oidc_issuer_url=aks.oidc_issuer_url, api_key=stack.api_key,
+        depends_on=[aks.gpu_pool, aks.subnet_access, identity.reader]))
+    pulumi.export("aksCluster", aks.name)
+    pulumi.export("kubeconfig", aks.kubeconfig)
+    pulumi.export("apiEndpoint", workload.api_endpoint(spec.vllm.port))
+
+
+def main() -> None:
+    stack = config.load()
+    pulumi.export("target", stack.spec.target)
+    if stack.spec.target == "local":
+        # Target local runs on this machine: no Azure resources at all.
+        pulumi.export("apiEndpoint", f"http://127.0.0.1:{stack.spec.vllm.port}/v1")
+        return
+    cloud(stack)
+
+
+main()

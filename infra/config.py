@@ -1,0 +1,145 @@
+"""The one place the Pulumi program reads config: the stack's values into the serving spec.
+
+Every key declared in ``Pulumi.yaml`` is read here and handed, un-namespaced, to
+``serving.stackfile.from_values``, which fills in the schema's defaults and validates
+everything at once. Bad input raises ``SpecError`` (each problem naming its key) before any
+resource is registered. The API key's value is read only where a resource needs it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pulumi
+from pulumi.runtime.config import is_config_secret
+
+from serving import stackfile
+from serving.errors import Problem, SpecError
+from serving.spec import Spec
+
+# AKS overlay networking: pod and service ranges live outside the VNet and must not overlap it.
+AKS_POD_CIDR = "192.168.0.0/16"
+AKS_SERVICE_CIDR = "172.16.0.0/16"
+AKS_DNS_SERVICE_IP = "172.16.0.10"
+# Every VNet gets one workload subnet of this size (or the whole VNet if it is smaller).
+SUBNET_PREFIX = 22
+MIN_VNET_PREFIX = 26
+
+# Passed to from_values in place of a clear-text apiKey so that the value never travels.
+_CLEAR_TEXT = "<set in clear text>"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """The validated spec plus what only the cloud side needs."""
+
+    spec: Spec
+    # The vLLM API key as a secret Output, for targets that hand it to a resource (aks).
+    api_key: pulumi.Output[str] | None
+
+    @property
+    def subnet_cidr(self) -> str:
+        return workload_subnet(self.spec.network.vnet_cidr)
+
+
+def workload_subnet(vnet_cidr: str) -> str:
+    net = ipaddress.ip_network(vnet_cidr)
+    return str(next(net.subnets(new_prefix=max(net.prefixlen, SUBNET_PREFIX))))
+
+
+def _decode(raw: str, decl: dict[str, Any]) -> Any:
+    """The engine passes strings raw and everything else as JSON text."""
+    if decl.get("type") == "string":
+        return raw
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw  # left for the spec to reject, naming the key
+
+
+def read_values(config: pulumi.Config) -> dict[str, Any]:
+    """Un-namespaced values of every key in the schema that the stack sets."""
+    values: dict[str, Any] = {}
+    for key, decl in stackfile.schema().items():
+        raw = config.get(key)
+        if raw is None:
+            continue
+        if key == "apiKey":
+            # Only whether it is set, and set as a secret, enters the spec; never the value.
+            if raw:
+                secret = is_config_secret(config.full_key(key))
+                values[key] = stackfile.SECRET_PRESENT if secret else _CLEAR_TEXT
+            continue
+        values[key] = _decode(raw, decl)
+    return values
+
+
+def infra_checks(spec: Spec, where: str) -> list[Problem]:
+    """Rules only the cloud side has: address plan and who may reach the AKS API server."""
+    ns = stackfile.namespace()
+    problems: list[Problem] = []
+    if spec.target not in ("vm", "aks"):
+        return problems
+    vnet = ipaddress.ip_network(spec.network.vnet_cidr)
+    if vnet.version != 4 or vnet.prefixlen > MIN_VNET_PREFIX:
+        problems.append(Problem(f"{where}: {ns}:vnetCidr",
+                                f"{vnet} is too small; allowed: an IPv4 range of "
+                                f"/{MIN_VNET_PREFIX} or larger"))
+    if spec.target == "aks":
+        for other in (AKS_POD_CIDR, AKS_SERVICE_CIDR):
+            if vnet.version == 4 and vnet.overlaps(ipaddress.ip_network(other)):
+                problems.append(Problem(f"{where}: {ns}:vnetCidr",
+                                        f"{vnet} overlaps the AKS pod/service range {other};"
+                                        f" allowed: a range outside {AKS_POD_CIDR} and "
+                                        f"{AKS_SERVICE_CIDR}"))
+        if not spec.network.ssh_cidrs:
+            problems.append(Problem(f"{where}: {ns}:sshCidrs",
+                                    "is empty: the AKS API server admits only the operators' "
+                                    "networks; allowed: their CIDRs"))
+    return problems
+
+
+def api_key(spec: Spec, config: pulumi.Config, where: str) -> pulumi.Output[str] | None:
+    """The key's value as a secret, from wherever the spec says it lives."""
+    ref = spec.api_key
+    ns = stackfile.namespace()
+    if ref.kind == "pulumi":
+        return config.require_secret("apiKey")
+    if ref.kind == "env":
+        value = os.environ.get(ref.name, "")
+        if not value:
+            raise SpecError([Problem(f"{where}: {ns}:apiKeyRef",
+                                     f"environment variable {ref.name} is not set or empty")])
+        return pulumi.Output.secret(value)
+    if ref.kind == "file":
+        path = Path(ref.name).expanduser()
+        path = path if path.is_absolute() else stackfile.ROOT / path
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise SpecError([Problem(f"{where}: {ns}:apiKeyRef",
+                                     f"cannot read {path}: {exc}")]) from None
+        if not value:
+            raise SpecError([Problem(f"{where}: {ns}:apiKeyRef", f"{path} is empty")])
+        return pulumi.Output.secret(value)
+    return None
+
+
+def load() -> StackConfig:
+    """Read and validate the current stack's config; raise before anything is created."""
+    stack = pulumi.get_stack()
+    where = f"Pulumi.{stack}.yaml"
+    config = pulumi.Config(stackfile.namespace())
+    spec = stackfile.from_values(read_values(config), stack=stack, where=where)
+    problems = infra_checks(spec, where)
+    if problems:
+        raise SpecError(problems)
+    # Only the AKS target puts the key into a resource (a Kubernetes Secret); on VMs
+    # `fab deploy` installs it, so `pulumi up` never needs to read it there.
+    key = api_key(spec, config, where) if spec.target == "aks" else None
+    return StackConfig(spec=spec, api_key=key)
