@@ -20,4 +20,6 @@ def validate(c, stack: str = "dev") -> None:
     print(f"{spec.stack}: valid ({spec.target}, {len(spec.adapters)} adapters)")
 
 
-ns = Collection(validate)
+from provisioning.bench import bench  # noqa: E402
+
+ns = Collection(validate, bench)

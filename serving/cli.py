@@ -66,8 +66,19 @@ def summary_table(specs: list[Spec], title: str) -> Table:
     return table
 
 
+def _where(args: argparse.Namespace, spec: Spec) -> str:
+    return str(args.config) if args.config else f"Pulumi.{spec.stack}.yaml"
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
+    from serving import plan_cli
+
     spec = _spec(args)
+    # The capacity plan is part of validity: a stack that cannot fit its GPUs is refused here,
+    # with the numbers, before `pulumi up` pays for the VMs.
+    problems = plan_cli.fit_problems(spec, where=_where(args, spec))
+    if problems:
+        raise SpecError(problems)
     out.print(summary_table([spec], f"{spec.stack}: valid"))
     return 0
 
@@ -195,6 +206,11 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("digest", help="print the folder digest an adapter's sha256 must match")
     d.add_argument("paths", nargs="+", metavar="PATH")
     d.set_defaults(func=cmd_digest)
+
+    from serving import bench_cli, plan_cli
+
+    plan_cli.add_parser(sub)
+    bench_cli.add_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job on this machine")
     demo.set_defaults(func=cmd_demo)
