@@ -164,10 +164,11 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Validate and render every checked-in stack, then show what each would run."""
+    """The main job on this machine: every example stack validated and rendered, then the
+    local stack served on the CPU through the whole adapter life cycle."""
     import tempfile
 
-    from serving import render
+    from serving import demo, render
 
     specs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,9 +177,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             files = render.artifacts(spec, stackfile.ROOT)
             render.write(files, Path(tmp, name))
             specs.append(spec)
-            out.print(f"[green]✓[/] {name}: {len(files)} artifacts rendered")
+            out.print(f"[green]✓[/] {name}: valid, {len(files)} artifacts rendered")
     out.print(summary_table(specs, "Example stacks"))
-    return 0
+    if args.render_only:
+        return 0
+    return demo.run(stackfile.ROOT)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -207,12 +210,16 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("paths", nargs="+", metavar="PATH")
     d.set_defaults(func=cmd_digest)
 
-    from serving import bench_cli, plan_cli
+    from serving import adapters_cli, bench_cli, local_cli, plan_cli
 
     plan_cli.add_parser(sub)
     bench_cli.add_parser(sub)
+    adapters_cli.add_parser(sub)
+    local_cli.add_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job on this machine")
+    demo.add_argument("--render-only", action="store_true",
+                      help="validate and render the example stacks, do not serve")
     demo.set_defaults(func=cmd_demo)
     return p
 

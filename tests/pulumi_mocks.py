@@ -7,6 +7,7 @@ answers the few invokes the program makes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -205,6 +206,9 @@ def run_program_capture(stack: str, values: Mapping[str, Any], *, secrets: tuple
     mocks = AzureMocks()
     monitor = RecordingMonitor(mocks)
     ROOT.set(None)  # a fresh root Stack resource per run
+    # Pulumi's mocks run on the thread's current event loop; an earlier asyncio.run() in the
+    # same process (httpx clients, the benchmark) leaves the main thread without one.
+    asyncio.set_event_loop(asyncio.new_event_loop())
     pulumi.runtime.set_mocks(mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(
         {f"{PROJECT}:{k}": _engine_value(v) for k, v in values.items()},

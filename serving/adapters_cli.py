@@ -1,0 +1,134 @@
+"""``python -m serving adapters ...``: runtime adapter operations against a running vLLM.
+
+    adapters list      --stack local
+    adapters add       NAME VERSION [--from FOLDER]
+    adapters hotfix    NAME VERSION [--from FOLDER]
+    adapters rollback  NAME
+    adapters remove    NAME [--deadline SECONDS]
+    adapters reconcile
+
+Every change is verified by the model's answers; a failed hotfix or rollback is rolled back
+automatically. Bad input or a failure: one line on stderr and exit 2 (see serving.cli).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from serving import layout as layouts
+from serving import secretref, stackfile
+from serving.adapter_ops import AdapterOps, OperationError, Outcome
+from serving.adapter_record import RecordStore
+from serving.errors import Problem, SpecError
+from serving.spec import Spec
+from serving.vllm_client import VllmClient, VllmError
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _spec(args: argparse.Namespace) -> Spec:
+    if args.config:
+        return stackfile.load(config=Path(args.config))
+    return stackfile.load(stack=args.stack)
+
+
+def default_endpoint(spec: Spec) -> str:
+    return f"http://127.0.0.1:{spec.vllm.port}"
+
+
+def make_ops(spec: Spec, *, endpoint: str | None = None, state_dir: str | None = None,
+             root: Path = stackfile.ROOT, say=None) -> AdapterOps:
+    """Operations for ``spec``: its API key, its layout's record, the server at ``endpoint``."""
+    layout = layouts.for_target(spec, root)
+    key = secretref.resolve(spec.api_key, root=root, stack=spec.stack)
+    client = VllmClient(endpoint or default_endpoint(spec), key)
+    store = RecordStore(state_dir or layout.state_dir)
+    return AdapterOps(spec, layout, client, store, say=say or (lambda _m: None))
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    ops = make_ops(spec, endpoint=args.endpoint, state_dir=args.state_dir,
+                   say=lambda m: out.print(f"[dim]{m}[/]"))
+    what = f"adapters {args.op}" + (f" {args.name}" if getattr(args, "name", None) else "")
+    started = time.monotonic()
+    try:
+        with ops.client:
+            if args.op == "list":
+                out.print(_table(ops))
+                return 0
+            outcome = _dispatch(ops, args)
+    except (OperationError, VllmError) as exc:
+        raise SpecError([Problem(what, exc.message)]) from None
+    seconds = time.monotonic() - started
+    answer = f" — answers {outcome.probe.text!r}" if outcome.probe else ""
+    out.print(f"[green]✓[/] {outcome.message} ({seconds:.2f} s){answer}", markup=True)
+    return 0
+
+
+def _dispatch(ops: AdapterOps, args: argparse.Namespace) -> Outcome:
+    source = Path(args.source) if getattr(args, "source", None) else None
+    if args.op == "add":
+        return ops.add(args.name, args.version, source)
+    if args.op == "hotfix":
+        return ops.hotfix(args.name, args.version, source)
+    if args.op == "rollback":
+        return ops.rollback(args.name)
+    if args.op == "remove":
+        return ops.remove(args.name, deadline_s=args.deadline)
+    return ops.reconcile(deadline_s=args.deadline)
+
+
+def _table(ops: AdapterOps) -> Table:
+    table = Table(title=f"Adapters on {ops.client.base_url} (base {ops.spec.model.served_name})")
+    for column in ("name", "version", "earlier", "loaded", "in sync", "path"):
+        table.add_column(column)
+    for row in ops.rows():
+        table.add_row(
+            row["name"], row["version"] or "(removed)", ", ".join(row["history"]) or "-",
+            "yes" if row["loaded"] else "no",
+            "[green]yes[/]" if row["in_sync"] else "[red]no: run reconcile[/]", row["path"],
+        )
+    return table
+
+
+def add_parser(sub) -> None:
+    """Register ``adapters`` on the CLI's subparsers object."""
+    p = sub.add_parser("adapters", help="add, hotfix, roll back, remove adapters at runtime")
+    ops = p.add_subparsers(dest="op", required=True)
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_mutually_exclusive_group(required=True)
+        group.add_argument("--stack", help="a checked-in stack: Pulumi.<STACK>.yaml")
+        group.add_argument("--config", help="a config file of the same shape")
+        parser.add_argument("--endpoint", help="vLLM base URL (default: 127.0.0.1:<vllmPort>)")
+        parser.add_argument("--state-dir", help="folder of the adapter record "
+                            "(default: the target's state folder)")
+        parser.set_defaults(func=_run)
+
+    common(ops.add_parser("list", help="record versus what vLLM has loaded"))
+    for op, text in (("add", "load a new adapter and check it answers differently"),
+                     ("hotfix", "replace an adapter's weights in place; rolls back on failure")):
+        q = ops.add_parser(op, help=text)
+        q.add_argument("name")
+        q.add_argument("version")
+        q.add_argument("--from", dest="source", metavar="FOLDER",
+                       help="PEFT adapter folder to install as <adapters>/NAME/VERSION")
+        common(q)
+    q = ops.add_parser("rollback", help="back to the previous recorded version")
+    q.add_argument("name")
+    common(q)
+    for op, text in (("remove", "wait for running requests, unload, confirm 404"),
+                     ("reconcile", "load/unload until vLLM matches the record")):
+        q = ops.add_parser(op, help=text)
+        if op == "remove":
+            q.add_argument("name")
+        q.add_argument("--deadline", type=float, default=60.0,
+                       help="seconds to wait for an adapter's requests to finish (default 60)")
+        common(q)

