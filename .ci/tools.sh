@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the third-party checkers that judge the rendered artifacts:
-# shellcheck and systemd-analyze (Debian), checkov (own venv: it pins many packages).
+# Installs the third-party checkers that judge the rendered artifacts: the Debian packages
+# that bring shellcheck, systemd-analyze and promtool, and checkov (own venv: it pins a lot).
 set -euo pipefail
 tools_venv=${1:-.venv-tools}
 need=()
