@@ -39,6 +39,7 @@ MATCH_TOLERANCE = 0.05
 CANDIDATE_PREFIX = "_candidate."
 REMOVE_DEADLINE_SECONDS = 60.0
 _DRAIN_POLL_SECONDS = 0.25
+_DRAIN_IDLE_SECONDS = 1.0  # idle must hold this long: the metric can lag a new request
 _ROLLBACK_ATTEMPTS = 3
 
 
@@ -400,20 +401,24 @@ class AdapterOps:
         """Wait until no request runs or waits on ``name`` (per /metrics), within a deadline.
 
         vLLM updates ``vllm:lora_requests_info`` from the engine's output loop, which can lag
-        the first streamed tokens: a request that just started may not show yet. Idle must
-        therefore be seen twice, a poll interval apart.
+        a request that has just started streaming. Idle therefore has to hold for a whole
+        window of polls, not for one sample.
         """
         end = time.monotonic() + deadline_s
-        idle_seen = 0
+        idle_since: float | None = None
         while True:
-            activity = self.client.lora_activity()
-            idle_seen = 0 if activity.busy(name) else idle_seen + 1
-            if idle_seen >= 2:
+            now = time.monotonic()
+            if self.client.lora_activity().busy(name):
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= _DRAIN_IDLE_SECONDS:
                 return
-            if time.monotonic() >= end:
+            if now >= end:
                 raise OperationError(
-                    f"{name} still has running or waiting requests after {deadline_s:g} s "
-                    "(vllm:lora_requests_info); nothing changed, try again or raise --deadline"
+                    f"{name} was not idle for {_DRAIN_IDLE_SECONDS:g} s within {deadline_s:g} s "
+                    "(vllm:lora_requests_info shows running or waiting requests); nothing "
+                    "changed, try again or raise --deadline"
                 )
             time.sleep(_DRAIN_POLL_SECONDS)
 
