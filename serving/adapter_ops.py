@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from serving.adapter_check import base_dims, check_adapter
 from serving.adapter_record import Entry, Record, RecordError, RecordStore, Served
+from serving.atomic import replace_folder
 from serving.catalog import EXAONE_MODELS
 from serving.digest import DigestError, folder_digest
 from serving.layout import Layout
@@ -213,16 +213,9 @@ class AdapterOps:
                     "versions are immutable, give the new weights a new version"
                 )
             return dest
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=dest.parent))
-        try:
-            shutil.copytree(source, staging, dirs_exist_ok=True)
-            staging.chmod(0o755)
-            staging.rename(dest)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return dest
+        return replace_folder(
+            dest, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True)
+        )
 
     def _sha(self, path: Path) -> str:
         try:

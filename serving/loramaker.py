@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from serving.atomic import replace_folder
 from serving.catalog import EXAONE_ATTN_MODULES, EXAONE_LORA_MODULES, EXAONE_MLP_MODULES, ModelDims
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -151,16 +150,8 @@ def make_adapter(
         return dest
     if dest.exists() and not set(p.name for p in dest.iterdir()) <= set(ADAPTER_FILES):
         raise FileExistsError(f"{dest} holds files other than {', '.join(ADAPTER_FILES)}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        staging.chmod(0o755)
+    def fill(staging: Path) -> None:
         for name, data in contents.items():
             (staging / name).write_bytes(data)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
+
+    return replace_folder(dest, fill)

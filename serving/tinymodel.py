@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from serving.atomic import replace_folder
 from serving.catalog import ModelDims
 
 DEFAULT_MODEL_ID = "local/exaone-3.5-tiny"
@@ -219,15 +218,4 @@ def make_tiny_model(
         return dest
     if dest.exists() and not marker.is_file() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and was not made by make_tiny_model; not replaced")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
-        staging.chmod(0o755)  # mkdtemp makes it private; the serving user reads it
-        _build(staging, seed=seed, model_id=model_id)
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
+    return replace_folder(dest, lambda staging: _build(staging, seed=seed, model_id=model_id))

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from checkers import find_tool
 
 import k8s
 from k8s import fetch, objects
@@ -26,16 +26,6 @@ TOOLS_BIN = ROOT / ".venv-tools" / "bin"
 SCRIPT = fetch.SCRIPT_PATH
 _CHECKER_TIMEOUT_SECONDS = 300
 _SCRIPT_TIMEOUT_SECONDS = 60
-
-
-def _tool(name: str, *dirs: Path) -> str:
-    for folder in dirs:
-        if (folder / name).is_file():
-            return str(folder / name)
-    found = shutil.which(name)
-    if not found:
-        pytest.fail(f"{name} is not installed: `make tools` (or .ci/tools.sh) installs it")
-    return found
 
 
 def _specs() -> dict[str, Spec]:
@@ -76,14 +66,14 @@ def _run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 def _checkov(folder: Path) -> subprocess.CompletedProcess[str]:
-    checkov = _tool("checkov", TOOLS_BIN)
+    checkov = find_tool("checkov", TOOLS_BIN)
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE"}
     argv = [checkov, "-d", str(folder), "--framework", "kubernetes", "--compact", "--quiet"]
     return _run(argv, env=env)
 
 
 def test_objects_pass_kubernetes_validate_strict(rendered: Path) -> None:
-    validate = _tool("kubernetes-validate", VENV_BIN)
+    validate = find_tool("kubernetes-validate", VENV_BIN)
     files = sorted(rendered.glob("*.yaml"))
     assert len(files) >= 9
     for path in files:
@@ -109,7 +99,7 @@ def test_checkov_does_catch_a_weakened_pod(tmp_path: Path) -> None:
 
 
 def test_fetch_script_passes_shellcheck() -> None:
-    shellcheck = _tool("shellcheck")
+    shellcheck = find_tool("shellcheck")
     result = _run([shellcheck, "--shell=bash", "--severity=style", str(SCRIPT)])
     assert result.returncode == 0, result.stdout + result.stderr
 

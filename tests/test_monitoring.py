@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from checkers import find_tool
 
 from serving import monitoring as mon
 from serving import stackfile
@@ -194,10 +194,7 @@ def test_scrape_config_refuses_bad_targets(targets: list[str]) -> None:
 
 @pytest.fixture(scope="session")
 def promtool() -> str:
-    found = shutil.which("promtool")
-    if not found:
-        pytest.fail("promtool is missing: run .ci/tools.sh (Debian package prometheus)")
-    return found
+    return find_tool("promtool")
 
 
 def run(tool: str, *args: str, cwd: Path) -> None:

