@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the third-party checkers that judge the rendered artifacts: the Debian packages
-# that bring shellcheck, systemd-analyze and promtool, and checkov (own venv: it pins a lot).
+# that bring shellcheck, systemd-analyze, promtool and npm, checkov (own venv: it pins a lot),
+# and Azurite from npm for the integration tests.
 set -euo pipefail
 tools_venv=${1:-.venv-tools}
 need=()
 command -v shellcheck >/dev/null || need+=(shellcheck)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v promtool >/dev/null || need+=(prometheus)
+command -v npm >/dev/null || need+=(npm)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi
   $sudo apt-get update -qq
@@ -14,3 +16,11 @@ if ((${#need[@]})); then
 fi
 python3 -m venv "$tools_venv"
 "$tools_venv/bin/pip" install -q "checkov==3.3.30"
+# Azurite (Blob emulator) for the integration tests, in a project-local npm prefix.
+azurite_version=3.37.0
+node_prefix="$tools_venv/node"
+installed=$(node -p 'require(require("path").resolve(process.argv[1])).version' \
+  "$node_prefix/node_modules/azurite/package.json" 2>/dev/null || true)
+if [[ $installed != "$azurite_version" ]]; then
+  npm install --silent --no-audit --no-fund --prefix "$node_prefix" "azurite@$azurite_version"
+fi

@@ -20,6 +20,11 @@ def validate(c, stack: str = "dev") -> None:
     print(f"{spec.stack}: valid ({spec.target}, {len(spec.adapters)} adapters)")
 
 
+from provisioning import adapter_tasks  # noqa: E402
 from provisioning.bench import bench  # noqa: E402
+from provisioning.deploy import deploy  # noqa: E402
+from provisioning.status import status  # noqa: E402
+from provisioning.teardown import teardown  # noqa: E402
 
-ns = Collection(validate, bench)
+ns = Collection(validate, bench, deploy, status, teardown)
+ns.add_collection(adapter_tasks.ns)

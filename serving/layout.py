@@ -91,3 +91,15 @@ def for_target(spec: Spec, root: Path) -> Layout:
 def vm_host_names(spec: Spec) -> list[str]:
     """Computer names of the stack's GPU VMs (Azure VM names and hostnames agree)."""
     return [f"exaone-{spec.stack}-{i}" for i in range(spec.vm.count)]
+
+
+# What fab deploy leaves on a VM besides the Layout above.
+VM_TOOLS_DIR = "/opt/exaone/tools"  # the project's host-side tools, one folder per content hash
+VM_TOOLS_CURRENT = f"{VM_TOOLS_DIR}/current"
+VM_API_KEY_FILE = f"{VM.config_dir}/api-key"  # root-only copy for the host-side adapter tools
+VM_MARKERS_DIR = f"{VM.state_dir}/.deploy"  # hashes of the inputs of expensive steps
+
+
+def vm_stack_file(stack: str) -> str:
+    """The stack's config as the host-side tools read it (no secrets; key in VM_API_KEY_FILE)."""
+    return f"{VM.config_dir}/Pulumi.{stack}.yaml"

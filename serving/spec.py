@@ -113,6 +113,10 @@ class Network(_Frozen):
     api_cidrs: tuple[Cidr, ...] = Field(alias="apiCidrs")
 
 
+INDEX_URL_RE = re.compile(r"^(https?|file)://\S+$")
+_URL = "an http(s):// or file:// URL"
+
+
 class VmSpec(_Frozen):
     """GPU VMs (target vm) or the AKS GPU pool's nodes (target aks): size and count."""
 
@@ -131,6 +135,21 @@ class VmSpec(_Frozen):
         str, _pattern(re.compile(r"^$|" + HHMM_RE.pattern), "HH:MM (UTC) or empty")
     ] = Field(alias="autoShutdownTime")
     use_local_nvme: bool = Field(alias="useLocalNvme")
+    driver_branch: Annotated[
+        str, _pattern(re.compile(r"^[0-9]{3}$"), "a 3-digit NVIDIA branch like 570")
+    ] = Field(alias="nvidiaDriverBranch")
+    pip_index_url: Annotated[str, _pattern(re.compile(r"^$|" + INDEX_URL_RE.pattern), _URL)] = (
+        Field(alias="pipIndexUrl")
+    )
+    pip_extra_index_urls: tuple[Annotated[str, _pattern(INDEX_URL_RE, _URL)], ...] = Field(
+        alias="pipExtraIndexUrls"
+    )
+    pip_find_links: tuple[
+        Annotated[str, _pattern(re.compile(r"^\S+$"), "a folder or URL without spaces")], ...
+    ] = Field(alias="pipFindLinks")
+    hf_token_ref: Annotated[
+        str, _pattern(re.compile(r"^$|^(env|file):\S+$"), "env:NAME, file:PATH or empty")
+    ] = Field(alias="hfTokenRef")
 
     @property
     def sku(self):

@@ -11,6 +11,7 @@ import hashlib
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
@@ -81,19 +82,48 @@ def tiny_dims(vocab_size: int) -> ModelDims:
     )
 
 
-def config_source() -> str:
+RemoteCode = Literal["plain", "legacy"]
+# "plain": a configuration_exaone.py that imports under transformers 5. "legacy": remote code
+# as written for an older transformers (configuration_exaone.py and a small modeling_exaone.py),
+# whose imports fail under the serving venv until `python -m serving.exaone_patch` rewrites them.
+REMOTE_CODE_PACKAGES: dict[str, str] = {
+    "plain": "serving.tiny_exaone",
+    "legacy": "serving.tiny_exaone.legacy",
+}
+REMOTE_CODE_FILES: dict[str, tuple[str, ...]] = {
+    "plain": ("configuration_exaone.py",),
+    "legacy": ("configuration_exaone.py", "modeling_exaone.py"),
+}
+
+
+def remote_code_source(name: str, remote_code: RemoteCode = "plain") -> str:
+    """Source of remote-code file ``name`` of a variant, copied next to the weights."""
+    return (resources.files(REMOTE_CODE_PACKAGES[remote_code]) / name).read_text()
+
+
+def config_source(remote_code: RemoteCode = "plain") -> str:
     """Source of the remote ``configuration_exaone.py`` copied next to the weights."""
-    return (resources.files("serving.tiny_exaone") / "configuration_exaone.py").read_text()
+    return remote_code_source("configuration_exaone.py", remote_code)
 
 
-def _marker_text(seed: int, model_id: str) -> str:
-    recipe = {
+def _marker_text(seed: int, model_id: str, remote_code: RemoteCode = "plain") -> str:
+    recipe: dict[str, object] = {
         "recipe": RECIPE_VERSION,
         "seed": seed,
         "model_id": model_id,
-        "configuration_exaone_sha256": hashlib.sha256(config_source().encode()).hexdigest(),
+        "configuration_exaone_sha256": _sha256(config_source(remote_code)),
     }
+    if remote_code != "plain":  # the default marker stays as it was
+        recipe["remote_code"] = remote_code
+        recipe["remote_code_sha256"] = {
+            name: _sha256(remote_code_source(name, remote_code))
+            for name in REMOTE_CODE_FILES[remote_code]
+        }
     return json.dumps(recipe, sort_keys=True) + "\n"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _train_tokenizer():
@@ -170,14 +200,15 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def _build(folder: Path, *, seed: int, model_id: str) -> None:
+def _build(folder: Path, *, seed: int, model_id: str, remote_code: RemoteCode = "plain") -> None:
     tokenizer = _train_tokenizer()
     tokenizer.save(str(folder / "tokenizer.json"))
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
     dims = tiny_dims(tokenizer.get_vocab_size())
 
     _write_json(folder / "config.json", _config(dims, model_id, ids))
-    (folder / "configuration_exaone.py").write_text(config_source())
+    for name in REMOTE_CODE_FILES[remote_code]:
+        (folder / name).write_text(remote_code_source(name, remote_code))
     _write_json(folder / "generation_config.json", {
         "bos_token_id": ids[BOS], "eos_token_id": ids[EOT], "pad_token_id": ids[PAD],
     })
@@ -200,22 +231,27 @@ def _build(folder: Path, *, seed: int, model_id: str) -> None:
     save_file(_weights(dims, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
     for path in folder.iterdir():
         path.chmod(0o644)  # safetensors writes 0600; the serving user reads these
-    (folder / MARKER).write_text(_marker_text(seed, model_id))
+    (folder / MARKER).write_text(_marker_text(seed, model_id, remote_code))
 
 
 def make_tiny_model(
-    dest: Path, *, seed: int = 0, model_id: str = DEFAULT_MODEL_ID
+    dest: Path, *, seed: int = 0, model_id: str = DEFAULT_MODEL_ID,
+    remote_code: RemoteCode = "plain",
 ) -> Path:
     """Write the tiny model to ``dest`` (skipped when ``dest`` already holds this recipe).
 
     A folder that exists without this maker's marker is not overwritten (raises
-    FileExistsError); one with an older marker is replaced as a whole.
+    FileExistsError); one with an older marker is replaced as a whole. ``remote_code="legacy"``
+    ships remote code that needs ``python -m serving.exaone_patch`` under transformers 5.19.
     """
+    if remote_code not in REMOTE_CODE_PACKAGES:
+        raise ValueError(f"remote_code must be one of {sorted(REMOTE_CODE_PACKAGES)}")
     dest = Path(dest)
     marker = dest / MARKER
-    wanted = _marker_text(seed, model_id)
+    wanted = _marker_text(seed, model_id, remote_code)
     if marker.is_file() and marker.read_text() == wanted:
         return dest
     if dest.exists() and not marker.is_file() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and was not made by make_tiny_model; not replaced")
-    return replace_folder(dest, lambda staging: _build(staging, seed=seed, model_id=model_id))
+    return replace_folder(dest, lambda staging: _build(staging, seed=seed, model_id=model_id,
+                                                       remote_code=remote_code))

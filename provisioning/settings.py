@@ -1,0 +1,154 @@
+"""Everything a deploy needs, read and checked on this machine before any host is touched.
+
+Option precedence: task argument > stack config (Pulumi.<stack>.yaml / --config) > the
+config schema's defaults. Stack outputs (hosts, storage account, identity) come from
+``pulumi stack output`` when the CLI is present, else from the task's options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from provisioning.remote import parse_host
+from serving import layout as layouts
+from serving import secretref, stackfile
+from serving.errors import Problem, SpecError
+from serving.spec import SecretRef, Spec
+
+PULUMI_TIMEOUT_SECONDS = 60
+HEALTH_TIMEOUT_SECONDS = 900  # a cold vLLM start on a GPU VM: weights + torch.compile
+BLOB_SUFFIX = "blob.core.windows.net"
+
+
+@dataclass(frozen=True)
+class BlobAccess:
+    """How hosts reach Blob: the account URL and either the VM's managed identity or a
+    connection string (Azurite, or an operator's SAS) that travels over stdin."""
+
+    account_url: str = ""
+    client_id: str = ""  # user-assigned managed identity of the VMs
+    connection_string: str = field(default="", repr=False)
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.account_url or self.connection_string)
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    spec: Spec
+    config_file: Path  # the stack file the spec came from
+    hosts: tuple[str, ...]
+    ssh_key_file: str
+    api_key: str = field(repr=False)
+    blob: BlobAccess
+    hf_token: str = field(default="", repr=False)
+    health_timeout_s: float = HEALTH_TIMEOUT_SECONDS
+
+    def host_stack_document(self) -> str:
+        """The stack file as the host-side tools read it: no secret, key from a root file."""
+        document = yaml.safe_load(self.config_file.read_text()) or {}
+        ns = stackfile.namespace()
+        config = dict(document.get("config") or {})
+        for key in ("apiKey", "apiKeyRef", "sshPrivateKeyPath", "hfTokenRef"):
+            config.pop(f"{ns}:{key}", None)
+        config[f"{ns}:apiKeyRef"] = f"file:{layouts.VM_API_KEY_FILE}"
+        header = (f"# Written by fab deploy from {self.config_file.name}: the host-side tools "
+                  "read the spec from here.\n")
+        return header + yaml.safe_dump({"config": config}, sort_keys=True)
+
+
+def _problem(where: str, message: str) -> SpecError:
+    return SpecError([Problem(where, message)])
+
+
+def stack_outputs(stack: str) -> dict[str, Any]:
+    """``pulumi stack output --json``; empty when there is no pulumi CLI or no such stack."""
+    if not shutil.which("pulumi"):
+        return {}
+    done = subprocess.run(
+        ["pulumi", "stack", "output", "--json", "--show-secrets", "--stack", stack],
+        capture_output=True, text=True, timeout=PULUMI_TIMEOUT_SECONDS, check=False,
+        cwd=stackfile.ROOT)
+    if done.returncode:
+        return {}
+    try:
+        return dict(json.loads(done.stdout or "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def _resolve(ref_text: str, where: str) -> str:
+    scheme, _, name = ref_text.partition(":")
+    return secretref.resolve(SecretRef(kind=scheme, name=name), root=stackfile.ROOT) if ref_text \
+        else ""
+
+
+def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = "",
+         blob_connection_string_env: str = "", health_timeout_s: float = HEALTH_TIMEOUT_SECONDS,
+         outputs: dict[str, Any] | None = None) -> DeploySettings:
+    """Build the settings; a SpecError naming the key/option on any bad input."""
+    if bool(stack) == bool(config):
+        raise _problem("--stack/--config", "give exactly one: a stack name or a config file")
+    path = Path(config) if config else stackfile.stack_path(stack)
+    spec = stackfile.load(config=path) if config else stackfile.load(stack=stack)
+    if spec.target != "vm":
+        raise _problem(f"{path.name}: target", (
+            f"is {spec.target!r}; fab deploy rolls out VMs: allowed: vm "
+            "(aks is deployed by `pulumi up`, local by `make demo`)"))
+    outs = stack_outputs(spec.stack) if outputs is None else outputs
+
+    host_list = [h.strip() for h in hosts.split(",") if h.strip()]
+    if not host_list:
+        for entry in outs.get("hosts") or []:
+            address = entry.get("address") or entry.get("privateAddress")
+            if address:
+                host_list.append(f"{entry.get('adminUser') or spec.vm.admin_user}@{address}")
+    if not host_list:
+        raise _problem("--hosts", (
+            f"no hosts: stack {spec.stack!r} has no `hosts` output (is the pulumi CLI on PATH "
+            "and the stack up?); allowed: --hosts user@address[:port],..."))
+    for entry in host_list:
+        try:
+            parse_host(entry, default_user=spec.vm.admin_user)
+        except ValueError as exc:
+            raise _problem("--hosts", f"{entry!r}: {exc}; allowed: user@address[:port]") from None
+    if len(set(host_list)) != len(host_list):
+        raise _problem("--hosts", "lists a host twice")
+
+    key_file = str(Path(spec.vm.ssh_private_key_path).expanduser())
+    if not Path(key_file).is_file():
+        raise _problem(f"{path.name}: sshPrivateKeyPath",
+                       f"{key_file} does not exist; allowed: the private key of sshPublicKey")
+
+    api_key = secretref.resolve(spec.api_key, root=stackfile.ROOT, stack=spec.stack)
+
+    conn_str = ""
+    if blob_connection_string_env:
+        conn_str = os.environ.get(blob_connection_string_env, "")
+        if not conn_str:
+            raise _problem("--blob-connection-string-env",
+                           f"environment variable {blob_connection_string_env} is unset or empty")
+    account = outs.get("storageAccount") or ""
+    url = blob_url or (f"https://{account}.{BLOB_SUFFIX}" if account else "")
+    blob = BlobAccess(account_url=url, client_id=str(outs.get("identityClientId") or ""),
+                      connection_string=conn_str)
+    uses_blob = spec.model.source_kind == "blob" or any(
+        a.source_kind == "blob" for a in spec.adapters)
+    if uses_blob and not blob.configured:
+        raise _problem("--blob-url", (
+            "the model or adapters come from Blob but the storage account is unknown (no "
+            "`storageAccount` stack output); allowed: --blob-url https://ACCOUNT.blob.core."
+            "windows.net"))
+    hf_token = _resolve(spec.vm.hf_token_ref, "hfTokenRef") if spec.vm.hf_token_ref else ""
+    return DeploySettings(spec=spec, config_file=path, hosts=tuple(host_list),
+                          ssh_key_file=key_file, api_key=api_key, blob=blob, hf_token=hf_token,
+                          health_timeout_s=health_timeout_s)

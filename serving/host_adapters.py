@@ -1,0 +1,226 @@
+"""The adapter set on a VM (host side): probe, fetch + check, and settle after a rollout.
+
+    python -m serving.host_adapters probe  --config FILE
+    python -m serving.host_adapters sync   --config FILE [--account-url URL --client-id ID]
+                                           [--secrets-stdin]
+    python -m serving.host_adapters settle --config FILE [--dry]
+
+``sync`` fetches every adapter of the spec that is not on disk with its pinned digest into a
+staging folder, checks the sha256 and runs the spec's PEFT checks on ALL of them, and only
+then renames each into ``<adapters>/<name>/<version>``: a bad adapter stops the rollout before
+anything references it. ``settle`` (after the service serves the new set) records the set as
+current in the adapter record and removes folders of names that left the set; versions in a
+name's history stay, so ``adapters rollback`` keeps working.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from serving import layout as layouts
+from serving.adapter_check import check_spec_adapter
+from serving.adapter_record import RecordStore, Served
+from serving.blobfetch import BlobSource, FetchError, container_client, fetch
+from serving.digest import DigestError, folder_digest
+from serving.hostcommon import HostError, add_blob, add_common, run, secrets, spec_of
+from serving.spec import AdapterSpec, Spec
+
+STAGING = ".staging"
+
+
+def adapter_dir(spec: Spec, adapter: AdapterSpec) -> Path:
+    return Path(layouts.VM.adapter_path(spec, adapter))
+
+
+def _state(spec: Spec, adapter: AdapterSpec) -> str:
+    path = adapter_dir(spec, adapter)
+    if not path.is_dir():
+        return "missing"
+    try:
+        return "present" if folder_digest(path) == adapter.sha256 else "changed"
+    except (DigestError, OSError):
+        return "changed"
+
+
+def probe(spec: Spec) -> dict[str, Any]:
+    return {"adapters": {a.key: _state(spec, a) for a in spec.adapters}}
+
+
+def sync(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(layouts.VM.adapters_dir)
+    staging_root = root / STAGING
+    secret = secrets(args)
+    todo = [a for a in spec.adapters if _state(spec, a) != "present"]
+    model_path = Path(layouts.VM.model_path(spec))
+    staged: list[tuple[AdapterSpec, Path]] = []
+    problems: list[str] = []
+    for adapter in todo:
+        if adapter.source_kind != "blob":
+            raise HostError(f"adapter {adapter.key}: source {adapter.source!r}; a VM fetches "
+                            "adapters from blob://")
+        source = BlobSource.parse(adapter.source)
+        stage = staging_root / f"{adapter.name}--{adapter.version}"
+        try:
+            client = container_client(args.account_url, source.container,
+                                      client_id=args.client_id,
+                                      connection_string=secret.get("connection_string", ""))
+            fetch(client, source, stage, workers=4)
+        except FetchError as exc:
+            raise HostError(f"adapter {adapter.key}: {exc}") from None
+        except Exception as exc:  # azure.core.exceptions.AzureError, network errors
+            raise HostError(f"adapter {adapter.key}: Blob {source.container}: "
+                            f"{type(exc).__name__}: {exc}") from None
+        try:
+            digest = folder_digest(stage)
+        except (DigestError, OSError) as exc:
+            problems.append(f"adapter {adapter.key}: cannot digest: {exc}")
+            continue
+        if digest != adapter.sha256:
+            problems.append(f"adapter {adapter.key} from {adapter.source}: sha256 is {digest}, "
+                            f"the stack pins {adapter.sha256}; re-pin it or fix the upload")
+            continue
+        found = check_spec_adapter(spec, adapter, stage, model_path=model_path)
+        problems += [f"adapter {adapter.key}: {p.message}" for p in found]
+        staged.append((adapter, stage))
+    if problems:
+        shutil.rmtree(staging_root, ignore_errors=True)
+        raise HostError("; ".join(problems) + " (nothing was installed; the service keeps "
+                        "its current adapters)")
+    for adapter, stage in staged:
+        dest = adapter_dir(spec, adapter)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for path in [stage, *stage.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        if dest.exists():
+            shutil.rmtree(dest)
+        stage.rename(dest)
+    shutil.rmtree(staging_root, ignore_errors=True)
+    return {"installed": [a.key for a, _ in staged]}
+
+
+def _plan_settle(spec: Spec) -> tuple[list[str], list[Path]]:
+    """Record changes and folders to remove; both empty when settled."""
+    store = RecordStore(layouts.VM.state_dir)
+    record = store.load()
+    changes = []
+    wanted = {a.name: a for a in spec.adapters}
+    for adapter in spec.adapters:
+        entry = record.entry(adapter.name)
+        path = str(adapter_dir(spec, adapter))
+        if entry is None or entry.current is None or entry.current.path != path:
+            changes.append(f"record {adapter.key} as serving")
+    for name, entry in sorted(record.entries.items()):
+        if name not in wanted and entry.current is not None:
+            changes.append(f"record {name} as removed")
+    keep: set[Path] = set()
+    for name, entry in record.entries.items():
+        if name in wanted:
+            keep |= {Path(s.path) for s in (*entry.history, entry.current) if s}
+    keep |= {adapter_dir(spec, a) for a in spec.adapters}
+    remove: list[Path] = []
+    root = Path(layouts.VM.adapters_dir)
+    if root.is_dir():
+        for name_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != STAGING):
+            if name_dir.name not in wanted:
+                remove.append(name_dir)
+                continue
+            remove += [v for v in sorted(name_dir.iterdir()) if v.is_dir() and v not in keep]
+    return changes, remove
+
+
+def settle(spec: Spec, dry: bool) -> dict[str, Any]:
+    changes, remove = _plan_settle(spec)
+    if dry or not (changes or remove):
+        return {"changes": changes, "remove": [str(p) for p in remove], "applied": False}
+    store = RecordStore(layouts.VM.state_dir)
+    with store.locked():
+        record = store.load()
+        wanted = {a.name: a for a in spec.adapters}
+        for adapter in spec.adapters:
+            entry = record.entry(adapter.name)
+            path = str(adapter_dir(spec, adapter))
+            if entry is None or entry.current is None or entry.current.path != path:
+                record = record.set_current(adapter.name, Served(
+                    adapter.version, path, adapter.sha256), op="deploy")
+        for name, entry in sorted(record.entries.items()):
+            if name not in wanted and entry.current is not None:
+                record = record.remove(name)
+        if changes:
+            store.save(record)
+    for path in remove:
+        shutil.rmtree(path)
+    return {"changes": changes, "remove": [str(p) for p in remove], "applied": True}
+
+
+def fetch_one(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
+    """Day two: one version from Blob into ``<adapters>/NAME/VERSION``, checked like ``sync``
+    (pinned digest, PEFT checks against the base model) before it is renamed into place."""
+    from serving.spec import ADAPTER_NAME_RE, VERSION_RE
+
+    if not ADAPTER_NAME_RE.match(args.name) or not VERSION_RE.match(args.version):
+        raise HostError(f"{args.name} {args.version}: bad adapter name or version")
+    dest = Path(layouts.VM.adapters_dir, args.name, args.version)
+    if dest.is_dir() and folder_digest(dest) == args.sha256:
+        return {"path": str(dest), "fetched": False}
+    source = BlobSource.parse(args.source)
+    stage = Path(layouts.VM.adapters_dir, STAGING, f"{args.name}--{args.version}")
+    secret = secrets(args)
+    try:
+        client = container_client(args.account_url, source.container, client_id=args.client_id,
+                                  connection_string=secret.get("connection_string", ""))
+        fetch(client, source, stage, workers=4)
+        digest = folder_digest(stage)
+        if digest != args.sha256:
+            raise HostError(f"{args.source}: sha256 is {digest}, expected {args.sha256}")
+        from serving.adapter_check import base_dims, check_adapter
+
+        problems = check_adapter(stage, dims=base_dims(layouts.VM.model_path(spec)),
+                                 base_model_id=spec.model.id, max_lora_rank=spec.max_lora_rank)
+        if problems:
+            raise HostError("; ".join(f"{p.where}: {p.message}" for p in problems))
+        for path in [stage, *stage.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            shutil.rmtree(dest)
+        stage.rename(dest)
+    except FetchError as exc:
+        raise HostError(str(exc)) from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return {"path": str(dest), "fetched": True}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serving.host_adapters", description=__doc__)
+    sub = p.add_subparsers(dest="op", required=True)
+    add_common(sub.add_parser("probe"))
+    q = sub.add_parser("sync")
+    add_common(q)
+    add_blob(q)
+    q = sub.add_parser("settle")
+    add_common(q)
+    q.add_argument("--dry", action="store_true")
+    q = sub.add_parser("fetch")
+    add_common(q)
+    add_blob(q)
+    q.add_argument("name")
+    q.add_argument("version")
+    q.add_argument("--source", required=True, help="blob://container/path")
+    q.add_argument("--sha256", required=True)
+    args = p.parse_args(argv)
+    if args.op == "fetch":
+        return run(lambda: fetch_one(spec_of(args), args))
+    if args.op == "probe":
+        return run(lambda: probe(spec_of(args)))
+    if args.op == "sync":
+        return run(lambda: sync(spec_of(args), args))
+    return run(lambda: settle(spec_of(args), args.dry))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
