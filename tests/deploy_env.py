@@ -94,11 +94,11 @@ class DeployEnv:
         self.stacks.append(path)
         return path
 
-    def fab(self, *args: str, stack: Path, check: bool = False,
+    def fab(self, *args: str, stack: Path, check: bool = False, hosts: str = "",
             timeout: float = FAB_TIMEOUT_SECONDS) -> subprocess.CompletedProcess[str]:
         """``fab <args> --config STACK --hosts HOST ...`` from the checkout, as an operator."""
-        command = [str(FAB), *args, "--config", str(stack), "--hosts", self.host.host_string,
-                   "--blob-connection-string-env", CONN_ENV]
+        command = [str(FAB), *args, "--config", str(stack), "--hosts",
+                   hosts or self.host.host_string, "--blob-connection-string-env", CONN_ENV]
         env = {**os.environ, CONN_ENV: self.azurite.connection_string, "COLUMNS": "200"}
         done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout, check=False)

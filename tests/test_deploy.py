@@ -142,7 +142,10 @@ def test_cut_session_then_rerun_converges(env: DeployEnv) -> None:
     assert cut_at, "the deploy never reached the adapters or service step"
     done = env.fab("deploy", "--report", str(env.work / "rerun.json"), stack=stack)
     assert done.returncode == 0, f"cut at {cut_at!r}\n" + done.stdout[-5000:] + done.stderr
-    assert statuses(report_of(env, "rerun.json"))["health"] == "passed"
+    rerun = statuses(report_of(env, "rerun.json"))
+    assert rerun["health"] == "passed"
+    # The cut run really stopped short: the re-run still had work to finish.
+    assert "changed" in rerun.values(), rerun
     with client(env) as c:
         assert c.adapters()["tone-formal"].endswith("/tone-formal/2")
     # settle removed nothing it still needs: v1 stays on the history for a rollback.
@@ -155,7 +158,9 @@ def _start_fab(env: DeployEnv, stack: Path) -> subprocess.Popen[str]:
                "--blob-connection-string-env", CONN_ENV]
     return subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
-                            env={**os.environ, CONN_ENV: env.azurite.connection_string})
+                            # Unbuffered, so each progress line arrives as it is printed.
+                            env={**os.environ, CONN_ENV: env.azurite.connection_string,
+                                 "PYTHONUNBUFFERED": "1"})
 
 
 @pytest.mark.parametrize("fault", ["sha256", "rank"])
@@ -187,6 +192,38 @@ def test_bad_adapter_stops_before_the_unit_changes(env: DeployEnv, fault: str) -
     version = entry["version"]
     assert env.host.sudo(f"test -e /var/lib/exaone/adapters/tone-casual/{version}",
                          check=False).returncode != 0
+
+
+def test_fab_adapter_operations_on_the_vm(env: DeployEnv) -> None:
+    """Day two through Fabric: add, hotfix, roll back and remove on the VM, each verified."""
+    stack = env.work / "Pulumi.cpuhost.yaml"
+    v1 = _upload_version(env, "tone-pirate", "1", 8, 401)
+    v2 = _upload_version(env, "tone-pirate", "2", 8, 402)
+    base = answers(env, ["exaone-tiny"])["exaone-tiny"]
+
+    def fab_ok(*args: str) -> None:
+        done = env.fab(*args, stack=stack)
+        assert done.returncode == 0, f"{args}\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
+
+    entry = env.adapter_entry("tone-pirate", "1", 8, v1)
+    fab_ok("adapters.add", "tone-pirate", "1", "--source", entry["source"],
+           "--sha256", entry["sha256"])
+    first = answers(env, ["tone-pirate"])["tone-pirate"]
+    assert first != base
+    entry = env.adapter_entry("tone-pirate", "2", 8, v2)
+    fab_ok("adapters.hotfix", "tone-pirate", "2", "--source", entry["source"],
+           "--sha256", entry["sha256"])
+    second = answers(env, ["tone-pirate"])["tone-pirate"]
+    assert second not in (first, base)
+    fab_ok("adapters.rollback", "--name", "tone-pirate")
+    assert answers(env, ["tone-pirate"])["tone-pirate"] == first
+    fab_ok("adapters.remove", "--name", "tone-pirate")
+    with client(env) as c:
+        assert "tone-pirate" not in c.adapters()
+    # A wrong digest is refused on the host before anything is loaded.
+    done = env.fab("adapters.add", "tone-pirate", "3", "--source", entry["source"],
+                   "--sha256", "f" * 64, stack=stack)
+    assert done.returncode == 1 and "sha256" in done.stdout + done.stderr
 
 
 def test_status_then_teardown(env: DeployEnv) -> None:

@@ -1,0 +1,135 @@
+"""Benchmark of `fab deploy` on real test hosts (systemd in nspawn, Blob from Azurite, the CPU
+profile of vLLM).
+
+    sudo .venv/bin/python bench/deploy.py [--hosts N] [--repeats R] [--out DIR]
+
+Measures, with the fab CLI as an operator runs it:
+- the first deploy of one fresh host (venv, model, patch, adapters, unit, health);
+- a no-change re-deploy of that host, R times (the bar: under 10 s per host);
+- N fresh hosts deployed with --parallel N (first deploy), and their no-change re-deploy
+  with --parallel N, against the single-host figures.
+Prints a table, writes bench/results/deploy.json and a PNG of the step times. Needs root,
+debootstrap, systemd-nspawn and Azurite (`make tools`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from deploy_env import DeployEnv, make_env  # noqa: E402
+from testhost import PIP_BINDS, boot, build_rootfs  # noqa: E402
+
+console = Console()
+
+
+def timed_deploy(env: DeployEnv, stack: Path, hosts: list[str], parallel: int, tag: str
+                 ) -> dict:
+    report = env.work / f"{tag}.json"
+    started = time.monotonic()
+    done = env.fab("deploy", "--report", str(report), "--parallel", str(parallel),
+                   stack=stack, hosts=",".join(hosts))
+    wall = time.monotonic() - started
+    if done.returncode:
+        raise SystemExit(f"{tag}: fab deploy failed\n{done.stdout[-4000:]}\n{done.stderr}")
+    doc = json.loads(report.read_text())
+    return {"tag": tag, "hosts": len(hosts), "parallel": parallel, "wall_s": round(wall, 2),
+            "per_host": doc["hosts"]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hosts", type=int, default=2, help="hosts for the parallel run")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--work", type=Path, default=Path("/tmp/exaone-bench-deploy"))
+    args = p.parse_args()
+
+    env = make_env(args.work, name="bench-0")
+    extra = []
+    runs: list[dict] = []
+    try:
+        stack = env.write_stack("bench")
+        with console.status("first deploy of one fresh host"):
+            runs.append(timed_deploy(env, stack, [env.host.host_string], 1, "first-1"))
+        for i in range(args.repeats):
+            with console.status(f"no-change re-deploy {i + 1}/{args.repeats}"):
+                runs.append(timed_deploy(env, stack, [env.host.host_string], 1, f"again-1-{i}"))
+        if args.hosts > 1:
+            rootfs = build_rootfs()
+            for i in range(1, args.hosts):
+                extra.append(boot(rootfs, args.work / "hosts", f"bench-{i}", pubkey=env.pubkey,
+                                  key_file=env.key_file, binds=PIP_BINDS))
+            fresh = [h.host_string for h in extra]
+            with console.status(f"first deploy of {len(fresh)} fresh host(s), --parallel"):
+                runs.append(timed_deploy(env, stack, fresh, len(fresh), f"first-{len(fresh)}"))
+            everyone = [env.host.host_string, *fresh]
+            for i in range(args.repeats):
+                with console.status(f"no-change re-deploy of {len(everyone)} hosts, --parallel"):
+                    runs.append(timed_deploy(env, stack, everyone, len(everyone),
+                                             f"again-{len(everyone)}-{i}"))
+    finally:
+        for host in extra:
+            host.stop(remove_root=True)
+        env.stop()
+
+    table = Table(title="fab deploy (CPU profile test hosts, this machine)")
+    for col in ("run", "hosts", "parallel", "wall s", "slowest step"):
+        table.add_column(col)
+    for run in runs:
+        steps = [s for h in run["per_host"] for s in h["steps"]]
+        slow = max(steps, key=lambda s: s["seconds"])
+        table.add_row(run["tag"], str(run["hosts"]), str(run["parallel"]), f"{run['wall_s']:.1f}",
+                      f"{slow['step']} {slow['seconds']:.1f} s")
+    console.print(table)
+    again1 = [r["wall_s"] for r in runs if r["tag"].startswith("again-1-")]
+    againn = [r["wall_s"] for r in runs if r["tag"].startswith(f"again-{args.hosts}-")]
+    summary = {"no_change_1_host_median_s": statistics.median(again1)}
+    if againn:
+        summary[f"no_change_{args.hosts}_hosts_parallel_median_s"] = statistics.median(againn)
+    console.print(summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "deploy.json").write_text(json.dumps(
+        {"machine": platform.node(), "cpus": __import__("os").cpu_count(), "summary": summary,
+         "runs": runs}, indent=2) + "\n")
+    plot(runs, args.out / "deploy.png")
+    console.print(f"wrote {args.out / 'deploy.json'} and {args.out / 'deploy.png'}")
+    return 0
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = runs[0]["per_host"][0]["steps"]
+    again = next(r for r in runs if r["tag"].startswith("again-1-"))["per_host"][0]["steps"]
+    names = [s["step"] for s in first]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [s["seconds"] for s in first], 0.4, label="first deploy")
+    ax.bar([x + 0.2 for x in xs], [s["seconds"] for s in again], 0.4, label="no-change re-deploy")
+    ax.set_xticks(list(xs), names, rotation=30, ha="right")
+    ax.set_ylabel("seconds (log)")
+    ax.set_yscale("log")
+    ax.set_title("fab deploy per step, one CPU-profile test host")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
