@@ -70,6 +70,10 @@ class ServiceStep:
             why.append(f"it is {state['active'] or 'absent'}")
         if state["marker"] != inputs_hash(t):
             why.append("its inputs changed")
+        elif any(a.startswith("write") for a in actions):
+            # The marker is current, so someone changed a file by hand since the last
+            # restart; what runs may be that edit: restart on the rendered files.
+            why.append("its files differed from the rendering")
         if changed and not t.facts.get("restarted"):
             why.append("this run changed " + ", ".join(c.removesuffix("_changed")
                                                        for c in changed))

@@ -102,6 +102,12 @@ def sync(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     return {"installed": [a.key for a, _ in staged]}
 
 
+def _differs(entry: Any, path: str, sha256: str) -> bool:
+    """The record does not say that ``path`` with digest ``sha256`` serves under the name."""
+    current = entry.current if entry is not None else None
+    return current is None or current.path != path or current.sha256 != sha256
+
+
 def _plan_settle(spec: Spec) -> tuple[list[str], list[Path]]:
     """Record changes and folders to remove; both empty when settled."""
     store = RecordStore(layouts.VM.state_dir)
@@ -111,7 +117,7 @@ def _plan_settle(spec: Spec) -> tuple[list[str], list[Path]]:
     for adapter in spec.adapters:
         entry = record.entry(adapter.name)
         path = str(adapter_dir(spec, adapter))
-        if entry is None or entry.current is None or entry.current.path != path:
+        if _differs(entry, path, adapter.sha256):
             changes.append(f"record {adapter.key} as serving")
     for name, entry in sorted(record.entries.items()):
         if name not in wanted and entry.current is not None:
@@ -143,7 +149,7 @@ def settle(spec: Spec, dry: bool) -> dict[str, Any]:
         for adapter in spec.adapters:
             entry = record.entry(adapter.name)
             path = str(adapter_dir(spec, adapter))
-            if entry is None or entry.current is None or entry.current.path != path:
+            if _differs(entry, path, adapter.sha256):
                 record = record.set_current(adapter.name, Served(
                     adapter.version, path, adapter.sha256), op="deploy")
         for name, entry in sorted(record.entries.items()):

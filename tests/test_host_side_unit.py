@@ -338,6 +338,15 @@ def test_settle_on_a_fresh_host_records_the_set(vm: layouts.Layout) -> None:
     assert RecordStore(vm.state_dir).load().serving()["a"].version == "1"
 
 
+def test_settle_records_a_new_pin_for_the_same_version(vm: layouts.Layout) -> None:
+    make_version(vm, "a", "1")
+    host_adapters.settle(spec_with_adapters(adapter("a", "1", "cd" * 32)), dry=False)
+    repinned = spec_with_adapters(adapter("a", "1", "ef" * 32))
+    assert host_adapters.settle(repinned, dry=True)["changes"] == ["record a/1 as serving"]
+    host_adapters.settle(repinned, dry=False)
+    assert RecordStore(vm.state_dir).load().serving()["a"].sha256 == "ef" * 32
+
+
 # --- host_model ---------------------------------------------------------------------------------
 
 DEV_SPEC = stackfile.load(stack="dev")
