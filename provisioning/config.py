@@ -7,7 +7,6 @@ travels over stdin and is written with mode 0600.
 from __future__ import annotations
 
 import hashlib
-import json
 
 from provisioning.bundle import host_python
 from provisioning.step import Target
@@ -49,7 +48,3 @@ class ConfigStep:
         for path, (content, mode) in wanted(t).items():
             if f"write {path}" in actions:
                 put(t, path, content, mode)
-
-
-def dumps(value: object) -> str:
-    return json.dumps(value, sort_keys=True)

@@ -86,10 +86,10 @@ def stack_outputs(stack: str) -> dict[str, Any]:
         return {}
 
 
-def _resolve(ref_text: str, where: str) -> str:
+def _resolve(ref_text: str) -> str:
+    """A secret named by ``env:NAME`` or ``file:PATH`` (relative to the checkout)."""
     scheme, _, name = ref_text.partition(":")
-    return secretref.resolve(SecretRef(kind=scheme, name=name), root=stackfile.ROOT) if ref_text \
-        else ""
+    return secretref.resolve(SecretRef(kind=scheme, name=name), root=stackfile.ROOT)
 
 
 def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = "",
@@ -148,7 +148,7 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
             "the model or adapters come from Blob but the storage account is unknown (no "
             "`storageAccount` stack output); allowed: --blob-url https://ACCOUNT.blob.core."
             "windows.net"))
-    hf_token = _resolve(spec.vm.hf_token_ref, "hfTokenRef") if spec.vm.hf_token_ref else ""
+    hf_token = _resolve(spec.vm.hf_token_ref) if spec.vm.hf_token_ref else ""
     return DeploySettings(spec=spec, config_file=path, hosts=tuple(host_list),
                           ssh_key_file=key_file, api_key=api_key, blob=blob, hf_token=hf_token,
                           health_timeout_s=health_timeout_s)

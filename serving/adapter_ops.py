@@ -98,6 +98,16 @@ class Outcome:
     actions: tuple[str, ...] = ()
 
 
+def probe_answer(client: VllmClient, model: str) -> Probe:
+    """``model``'s greedy answer to the fixed probe prompt, with its logprobs."""
+    answer = client.complete(
+        model, PROBE_PROMPT, max_tokens=PROBE_MAX_TOKENS, temperature=0.0, logprobs=1
+    )
+    if not answer.tokens:
+        raise OperationError(f"vLLM returned no tokens for the probe of {model!r}")
+    return Probe(answer.tokens, answer.logprobs)
+
+
 @dataclass
 class AdapterOps:
     """Operations against one server (``client``) for one stack (``spec`` on ``layout``)."""
@@ -133,12 +143,7 @@ class AdapterOps:
         return Path(self.layout.adapters_dir, name, version)
 
     def probe(self, model: str) -> Probe:
-        answer = self.client.complete(
-            model, PROBE_PROMPT, max_tokens=PROBE_MAX_TOKENS, temperature=0.0, logprobs=1
-        )
-        if not answer.tokens:
-            raise OperationError(f"vLLM returned no tokens for the probe of {model!r}")
-        return Probe(answer.tokens, answer.logprobs)
+        return probe_answer(self.client, model)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per known or loaded name: record version, history, what vLLM has loaded."""

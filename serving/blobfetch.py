@@ -119,6 +119,23 @@ def fetch(client: Any, source: BlobSource, dest: Path, *, workers: int = DEFAULT
             "bytes": sum(n for _, n in results), "removed": removed}
 
 
+def mirror(url: str, dest: Path, *, account_url: str = "", client_id: str = "",
+           connection_string: str = "", workers: int = DEFAULT_WORKERS) -> dict[str, Any]:
+    """Mirror ``blob://container/prefix`` into ``dest``; every failure, Azure's and the
+    network's included, is a FetchError naming the container."""
+    source = BlobSource.parse(url)
+    if not (account_url or connection_string):
+        raise FetchError(f"{url}: no Blob account URL or connection string was given")
+    try:
+        client = container_client(account_url, source.container, client_id=client_id,
+                                  connection_string=connection_string)
+        return fetch(client, source, dest, workers=workers)
+    except FetchError:
+        raise
+    except Exception as exc:  # azure.core.exceptions.AzureError, network errors
+        raise FetchError(f"Blob {source.container}: {type(exc).__name__}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serving.blobfetch", description=__doc__)
     p.add_argument("source", help="blob://container/prefix")
@@ -130,19 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     conn = sys.stdin.readline().strip() if args.connection_string_stdin else ""
     try:
-        source = BlobSource.parse(args.source)
+        counts = mirror(args.source, Path(args.dest), account_url=args.account_url,
+                        client_id=args.client_id, connection_string=conn, workers=args.workers)
     except FetchError as exc:
         print(json.dumps({"error": str(exc)}))
-        return 2
-    try:
-        client = container_client(args.account_url, source.container, client_id=args.client_id,
-                                  connection_string=conn)
-        counts = fetch(client, source, Path(args.dest), workers=args.workers)
-    except FetchError as exc:
-        print(json.dumps({"error": str(exc)}))
-        return 2
-    except Exception as exc:  # azure.core.exceptions.AzureError and network errors
-        print(json.dumps({"error": f"{source.container}: {type(exc).__name__}: {exc}"}))
         return 2
     print(json.dumps(counts))
     return 0

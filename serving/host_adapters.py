@@ -22,12 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from serving import layout as layouts
-from serving.adapter_check import check_spec_adapter
-from serving.adapter_record import RecordStore, Served
-from serving.blobfetch import BlobSource, FetchError, container_client, fetch
+from serving.adapter_check import base_dims, check_adapter, check_spec_adapter
+from serving.adapter_record import Record, RecordStore, Served
+from serving.blobfetch import FetchError, mirror
 from serving.digest import DigestError, folder_digest
-from serving.hostcommon import HostError, add_blob, add_common, run, secrets, spec_of
-from serving.spec import AdapterSpec, Spec
+from serving.hostcommon import (
+    HostError,
+    add_blob,
+    add_common,
+    blob_access,
+    publish,
+    run,
+    secrets,
+    spec_of,
+)
+from serving.spec import ADAPTER_NAME_RE, VERSION_RE, AdapterSpec, Spec
 
 STAGING = ".staging"
 
@@ -50,9 +59,19 @@ def probe(spec: Spec) -> dict[str, Any]:
     return {"adapters": {a.key: _state(spec, a) for a in spec.adapters}}
 
 
+def _stage(url: str, name: str, version: str, args: argparse.Namespace,
+           secret: dict[str, str]) -> tuple[Path, str]:
+    """Mirror ``url`` into the staging folder of ``name``/``version``; (folder, its digest)."""
+    stage = Path(layouts.VM.adapters_dir, STAGING, f"{name}--{version}")
+    try:
+        mirror(url, stage, workers=4, **blob_access(args, secret))
+        return stage, folder_digest(stage)
+    except (FetchError, DigestError, OSError) as exc:
+        raise HostError(f"adapter {name}/{version}: {exc}") from None
+
+
 def sync(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
-    root = Path(layouts.VM.adapters_dir)
-    staging_root = root / STAGING
+    staging_root = Path(layouts.VM.adapters_dir, STAGING)
     secret = secrets(args)
     todo = [a for a in spec.adapters if _state(spec, a) != "present"]
     model_path = Path(layouts.VM.model_path(spec))
@@ -62,23 +81,7 @@ def sync(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         if adapter.source_kind != "blob":
             raise HostError(f"adapter {adapter.key}: source {adapter.source!r}; a VM fetches "
                             "adapters from blob://")
-        source = BlobSource.parse(adapter.source)
-        stage = staging_root / f"{adapter.name}--{adapter.version}"
-        try:
-            client = container_client(args.account_url, source.container,
-                                      client_id=args.client_id,
-                                      connection_string=secret.get("connection_string", ""))
-            fetch(client, source, stage, workers=4)
-        except FetchError as exc:
-            raise HostError(f"adapter {adapter.key}: {exc}") from None
-        except Exception as exc:  # azure.core.exceptions.AzureError, network errors
-            raise HostError(f"adapter {adapter.key}: Blob {source.container}: "
-                            f"{type(exc).__name__}: {exc}") from None
-        try:
-            digest = folder_digest(stage)
-        except (DigestError, OSError) as exc:
-            problems.append(f"adapter {adapter.key}: cannot digest: {exc}")
-            continue
+        stage, digest = _stage(adapter.source, adapter.name, adapter.version, args, secret)
         if digest != adapter.sha256:
             problems.append(f"adapter {adapter.key} from {adapter.source}: sha256 is {digest}, "
                             f"the stack pins {adapter.sha256}; re-pin it or fix the upload")
@@ -91,13 +94,8 @@ def sync(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
         raise HostError("; ".join(problems) + " (nothing was installed; the service keeps "
                         "its current adapters)")
     for adapter, stage in staged:
-        dest = adapter_dir(spec, adapter)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        for path in [stage, *stage.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if dest.exists():
-            shutil.rmtree(dest)
-        stage.rename(dest)
+        publish(stage, adapter_dir(spec, adapter))
+    # A download cut by an error stays staged above, so the next run resumes it.
     shutil.rmtree(staging_root, ignore_errors=True)
     return {"installed": [a.key for a, _ in staged]}
 
@@ -108,25 +106,31 @@ def _differs(entry: Any, path: str, sha256: str) -> bool:
     return current is None or current.path != path or current.sha256 != sha256
 
 
-def _plan_settle(spec: Spec) -> tuple[list[str], list[Path]]:
-    """Record changes and folders to remove; both empty when settled."""
-    store = RecordStore(layouts.VM.state_dir)
-    record = store.load()
+def _settled(spec: Spec, record: Record) -> tuple[Record, list[str]]:
+    """``record`` with the stack's set serving and names that left it removed, and what
+    changed (empty when the record already says so)."""
     changes = []
-    wanted = {a.name: a for a in spec.adapters}
+    wanted = {a.name for a in spec.adapters}
     for adapter in spec.adapters:
-        entry = record.entry(adapter.name)
         path = str(adapter_dir(spec, adapter))
-        if _differs(entry, path, adapter.sha256):
+        if _differs(record.entry(adapter.name), path, adapter.sha256):
+            record = record.set_current(adapter.name, Served(adapter.version, path,
+                                                             adapter.sha256), op="deploy")
             changes.append(f"record {adapter.key} as serving")
     for name, entry in sorted(record.entries.items()):
         if name not in wanted and entry.current is not None:
+            record = record.remove(name)
             changes.append(f"record {name} as removed")
-    keep: set[Path] = set()
+    return record, changes
+
+
+def _removals(spec: Spec, record: Record) -> list[Path]:
+    """Folders of names that left the set, and versions no record entry can return to."""
+    wanted = {a.name for a in spec.adapters}
+    keep: set[Path] = {adapter_dir(spec, a) for a in spec.adapters}
     for name, entry in record.entries.items():
         if name in wanted:
             keep |= {Path(s.path) for s in (*entry.history, entry.current) if s}
-    keep |= {adapter_dir(spec, a) for a in spec.adapters}
     remove: list[Path] = []
     root = Path(layouts.VM.adapters_dir)
     if root.is_dir():
@@ -135,26 +139,18 @@ def _plan_settle(spec: Spec) -> tuple[list[str], list[Path]]:
                 remove.append(name_dir)
                 continue
             remove += [v for v in sorted(name_dir.iterdir()) if v.is_dir() and v not in keep]
-    return changes, remove
+    return remove
 
 
 def settle(spec: Spec, dry: bool) -> dict[str, Any]:
-    changes, remove = _plan_settle(spec)
+    store = RecordStore(layouts.VM.state_dir)
+    record = store.load()
+    _, changes = _settled(spec, record)
+    remove = _removals(spec, record)
     if dry or not (changes or remove):
         return {"changes": changes, "remove": [str(p) for p in remove], "applied": False}
-    store = RecordStore(layouts.VM.state_dir)
     with store.locked():
-        record = store.load()
-        wanted = {a.name: a for a in spec.adapters}
-        for adapter in spec.adapters:
-            entry = record.entry(adapter.name)
-            path = str(adapter_dir(spec, adapter))
-            if _differs(entry, path, adapter.sha256):
-                record = record.set_current(adapter.name, Served(
-                    adapter.version, path, adapter.sha256), op="deploy")
-        for name, entry in sorted(record.entries.items()):
-            if name not in wanted and entry.current is not None:
-                record = record.remove(name)
+        record, changes = _settled(spec, store.load())
         if changes:
             store.save(record)
     for path in remove:
@@ -165,37 +161,20 @@ def settle(spec: Spec, dry: bool) -> dict[str, Any]:
 def fetch_one(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     """Day two: one version from Blob into ``<adapters>/NAME/VERSION``, checked like ``sync``
     (pinned digest, PEFT checks against the base model) before it is renamed into place."""
-    from serving.spec import ADAPTER_NAME_RE, VERSION_RE
-
     if not ADAPTER_NAME_RE.match(args.name) or not VERSION_RE.match(args.version):
         raise HostError(f"{args.name} {args.version}: bad adapter name or version")
     dest = Path(layouts.VM.adapters_dir, args.name, args.version)
     if dest.is_dir() and folder_digest(dest) == args.sha256:
         return {"path": str(dest), "fetched": False}
-    source = BlobSource.parse(args.source)
-    stage = Path(layouts.VM.adapters_dir, STAGING, f"{args.name}--{args.version}")
-    secret = secrets(args)
+    stage, digest = _stage(args.source, args.name, args.version, args, secrets(args))
     try:
-        client = container_client(args.account_url, source.container, client_id=args.client_id,
-                                  connection_string=secret.get("connection_string", ""))
-        fetch(client, source, stage, workers=4)
-        digest = folder_digest(stage)
         if digest != args.sha256:
             raise HostError(f"{args.source}: sha256 is {digest}, expected {args.sha256}")
-        from serving.adapter_check import base_dims, check_adapter
-
         problems = check_adapter(stage, dims=base_dims(layouts.VM.model_path(spec)),
                                  base_model_id=spec.model.id, max_lora_rank=spec.max_lora_rank)
         if problems:
             raise HostError("; ".join(f"{p.where}: {p.message}" for p in problems))
-        for path in [stage, *stage.rglob("*")]:
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists():
-            shutil.rmtree(dest)
-        stage.rename(dest)
-    except FetchError as exc:
-        raise HostError(str(exc)) from None
+        publish(stage, dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return {"path": str(dest), "fetched": True}

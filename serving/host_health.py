@@ -18,7 +18,7 @@ from typing import Any
 
 from serving import layout as layouts
 from serving import secretref
-from serving.adapter_ops import PROBE_MAX_TOKENS, PROBE_PROMPT, Probe
+from serving.adapter_ops import OperationError, probe_answer
 from serving.hostcommon import HostError, add_common, run, spec_of
 from serving.spec import Spec
 from serving.stackfile import ROOT
@@ -82,21 +82,16 @@ def check(spec: Spec, timeout_s: float) -> dict[str, Any]:
                     problems.append(f"{name} serves {found[name]}, the stack wants {want[name]}")
             if problems:
                 raise HostError("/v1/models: " + "; ".join(problems))
-            answers: dict[str, str] = {}
-            probes: dict[str, Probe] = {}
-            for model in [base, *sorted(want)]:
-                answer = client.complete(model, PROBE_PROMPT, max_tokens=PROBE_MAX_TOKENS,
-                                         temperature=0.0, logprobs=1)
-                if not answer.tokens:
-                    raise HostError(f"{model} returned no tokens")
-                probes[model] = Probe(answer.tokens, answer.logprobs)
-                answers[model] = answer.text
+            probes = {model: probe_answer(client, model) for model in [base, *sorted(want)]}
+            answers = {model: probe.text for model, probe in probes.items()}
             same = [n for n in want if probes[n].same(probes[base])]
             if same:
                 raise HostError(f"{', '.join(sorted(same))} answer(s) like the base model: the "
                                 "adapter weights are not what serves")
         except VllmError as exc:
-            raise HostError(exc.message if hasattr(exc, "message") else str(exc)) from None
+            raise HostError(exc.message) from None
+        except OperationError as exc:
+            raise HostError(exc.message) from None
     return {"ready_s": round(ready_s, 1), "answers": answers,
             "seconds": round(time.monotonic() - started, 1)}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -22,8 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from serving import layout as layouts
-from serving.blobfetch import BlobSource, FetchError, container_client, fetch
-from serving.hostcommon import HostError, add_blob, add_common, run, secrets, spec_of
+from serving.blobfetch import FetchError, mirror
+from serving.hostcommon import (
+    HostError,
+    add_blob,
+    add_common,
+    blob_access,
+    publish,
+    run,
+    secrets,
+    spec_of,
+)
 from serving.spec import Spec
 
 MARKER = ".exaone-model.json"
@@ -83,19 +91,10 @@ def fetch_model(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     secret = secrets(args)
     started = time.monotonic()
     if spec.model.source_kind == "blob":
-        source = BlobSource.parse(spec.model.source)
-        if not (args.account_url or secret.get("connection_string")):
-            raise HostError("the model comes from Blob but no account URL or connection string "
-                            "was given")
         try:
-            client = container_client(args.account_url, source.container,
-                                      client_id=args.client_id,
-                                      connection_string=secret.get("connection_string", ""))
-            counts = fetch(client, source, partial)
+            counts = mirror(spec.model.source, partial, **blob_access(args, secret))
         except FetchError as exc:
             raise HostError(str(exc)) from None
-        except Exception as exc:  # azure.core.exceptions.AzureError, network errors
-            raise HostError(f"Blob {source.container}: {type(exc).__name__}: {exc}") from None
     elif spec.model.source_kind == "hf":
         from huggingface_hub import snapshot_download
 
@@ -110,19 +109,7 @@ def fetch_model(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     marker = {"source": spec.model.source, "revision": spec.model.revision,
               "files": _files(partial)}
     (partial / MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
-    for path in [partial, *partial.rglob("*")]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    partial.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(folder.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    publish(partial, folder)
     return {**counts, "path": str(folder), "seconds": round(time.monotonic() - started, 2)}
 
 

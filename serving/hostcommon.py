@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +44,31 @@ def secrets(args: argparse.Namespace) -> dict[str, str]:
         return {}
     text = sys.stdin.read().strip()
     return dict(json.loads(text)) if text else {}
+
+
+def blob_access(args: argparse.Namespace, secret: dict[str, str]) -> dict[str, str]:
+    """The keyword arguments of ``blobfetch.mirror`` from ``add_blob``'s options."""
+    return {"account_url": args.account_url, "client_id": args.client_id,
+            "connection_string": secret.get("connection_string", "")}
+
+
+def publish(staged: Path, dest: Path) -> None:
+    """Make ``staged`` readable by the service user and put it at ``dest`` in one rename; an
+    existing ``dest`` is moved aside first and removed after, so readers never see half."""
+    for path in [staged, *staged.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    staged.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
+    fd = os.open(dest.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a crash
+    finally:
+        os.close(fd)
 
 
 def run(body: Callable[[], dict[str, Any]]) -> int:

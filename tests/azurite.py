@@ -19,7 +19,7 @@ from types import TracebackType
 
 import pytest
 from azure.storage.blob import BlobServiceClient, ContentSettings
-from testhost import free_port
+from local_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 AZURITE_VERSION = "3.37.0"

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 from azurite import Azurite, start_azurite
-from testhost import PIP_BINDS, TestHost, boot, build_rootfs, free_port, make_keypair
+from local_server import free_port
+from testhost import PIP_BINDS, TestHost, boot, build_rootfs, make_keypair
 
 from serving import stackfile
 from serving.digest import folder_digest

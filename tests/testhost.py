@@ -48,7 +48,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -56,6 +55,8 @@ import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+
+from local_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE_ENV = "EXAONE_TESTHOST_CACHE"
@@ -96,12 +97,6 @@ class SSHCommandError(subprocess.CalledProcessError):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or REPO / ".local" / "testhost")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_keypair(directory: Path, name: str = "id_ed25519") -> tuple[Path, str]:
