@@ -13,6 +13,8 @@ already rolled itself back where the operation allows).
 
 from __future__ import annotations
 
+import re
+
 from fabric import task
 from invoke import Collection
 from invoke.exceptions import Exit
@@ -23,6 +25,7 @@ from provisioning.model import blob_args, stack_file
 from provisioning.remote import RemoteError
 from provisioning.settings import DeploySettings
 from provisioning.step import Target
+from serving.spec import ADAPTER_NAME_RE, BLOB_RE, VERSION_RE
 
 OP_TIMEOUT_SECONDS = 900
 
@@ -61,14 +64,29 @@ def _fetch(t: Target, name: str, version: str, source: str, sha256: str) -> None
           f" at {done['path']}")
 
 
+def check_version_args(name: str, version: str, source: str, sha256: str) -> str:
+    """The first problem of add/hotfix's arguments (checked before any host is touched)."""
+    if not ADAPTER_NAME_RE.match(name):
+        return f"NAME {name!r} is not allowed; allowed: {ADAPTER_NAME_RE.pattern}"
+    if not VERSION_RE.match(version):
+        return f"VERSION {version!r} is not allowed; allowed: {VERSION_RE.pattern}"
+    if bool(source) != bool(sha256):
+        return "--source and --sha256 go together (the digest pins what is fetched)"
+    if source and not BLOB_RE.match(source):
+        return f"--source {source!r} is malformed; allowed: blob://container/path"
+    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        return "--sha256 is not 64 lowercase hex digits (`python -m serving digest FOLDER`)"
+    return ""
+
+
 def _versioned(op: str):
     def body(c, name, version, source="", sha256="", stack="dev", config="", hosts="",
              blob_url="", blob_connection_string_env=""):
         s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
                              blob_connection_string_env=blob_connection_string_env)
-        if bool(source) != bool(sha256):
-            raise Exit("--source and --sha256 go together (the digest pins what is fetched)",
-                       code=2)
+        problem = check_version_args(name, version, source, sha256)
+        if problem:
+            raise Exit(problem, code=2)
 
         def run(t: Target) -> None:
             if source:

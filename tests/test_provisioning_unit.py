@@ -1238,3 +1238,22 @@ def test_host_stack_document_of_the_dev_stack_sets_the_root_only_key_file() -> N
     assert f"apiKeyRef: file:{layouts.VM_API_KEY_FILE}" in text
     assert "EXAONE_API_KEY" not in text
 
+
+
+# --- fab adapters.add / hotfix arguments ----------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "names"), [
+    pytest.param(("tone", "1", "", ""), "", id="ok-without-source"),
+    pytest.param(("tone", "1", "blob://adapters/tone/1", "ab" * 32), "", id="ok-with-source"),
+    pytest.param(("Tone!", "1", "", ""), "NAME", id="bad-name"),
+    pytest.param(("tone", "1 2", "", ""), "VERSION", id="bad-version"),
+    pytest.param(("tone", "1", "blob://adapters/tone/1", ""), "--sha256", id="source-alone"),
+    pytest.param(("tone", "1", "/tmp/tone", "ab" * 32), "--source", id="not-blob"),
+    pytest.param(("tone", "1", "blob://adapters/tone/1", "XYZ"), "--sha256", id="bad-digest"),
+])
+def test_adapter_task_arguments_are_checked_before_any_host(args: tuple[str, ...],
+                                                             names: str) -> None:
+    from provisioning.adapter_tasks import check_version_args
+
+    problem = check_version_args(*args)
+    assert bool(problem) == bool(names) and names in problem
