@@ -1,13 +1,18 @@
 """Benchmark of runtime adapter operations on the local CPU target.
 
-    .venv/bin/python bench/adapters.py [--cycles N] [--requests N] [--repeats N]
+    .venv/bin/python bench/adapters.py [--cycles N] [--requests N] [--repeats N] [--out DIR]
 
 Starts the local stack's vLLM if it is not running (and stops it again after), then:
 - latency of add, hotfix, rollback and remove, each verified by answers as in production,
-  median and max over N add->hotfix->rollback->remove cycles;
+  median and max over N add->hotfix->rollback->remove cycles; hotfix and rollback also split
+  into "answers" (the new version answers, checked) and "settle" (the plain reload after it,
+  including the wait for a 1 s pause in the adapter's requests);
+- single-stream tokens per second on one adapter before a hotfix, after the in-place swap
+  before it is settled, and after the settle (vLLM re-reads in-place loaded weights on every
+  step until then);
 - generated tokens per second on the base model, on one adapter, and spread over all
   adapters, under the same load (fixed request count, concurrency and length).
-Prints a table and writes JSON to bench/results/.
+Prints tables and writes adapters.json and adapters.png to --out (default bench/results).
 """
 
 from __future__ import annotations
@@ -51,11 +56,67 @@ def _throughput(client: VllmClient, models: list[str], requests: int) -> float:
         return tokens / (time.monotonic() - started)
 
 
+def _single_stream(client: VllmClient, model: str, requests: int = 6, tokens: int = 64) -> float:
+    started = time.monotonic()
+    done = sum(client.complete(model, PROMPT, max_tokens=tokens, ignore_eos=True)
+               .completion_tokens for _ in range(requests))
+    return done / (time.monotonic() - started)
+
+
+def _settle_phases(ops: AdapterOps, client: VllmClient, versions: dict[str, Path],
+                   repeats: int) -> dict[str, list[float]]:
+    """Single-stream tok/s on NAME: before, after an unsettled in-place hotfix, after settle."""
+    def measure() -> list[float]:
+        _single_stream(client, NAME, requests=2)  # warm up
+        return [_single_stream(client, NAME) for _ in range(repeats)]
+
+    ops.add(NAME, "1", versions["1"])
+    phases = {"before hotfix": measure()}
+    wait = ops.settle_wait_s
+    ops.settle_wait_s = 0  # swap in place only
+    try:
+        ops.hotfix(NAME, "2", versions["2"])
+    finally:
+        ops.settle_wait_s = wait
+    phases["in place, not settled"] = measure()
+    ops.settle([NAME])
+    phases["after settle"] = measure()
+    ops.remove(NAME)
+    return phases
+
+
+def plot(latencies: dict[str, list[float]], phases: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(latencies)
+    left.bar(names, [statistics.median(latencies[n]) for n in names], color="tab:blue",
+             label="median")
+    left.scatter(names, [max(latencies[n]) for n in names], color="tab:red", zorder=3,
+                 label="max")
+    left.set_ylabel("seconds")
+    left.set_title("adapter operations (verified by answers)")
+    left.tick_params(axis="x", rotation=30)
+    left.legend()
+    labels = list(phases)
+    right.bar(labels, [statistics.median(phases[p]) for p in labels],
+              color=["tab:green", "tab:orange", "tab:green"])
+    right.set_ylabel("tokens/s, one stream")
+    right.set_title("one adapter around a hotfix")
+    right.tick_params(axis="x", rotation=15)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=5)
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     console = Console()
 
@@ -74,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     versions = {v: make_adapter(incoming / v, base=model, rank=8, seed=seed,
                                 base_model_id=spec.model.id)
                 for v, seed in (("1", 401), ("2", 402))}
-    latencies: dict[str, list[float]] = {op: [] for op in ("add", "hotfix", "rollback", "remove")}
+    latencies: dict[str, list[float]] = {op: [] for op in (
+        "add", "hotfix", "hotfix: answers", "hotfix: settle", "rollback", "rollback: answers",
+        "rollback: settle", "remove")}
     try:
         if NAME in client.adapters():
             ops.remove(NAME)
@@ -84,8 +147,12 @@ def main(argv: list[str] | None = None) -> int:
                              ("rollback", lambda: ops.rollback(NAME)),
                              ("remove", lambda: ops.remove(NAME))):
                 t0 = time.monotonic()
-                call()
+                outcome = call()
                 latencies[op].append(time.monotonic() - t0)
+                if outcome.live_s is not None and outcome.settle_s is not None:
+                    latencies[f"{op}: answers"].append(outcome.live_s)
+                    latencies[f"{op}: settle"].append(outcome.settle_s)
+        phases = _settle_phases(ops, client, versions, args.repeats)
 
         adapters = [a.name for a in spec.adapters]
         loads = {
@@ -114,12 +181,23 @@ def main(argv: list[str] | None = None) -> int:
     for label, values in speeds.items():
         tps_table.add_row(label, f"{statistics.median(values):.1f}", f"{min(values):.1f}",
                           f"{max(values):.1f}")
+    phase_table = Table(title=f"Single-stream tokens/s on {NAME} around a hotfix "
+                              f"({args.repeats} repeats x 6 requests x 64 tokens)")
+    for column in ("phase", "median tok/s", "min", "max", "vs before"):
+        phase_table.add_column(column, justify="right" if column != "phase" else "left")
+    base_speed = statistics.median(phases["before hotfix"])
+    for label, values in phases.items():
+        phase_table.add_row(label, f"{statistics.median(values):.1f}", f"{min(values):.1f}",
+                            f"{max(values):.1f}",
+                            f"{statistics.median(values) / base_speed - 1:+.1%}")
     console.print(ops_table)
+    console.print(phase_table)
     console.print(tps_table)
 
-    results = ROOT / "bench" / "results"
+    results = args.out
     results.mkdir(parents=True, exist_ok=True)
-    out = results / f"adapters-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    plot(latencies, phases, results / "adapters.png")
+    out = results / "adapters.json"
     out.write_text(json.dumps({
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
@@ -127,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         "cycles": args.cycles, "latency_s": {
             op: {"median": statistics.median(v), "max": max(v), "all": v}
             for op, v in latencies.items()},
+        "single_stream_tokens_per_s": {k: {"median": statistics.median(v), "all": v}
+                                       for k, v in phases.items()},
         "throughput": {"requests": args.requests, "max_tokens": MAX_TOKENS,
                        "concurrency": CONCURRENCY,
                        "tokens_per_s": {k: {"median": statistics.median(v), "all": v}
                                         for k, v in speeds.items()}},
     }, indent=2) + "\n")
-    console.print(f"wrote {out.relative_to(ROOT)}")
+    console.print(f"wrote {out} and {results / 'adapters.png'}")
     return 0
 
 

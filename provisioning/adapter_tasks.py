@@ -9,6 +9,7 @@ already rolled itself back where the operation allows).
     fab adapters.add NAME VERSION --source blob://adapters/NAME/VERSION --sha256 HEX --stack dev
     fab adapters.hotfix NAME VERSION --source ... --sha256 ...
     fab adapters.rollback NAME | adapters.remove NAME | adapters.reconcile | adapters.list
+    fab adapters.settle [--name NAME]   (after a hotfix/rollback whose settle was deferred)
 """
 
 from __future__ import annotations
@@ -118,6 +119,8 @@ def _named(op: str):
             if not name:
                 raise Exit(f"adapters.{op} needs --name NAME", code=2)
             argv.append(name)
+        if op == "settle" and name:
+            argv.append(name)
         if op in ("remove", "reconcile"):
             argv += ["--deadline", str(float(deadline))]
         _each_host(s, lambda t: _op(t, *argv))
@@ -126,6 +129,8 @@ def _named(op: str):
     body.__doc__ = {"rollback": "Back to the previous recorded version on each VM.",
                     "remove": "Wait for the adapter's requests to finish, unload it, on each VM.",
                     "reconcile": "Make each VM's loaded adapters equal its record.",
+                    "settle": "Load in-place loaded adapters once more, plainly, on each VM "
+                              "(vLLM re-reads in-place loaded weights on every step).",
                     "list": "The record versus what vLLM has loaded, per VM."}[op]
     return task(help={**cli_options.HELP, "name": "adapter name",
                       "deadline": "seconds to wait for running requests"})(body)
@@ -134,9 +139,10 @@ def _named(op: str):
 rollback = _named("rollback")
 remove = _named("remove")
 reconcile = _named("reconcile")
+settle = _named("settle")
 list_ = _named("list")
 
 ns = Collection("adapters")
-for _t in (add, hotfix, rollback, remove, reconcile):
+for _t in (add, hotfix, rollback, remove, reconcile, settle):
     ns.add_task(_t)
 ns.add_task(list_, name="list")

@@ -8,6 +8,13 @@ every logprob is within MATCH_TOLERANCE.
 
 The record (``serving.adapter_record``) says which version serves under each name; the
 spec's adapters are the starting point for names the record has not seen yet.
+
+Hotfix and rollback swap weights with vLLM's in-place load: the name never stops answering.
+vLLM 0.32 then re-reads those weights on every engine step until the name is loaded again
+without ``load_inplace``; "settling" does that (unload + load) once the adapter's requests
+have paused for a moment, with vLLM's filesystem resolver (``serving.lora_resolver``)
+answering any request that arrives in between. Under steady traffic the settle is deferred
+(``adapters settle``) rather than risked.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from dataclasses import replace as replaced
 from pathlib import Path
 from typing import Any
 
+from serving import lora_resolver, vllm_args
 from serving.adapter_check import base_dims, check_adapter
 from serving.adapter_record import Entry, Record, RecordError, RecordStore, Served
 from serving.atomic import replace_folder
@@ -38,6 +47,8 @@ MATCH_TOLERANCE = 0.05
 # cannot start with "_", so these never collide with a real adapter.
 CANDIDATE_PREFIX = "_candidate."
 REMOVE_DEADLINE_SECONDS = 60.0
+# How long hotfix/rollback/reconcile wait for a pause in an adapter's requests to settle it.
+SETTLE_WAIT_SECONDS = 15.0
 _DRAIN_POLL_SECONDS = 0.25
 _DRAIN_IDLE_SECONDS = 1.0  # idle must hold this long: the metric can lag a new request
 _ROLLBACK_ATTEMPTS = 3
@@ -96,6 +107,10 @@ class Outcome:
     version: str | None = None
     probe: Probe | None = None
     actions: tuple[str, ...] = ()
+    # hotfix/rollback: seconds until the new version answered (checked), and of the settle
+    # after it (the wait for a pause in its requests included).
+    live_s: float | None = None
+    settle_s: float | None = None
 
 
 def probe_answer(client: VllmClient, model: str) -> Probe:
@@ -117,6 +132,7 @@ class AdapterOps:
     client: VllmClient
     store: RecordStore
     say: Callable[[str], None] = field(default=lambda _msg: None)
+    settle_wait_s: float = SETTLE_WAIT_SECONDS
 
     # --- reading ------------------------------------------------------------------------
 
@@ -161,7 +177,8 @@ class AdapterOps:
                 "loaded": name in loaded,
                 "path": loaded.get(name) or (current.path if current else ""),
                 "in_sync": (name in loaded) == (current is not None)
-                and (current is None or loaded.get(name) == current.path),
+                and (current is None or self._loaded_as(name, loaded.get(name), current)),
+                "settled": current.settled if current else True,
             })
         return rows
 
@@ -227,6 +244,98 @@ class AdapterOps:
             return folder_digest(path)
         except (DigestError, OSError):
             return ""
+
+    # --- the resolver folder and settling --------------------------------------------------
+
+    def _resolver(self) -> Path | None:
+        folder = vllm_args.resolver_dir(self.spec, self.layout)
+        return Path(folder) if folder else None
+
+    def _publish(self, name: str, served: Served) -> None:
+        root = self._resolver()
+        if root is None:
+            return
+        try:
+            lora_resolver.publish(root, name, served.version, served.path,
+                                  self.layout.model_path(self.spec))
+        except lora_resolver.ResolverError as exc:
+            raise OperationError(f"{name}: the resolver entry could not be written: {exc}",
+                                 changed=True) from None
+
+    def _withdraw(self, name: str) -> None:
+        root = self._resolver()
+        if root is not None:
+            lora_resolver.withdraw(root, name)
+
+    def _loaded_as(self, name: str, loaded_path: str | None, served: Served) -> bool:
+        """vLLM holds ``served`` under ``name``: loaded from its folder, or by the resolver
+        from the name's entry while that entry points at the same version."""
+        if loaded_path == served.path:
+            return True
+        root = self._resolver()
+        return (root is not None and loaded_path == str(lora_resolver.link(root, name))
+                and lora_resolver.published(root, name) == served.version)
+
+    def _settle(self, name: str, served: Served, expected: Probe, wait_s: float) -> bool:
+        """Load ``name`` again without ``load_inplace`` once its requests have paused.
+
+        False, and nothing done, when there is no resolver folder to answer requests that
+        arrive between unload and load, or when no pause of ``_DRAIN_IDLE_SECONDS`` came
+        within ``wait_s``. A request that had passed vLLM's model check just before the
+        unload can still miss the name (vLLM looks it up twice); waiting for a pause is what
+        keeps that away.
+        """
+        if self._resolver() is None or wait_s <= 0 or \
+                not self._idle(name, _settle_window(wait_s)):
+            return False
+        self.client.unload(name)
+        try:
+            self.client.load(name, served.path)
+        except VllmError as exc:
+            # already_loaded: a request in between made the resolver load the name's entry,
+            # which points at the same version. Anything else: the probe below is a request
+            # too, so the resolver loads it, or the probe fails and says so.
+            if exc.kind != "already_loaded":
+                self.say(f"settle {name}: loading it again failed ({exc.message}); "
+                         "the resolver entry should answer")
+        try:
+            actual = self.probe(name)
+        except VllmError as exc:
+            raise OperationError(f"settling {name} {served.version}: it does not answer "
+                                 f"after loading it again ({exc.message}); run `adapters "
+                                 "reconcile`", changed=True) from None
+        if not actual.same(expected):
+            raise OperationError(
+                f"settling {name} {served.version}: it answers {actual.text!r} after loading "
+                f"it again, {expected.text!r} before; run `adapters reconcile`", changed=True)
+        return True
+
+    def _went_live_in_place(self, name: str, served: Served, probe: Probe) -> str:
+        """``served`` was just loaded in place under ``name`` and answers ``probe``: point its
+        resolver entry at it, settle it if its requests pause, and record whether it is
+        settled; a phrase for the outcome.
+
+        Callers that change the record (hotfix, rollback, reconcile) have saved ``served``
+        as unsettled first, so a cut run leaves the truth behind. An automatic rollback
+        leaves the record alone when the settle succeeds: nothing about it changed.
+        """
+        self._publish(name, served)
+        settled = self._settle(name, served, probe, self.settle_wait_s)
+        record = self.record()
+        current = record.entries[name].current
+        if current is not None and current.settled != settled:
+            self.store.save(record.updated(name, replaced(current, settled=settled)))
+        return "settled" if settled else self._deferred(name, self.settle_wait_s)
+
+    def _deferred(self, name: str, wait_s: float) -> str:
+        if self._resolver() is None:
+            why = "no resolver folder (VLLM_LORA_RESOLVER_CACHE_DIR) covers the reload"
+        elif wait_s <= 0:
+            why = "settling was not asked for"
+        else:
+            why = f"its requests did not pause within {_settle_window(wait_s):g} s"
+        return (f"not settled ({why}): vLLM re-reads its weights on every step until "
+                f"`adapters settle {name}` runs")
 
     # --- building blocks ----------------------------------------------------------------------
 
@@ -298,8 +407,12 @@ class AdapterOps:
             else:
                 return actual
         restored = self._restore(name, old, old_probe)
+        try:
+            note = self._went_live_in_place(name, old, old_probe)
+        except (OperationError, VllmError) as exc:
+            note = f"settling it afterwards failed: {exc.message}"
         raise OperationError(
-            f"{op} of {name} to version {new_version} failed: {reason}; {restored}",
+            f"{op} of {name} to version {new_version} failed: {reason}; {restored}; {note}",
             rolled_back=True,
         )
 
@@ -335,6 +448,11 @@ class AdapterOps:
                     "probe); unloaded again, nothing changed"
                 )
             served = Served(version, str(path), self._sha(path), probe.to_json(), time.time())
+            try:
+                self._publish(name, served)
+            except OperationError:
+                self._undo_load(name)
+                raise
             self.store.save(record.set_current(name, served, op="add"))
         return Outcome("add", name, f"{name} now serves version {version}", version, probe)
 
@@ -372,11 +490,16 @@ class AdapterOps:
             if version == old.version:
                 raise OperationError(f"{name} already serves version {version}; nothing changed")
             path = self._install(name, version, source)
+            started = time.monotonic()
             probe = self._replace("hotfix", name, old, version, path, on_staged)
-            served = Served(version, str(path), self._sha(path), probe.to_json(), time.time())
+            live = time.monotonic()
+            served = Served(version, str(path), self._sha(path), probe.to_json(), time.time(),
+                            settled=False)
             self.store.save(record.set_current(name, served, op="hotfix"))
+            note = self._went_live_in_place(name, served, probe)
         return Outcome("hotfix", name, f"{name} now serves version {version} (was "
-                       f"{old.version})", version, probe)
+                       f"{old.version}); {note}", version, probe,
+                       live_s=live - started, settle_s=time.monotonic() - live)
 
     def rollback(self, name: str, *, on_staged: Callable[[], None] | None = None) -> Outcome:
         self._check_name(name)
@@ -388,15 +511,20 @@ class AdapterOps:
                                      f"(serving {current.version}); nothing changed")
             path = Path(prev.path)
             self._check_folder(path, prev.sha256 or None)
+            started = time.monotonic()
             probe = self._replace("rollback", name, current, prev.version, path, on_staged)
-            updated = record.roll_back(name)
-            refreshed = Served(prev.version, prev.path, prev.sha256, probe.to_json(), time.time())
-            self.store.save(_with_probe(updated, name, refreshed))
+            live = time.monotonic()
+            refreshed = Served(prev.version, prev.path, prev.sha256, probe.to_json(), time.time(),
+                               settled=False)
+            self.store.save(record.roll_back(name).updated(name, refreshed))
+            note = self._went_live_in_place(name, refreshed, probe)
         return Outcome("rollback", name, f"{name} back on version {prev.version} (was "
-                       f"{current.version})", prev.version, probe)
+                       f"{current.version}); {note}", prev.version, probe,
+                       live_s=live - started, settle_s=time.monotonic() - live)
 
-    def _drain(self, name: str, deadline_s: float) -> None:
-        """Wait until no request runs or waits on ``name`` (per /metrics), within a deadline.
+    def _idle(self, name: str, deadline_s: float) -> bool:
+        """Whether no request ran or waited on ``name`` (per /metrics) for a whole
+        ``_DRAIN_IDLE_SECONDS`` within ``deadline_s``.
 
         vLLM updates ``vllm:lora_requests_info`` from the engine's output loop, which can lag
         a request that has just started streaming. Idle therefore has to hold for a whole
@@ -411,17 +539,24 @@ class AdapterOps:
             elif idle_since is None:
                 idle_since = now
             elif now - idle_since >= _DRAIN_IDLE_SECONDS:
-                return
+                return True
             if now >= end:
-                raise OperationError(
-                    f"{name} was not idle for {_DRAIN_IDLE_SECONDS:g} s within {deadline_s:g} s "
-                    "(vllm:lora_requests_info shows running or waiting requests); nothing "
-                    "changed, try again or raise --deadline"
-                )
+                return False
             time.sleep(_DRAIN_POLL_SECONDS)
+
+    def _drain(self, name: str, deadline_s: float) -> None:
+        if not self._idle(name, deadline_s):
+            raise OperationError(
+                f"{name} was not idle for {_DRAIN_IDLE_SECONDS:g} s within {deadline_s:g} s "
+                "(vllm:lora_requests_info shows running or waiting requests); nothing "
+                "changed, try again or raise --deadline"
+            )
 
     def _unload_checked(self, name: str, deadline_s: float) -> None:
         self._drain(name, deadline_s)
+        # Entry first: with it in place, the resolver would load the name again on the next
+        # request after the unload.
+        self._withdraw(name)
         self.client.unload(name)
         try:
             self.client.complete(name, PROBE_PROMPT, max_tokens=1)
@@ -447,12 +582,53 @@ class AdapterOps:
         note = "" if loaded else " (it was not loaded)"
         return Outcome("remove", name, f"{name} removed{note}; it answers 404 now")
 
+    def settle(self, names: list[str] | None = None, *,
+               wait_s: float | None = None) -> Outcome:
+        """Settle names loaded in place (all the record has unsettled, or ``names``)."""
+        wait = self.settle_wait_s if wait_s is None else wait_s
+        actions: list[str] = []
+        with self.store.locked():
+            record = self.record()
+            serving = record.serving()
+            for name in names or []:
+                self._check_name(name)
+                if name not in serving:
+                    raise OperationError(f"{name} serves no version (see `adapters list`); "
+                                         "nothing changed")
+            loaded = self.client.adapters()
+            todo = names or [n for n, s in serving.items() if not s.settled]
+            for name in todo:
+                served = serving[name]
+                if not self._loaded_as(name, loaded.get(name), served):
+                    raise OperationError(f"{name} is not loaded as version {served.version}; "
+                                         "run `adapters reconcile`, which settles too")
+                if served.settled:
+                    actions.append(f"{name} {served.version} was settled already")
+                    continue
+                self._publish(name, served)
+                probe = self.probe(name)
+                if not self._settle(name, served, probe, wait):
+                    raise OperationError(f"{name}: {self._deferred(name, wait)}; nothing changed")
+                record = record.updated(name, replaced(served, probe=probe.to_json(),
+                                                       settled=True))
+                self.store.save(record)
+                actions.append(f"settled {name} {served.version}")
+        message = "; ".join(actions) if actions else "nothing was loaded in place"
+        return Outcome("settle", ",".join(todo) or "*", message, actions=tuple(actions))
+
     def reconcile(self, *, deadline_s: float = REMOVE_DEADLINE_SECONDS) -> Outcome:
-        """Make the loaded set equal the record (spec adapters where the record is silent)."""
+        """Make the loaded set equal the record (spec adapters where the record is silent),
+        the resolver folder equal the record, and settle what was loaded in place."""
         actions: list[str] = []
         problems: list[str] = []
         with self.store.locked():
             want = self.record().serving()
+            root = self._resolver()
+            if root is not None:
+                # Entries first: a name unloaded or reloaded below is found there meanwhile.
+                actions += lora_resolver.sync(
+                    root, {n: (s.version, s.path) for n, s in want.items()},
+                    self.layout.model_path(self.spec))
             loaded = self.client.adapters()
             for name in sorted(loaded):
                 if name.startswith(CANDIDATE_PREFIX):
@@ -463,13 +639,15 @@ class AdapterOps:
                     actions.append(f"unloaded {name} (removed in the record)")
             base = self.probe(self.spec.model.served_name) if want else None
             for name, served in want.items():
-                if loaded.get(name) == served.path:
+                if self._loaded_as(name, loaded.get(name), served):
                     verb = None
                 elif name in loaded:
                     self.client.load(name, served.path, inplace=True)
+                    served = replaced(served, settled=False)
                     verb = f"reloaded {name} {served.version} in place"
                 else:
                     self.client.load(name, served.path)
+                    served = replaced(served, settled=True)
                     verb = f"loaded {name} {served.version}"
                 probe = self.probe(name)
                 recorded = Probe.from_json(served.probe)
@@ -478,6 +656,12 @@ class AdapterOps:
                 elif recorded is not None and not probe.same(recorded):
                     problems.append(f"{name} {served.version} answers {probe.text!r}, the "
                                     f"record says {recorded.text!r}")
+                elif not served.settled:
+                    self.store.save(self.record().updated(name, served))
+                    note = self._went_live_in_place(name, served, probe)
+                    verb = f"{verb}; {note}" if verb else f"{name} {served.version}: {note}"
+                elif verb:
+                    self.store.save(self.record().updated(name, served))
                 if verb:
                     actions.append(verb)
         if problems:
@@ -486,8 +670,6 @@ class AdapterOps:
         return Outcome("reconcile", "*", message, actions=tuple(actions))
 
 
-def _with_probe(record: Record, name: str, served: Served) -> Record:
-    """``record`` with the current version of ``name`` carrying a fresh probe (no log entry)."""
-    entry = record.entries[name]
-    return Record(record.serial, {**record.entries, name: Entry(name, served, entry.history)},
-                  record.log)
+def _settle_window(wait_s: float) -> float:
+    """A settle wait shorter than one whole idle window could never see a pause."""
+    return max(wait_s, _DRAIN_IDLE_SECONDS + _DRAIN_POLL_SECONDS)

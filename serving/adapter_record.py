@@ -38,6 +38,9 @@ class Served:
     sha256: str = ""
     probe: dict[str, Any] | None = None  # the probe answer recorded when it went live
     at: float = 0.0
+    # False after an in-place load until it is loaded again plainly (serving.lora_resolver
+    # says why): until then vLLM re-reads its weights on every engine step.
+    settled: bool = True
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,12 @@ class Record:
             {"op": "rollback", "name": name, "from": old.current.version, "to": prev.version},
         )
 
+    def updated(self, name: str, served: Served) -> Record:
+        """The current version of ``name`` replaced by ``served`` (same version, fresher
+        facts such as its probe or ``settled``); not an operation, so no log entry."""
+        entry = self.entries[name]
+        return replace(self, entries={**self.entries, name: Entry(name, served, entry.history)})
+
     def remove(self, name: str) -> Record:
         """Nothing serves under ``name``; the removed version stays on the history (re-add)."""
         old = self.entries[name]
@@ -109,6 +118,7 @@ def _served(data: dict[str, Any]) -> Served:
     return Served(
         version=str(data["version"]), path=str(data["path"]), sha256=str(data.get("sha256", "")),
         probe=data.get("probe"), at=float(data.get("at", 0.0)),
+        settled=bool(data.get("settled", True)),
     )
 
 
@@ -118,6 +128,8 @@ def _served_json(served: Served) -> dict[str, Any]:
         out["sha256"] = served.sha256
     if served.probe is not None:
         out["probe"] = served.probe
+    if not served.settled:
+        out["settled"] = False
     return out
 
 

@@ -2,13 +2,17 @@
 
     adapters list      --stack local
     adapters add       NAME VERSION [--from FOLDER]
-    adapters hotfix    NAME VERSION [--from FOLDER]
-    adapters rollback  NAME
+    adapters hotfix    NAME VERSION [--from FOLDER] [--settle-wait SECONDS]
+    adapters rollback  NAME [--settle-wait SECONDS]
     adapters remove    NAME [--deadline SECONDS]
-    adapters reconcile
+    adapters reconcile [--deadline SECONDS] [--settle-wait SECONDS]
+    adapters settle    [NAME ...] [--settle-wait SECONDS]
 
 Every change is verified by the model's answers; a failed hotfix or rollback is rolled back
-automatically. Bad input or a failure: one line on stderr and exit 2 (see serving.cli).
+automatically. hotfix and rollback swap in place and then "settle" the name (load it once
+more, plainly) when its requests pause, because vLLM re-reads in-place loaded weights on
+every step; `settle` does it later for names whose requests did not pause.
+Bad input or a failure: one line on stderr and exit 2 (see serving.cli).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from rich.table import Table
 
 from serving import layout as layouts
 from serving import secretref, stackfile
-from serving.adapter_ops import AdapterOps, OperationError, Outcome
+from serving.adapter_ops import SETTLE_WAIT_SECONDS, AdapterOps, OperationError, Outcome
 from serving.adapter_record import RecordStore
 from serving.errors import Problem, SpecError
 from serving.spec import Spec
@@ -56,6 +60,8 @@ def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     ops = make_ops(spec, endpoint=args.endpoint, state_dir=args.state_dir,
                    say=lambda m: out.print(f"[dim]{m}[/]"))
+    if getattr(args, "settle_wait", None) is not None:
+        ops.settle_wait_s = args.settle_wait
     what = f"adapters {args.op}" + (f" {args.name}" if getattr(args, "name", None) else "")
     started = time.monotonic()
     try:
@@ -82,18 +88,21 @@ def _dispatch(ops: AdapterOps, args: argparse.Namespace) -> Outcome:
         return ops.rollback(args.name)
     if args.op == "remove":
         return ops.remove(args.name, deadline_s=args.deadline)
+    if args.op == "settle":
+        return ops.settle(args.names or None)
     return ops.reconcile(deadline_s=args.deadline)
 
 
 def _table(ops: AdapterOps) -> Table:
     table = Table(title=f"Adapters on {ops.client.base_url} (base {ops.spec.model.served_name})")
-    for column in ("name", "version", "earlier", "loaded", "in sync", "path"):
+    for column in ("name", "version", "earlier", "loaded", "in sync", "settled", "path"):
         table.add_column(column)
     for row in ops.rows():
         table.add_row(
             row["name"], row["version"] or "(removed)", ", ".join(row["history"]) or "-",
             "yes" if row["loaded"] else "no",
-            "[green]yes[/]" if row["in_sync"] else "[red]no: run reconcile[/]", row["path"],
+            "[green]yes[/]" if row["in_sync"] else "[red]no: run reconcile[/]",
+            "yes" if row["settled"] else "[yellow]no: run settle[/]", row["path"],
         )
     return table
 
@@ -112,6 +121,12 @@ def add_parser(sub) -> None:
                             "(default: the target's state folder)")
         parser.set_defaults(func=_run)
 
+    def settle_wait(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--settle-wait", type=float, metavar="SECONDS",
+            help=f"seconds to wait for a pause in the adapter's requests to settle it (default "
+                 f"{SETTLE_WAIT_SECONDS:g}; 0: leave it for `adapters settle`)")
+
     common(ops.add_parser("list", help="record versus what vLLM has loaded"))
     for op, text in (("add", "load a new adapter and check it answers differently"),
                      ("hotfix", "replace an adapter's weights in place; rolls back on failure")):
@@ -120,15 +135,26 @@ def add_parser(sub) -> None:
         q.add_argument("version")
         q.add_argument("--from", dest="source", metavar="FOLDER",
                        help="PEFT adapter folder to install as <adapters>/NAME/VERSION")
+        if op == "hotfix":
+            settle_wait(q)
         common(q)
     q = ops.add_parser("rollback", help="back to the previous recorded version")
     q.add_argument("name")
+    settle_wait(q)
     common(q)
     for op, text in (("remove", "wait for running requests, unload, confirm 404"),
                      ("reconcile", "load/unload until vLLM matches the record")):
         q = ops.add_parser(op, help=text)
         if op == "remove":
             q.add_argument("name")
+        else:
+            settle_wait(q)
         q.add_argument("--deadline", type=float, default=60.0,
                        help="seconds to wait for an adapter's requests to finish (default 60)")
         common(q)
+    q = ops.add_parser("settle", help="load in-place loaded adapters once more, plainly, so "
+                       "vLLM stops re-reading their weights on every step")
+    q.add_argument("names", nargs="*", metavar="NAME",
+                   help="default: every name the record has unsettled")
+    settle_wait(q)
+    common(q)

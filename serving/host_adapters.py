@@ -9,8 +9,9 @@
 staging folder, checks the sha256 and runs the spec's PEFT checks on ALL of them, and only
 then renames each into ``<adapters>/<name>/<version>``: a bad adapter stops the rollout before
 anything references it. ``settle`` (after the service serves the new set) records the set as
-current in the adapter record and removes folders of names that left the set; versions in a
-name's history stay, so ``adapters rollback`` keeps working.
+current in the adapter record, points vLLM's resolver folder at it (serving.lora_resolver)
+and removes folders of names that left the set; versions in a name's history stay, so
+``adapters rollback`` keeps working.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from serving import layout as layouts
+from serving import lora_resolver, vllm_args
 from serving.adapter_check import base_dims, check_adapter, check_spec_adapter
 from serving.adapter_record import Record, RecordStore, Served
 from serving.blobfetch import FetchError, mirror
@@ -142,10 +144,23 @@ def _removals(spec: Spec, record: Record) -> list[Path]:
     return remove
 
 
+def _resolver_changes(spec: Spec, record: Record, *, dry: bool) -> list[str]:
+    """Make vLLM's resolver folder match the record's serving set (serving.lora_resolver)."""
+    folder = vllm_args.resolver_dir(spec, layouts.VM)
+    if folder is None:
+        return []
+    serving = {n: (s.version, s.path) for n, s in record.serving().items()}
+    model = layouts.VM.model_path(spec)
+    if dry:
+        return lora_resolver.differences(folder, serving, model)
+    return lora_resolver.sync(folder, serving, model)
+
+
 def settle(spec: Spec, dry: bool) -> dict[str, Any]:
     store = RecordStore(layouts.VM.state_dir)
     record = store.load()
-    _, changes = _settled(spec, record)
+    settled, changes = _settled(spec, record)
+    changes += _resolver_changes(spec, settled, dry=True)
     remove = _removals(spec, record)
     if dry or not (changes or remove):
         return {"changes": changes, "remove": [str(p) for p in remove], "applied": False}
@@ -153,6 +168,7 @@ def settle(spec: Spec, dry: bool) -> dict[str, Any]:
         record, changes = _settled(spec, store.load())
         if changes:
             store.save(record)
+        changes += _resolver_changes(spec, record, dry=False)
     for path in remove:
         shutil.rmtree(path)
     return {"changes": changes, "remove": [str(p) for p in remove], "applied": True}

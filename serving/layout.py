@@ -34,6 +34,12 @@ class Layout:
     def adapters_dir(self) -> str:
         return f"{self.state_dir}/adapters"
 
+    @property
+    def resolver_dir(self) -> str:
+        """vLLM's filesystem LoRA resolver folder (``serving.lora_resolver``); beside the
+        adapters, not in them: every folder in ``adapters_dir`` is an adapter name."""
+        return f"{self.state_dir}/lora-resolver"
+
     def model_path(self, spec: Spec) -> str:
         """Folder of the base model at its pinned revision."""
         if self.root and spec.model.source_kind == "path":

@@ -128,7 +128,7 @@ def start(server: LocalServer, api_key: str, *,
     layout, spec = server.layout, server.spec
     if not Path(layout.python).is_file():
         raise SpecError([Problem(layout.python, "is missing; run `local setup` first")])
-    for folder in (layout.state_dir, layout.cache_dir):
+    for folder in (layout.state_dir, layout.cache_dir, layout.resolver_dir):
         Path(folder).mkdir(parents=True, exist_ok=True)
     env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
     env.update(vllm_args.environment(spec, layout))

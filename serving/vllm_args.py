@@ -70,6 +70,15 @@ def command(spec: Spec, layout: Layout) -> list[str]:
     return [layout.python, *ENTRYPOINT, *args(spec, layout)]
 
 
+def resolver_dir(spec: Spec, layout: Layout) -> str | None:
+    """vLLM's filesystem LoRA resolver folder, where the adapter tools run beside vLLM (VM,
+    local): a name that is briefly not loaded is found there instead of answering 404
+    (``serving.lora_resolver``). The pod changes adapters by rollout, not at runtime."""
+    if spec.vllm.runtime_lora_updating and spec.target != "aks":
+        return layout.resolver_dir
+    return None
+
+
 def environment(spec: Spec, layout: Layout) -> dict[str, str]:
     """Non-secret environment; the API key travels separately as VLLM_API_KEY."""
     vllm = spec.vllm
@@ -88,6 +97,11 @@ def environment(spec: Spec, layout: Layout) -> dict[str, str]:
     }
     if vllm.runtime_lora_updating:
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "true"
+    resolver = resolver_dir(spec, layout)
+    if resolver:
+        # vLLM's plugin registers the resolver only when this is set (and VLLM_PLUGINS,
+        # unset here, does not exclude it); it refuses to start when the folder is missing.
+        env["VLLM_LORA_RESOLVER_CACHE_DIR"] = resolver
     if not vllm.cpu:
         # The service user's home is read-only under the unit's sandbox; CUDA's JIT cache
         # would otherwise fail to persist and recompile kernels on every start.

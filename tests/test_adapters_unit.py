@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from serving import layout as layouts
-from serving import secretref, stackfile
+from serving import lora_resolver, secretref, stackfile
 from serving.adapter_ops import CANDIDATE_PREFIX, AdapterOps, OperationError, Probe
 from serving.adapter_record import (
     Record,
@@ -206,7 +206,9 @@ class FakeVllm:
 
     ``fail_paths`` cannot be loaded; ``stale`` names keep their old weights on an in-place
     load (vLLM reporting success while the old adapter answers); ``busy`` is a script of
-    /metrics activity samples.
+    /metrics activity samples. A request for a name that is not loaded loads
+    ``<resolver>/<name>`` when that entry exists, as vLLM's filesystem resolver does;
+    ``race_on_unload`` has such a request arrive right after every unload.
     """
 
     base_url = "http://fake"
@@ -219,6 +221,9 @@ class FakeVllm:
         self.busy: list[LoraActivity] = []
         self.calls: list[tuple[str, str]] = []
         self.answers: dict[str, tuple[str, ...]] = {}
+        self.resolver: Path | None = None
+        self.race_on_unload = False
+        self.inplace: set[str] = set()  # names whose stored request has load_inplace
 
     def adapters(self) -> dict[str, str]:
         return dict(self.loaded)
@@ -232,19 +237,39 @@ class FakeVllm:
         if inplace and name in self.stale:
             return
         self.loaded[name] = path
+        if inplace:
+            self.inplace.add(name)
+        else:
+            self.inplace.discard(name)
 
     def unload(self, name: str) -> None:
         self.calls.append(("unload", name))
         if name not in self.loaded:
             raise VllmError("unknown_adapter", f"{name} not loaded", status=404)
         del self.loaded[name]
+        self.inplace.discard(name)
+        if self.race_on_unload:
+            self._resolve(name)
+
+    def _resolve(self, name: str) -> bool:
+        entry = self.resolver / name if self.resolver is not None else None
+        if entry is None or not (entry / "adapter_config.json").is_file():
+            return False
+        self.loaded[name] = str(entry)
+        return True
+
+    def _answer(self, path: str) -> tuple[str, ...]:
+        folder = Path(path)
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_symlink():  # a resolver entry: answers as the version it links to
+            folder = weights.resolve().parent
+        return self.answers.get(str(folder), tuple(folder.parts[-2:]))
 
     def complete(self, model: str, prompt: str, *, max_tokens: int, **_: Any) -> Completion:
         if model == self.served_name:
             tokens: tuple[str, ...] = ("base",)
-        elif model in self.loaded:
-            path = self.loaded[model]
-            tokens = self.answers.get(path, tuple(Path(path).parts[-2:]))
+        elif model in self.loaded or self._resolve(model):
+            tokens = self._answer(self.loaded[model])
         else:
             raise VllmError("unknown_adapter", f"{model} not served", status=404)
         return Completion("".join(tokens), tokens, tuple(-0.5 for _ in tokens))
@@ -267,6 +292,7 @@ def world(tmp_path: Path, tiny_model: Path):
     fake = FakeVllm()
     fake.loaded["tone"] = str(tmp_path / "tone1")
     layout = layouts.local(tmp_path)
+    fake.resolver = Path(layout.resolver_dir)
     ops = AdapterOps(spec, layout, fake, RecordStore(layout.state_dir))  # type: ignore[arg-type]
 
     def version(name: str, v: str, seed: int) -> Path:
@@ -320,7 +346,9 @@ def test_failed_hotfix_rolls_back_automatically(world, fault: str) -> None:
     with pytest.raises(OperationError) as failed:
         ops.hotfix("tone", "2", new, on_staged=break_it)
     assert failed.value.rolled_back and "rolled back to version 1" in failed.value.message
+    # 1 serves again, loaded plainly (settled), and the record was never written.
     assert fake.loaded["tone"].endswith("tone1") and not ops.store.path.exists()
+    assert failed.value.message.endswith("; settled") and "tone" not in fake.inplace
 
 
 def test_failed_rollback_says_the_state_is_unknown(world) -> None:
@@ -421,3 +449,106 @@ def test_reconcile_makes_loaded_equal_record(world) -> None:
     assert fake.loaded == want
     assert {a.split(" ")[0] for a in outcome.actions} == {"unloaded", "loaded", "reloaded"}
     assert ops.reconcile().message == "already in sync"
+
+
+# --- settling after an in-place load (serving.lora_resolver) --------------------------------
+
+
+def test_hotfix_settles_when_the_adapter_is_quiet(world) -> None:
+    ops, fake, version = world
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert "settled" in outcome.message and "tone" not in fake.inplace
+    tail = fake.calls[fake.calls.index(("load_inplace", "tone")):]
+    assert tail[:3] == [("load_inplace", "tone"), ("unload", "tone"), ("load", "tone")]
+    assert ops.store.load().entries["tone"].current.settled
+    link = Path(ops.layout.resolver_dir, "tone")
+    assert (link / "adapter_model.safetensors").resolve().parent == Path(fake.loaded["tone"])
+
+
+def test_busy_adapter_settles_later_and_no_request_misses_it(world) -> None:
+    ops, fake, version = world
+    ops.settle_wait_s = 0.5
+    fake.busy = [LoraActivity(frozenset({"tone"}))] * 20
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert "not settled" in outcome.message and "adapters settle tone" in outcome.message
+    assert "tone" in fake.inplace and not ops.store.load().entries["tone"].current.settled
+    assert [r["settled"] for r in ops.rows() if r["name"] == "tone"] == [False]
+    # Later, in a quiet moment; a request arrives between unload and load and the resolver
+    # loads the name's entry first: vLLM then refuses our load as already loaded.
+    fake.busy, fake.race_on_unload = [], True
+    done = ops.settle()
+    assert done.actions == ("settled tone 2",) and "tone" not in fake.inplace
+    assert fake.loaded["tone"] == str(Path(ops.layout.resolver_dir, "tone"))
+    assert [r["in_sync"] for r in ops.rows() if r["name"] == "tone"] == [True]
+    assert ops.store.load().entries["tone"].current.settled
+    assert ops.settle().message == "nothing was loaded in place"
+    assert ops.reconcile().message == "already in sync"
+
+
+def test_settle_refuses_names_that_serve_nothing(world) -> None:
+    ops, _fake, _version = world
+    with pytest.raises(OperationError, match="serves no version"):
+        ops.settle(["nope"])
+
+
+def test_settle_busy_changes_nothing(world) -> None:
+    ops, fake, version = world
+    ops.settle_wait_s = 0.3
+    fake.busy = [LoraActivity(frozenset({"tone"}))] * 40
+    ops.hotfix("tone", "2", version("tone", "2", 6))
+    calls = len(fake.calls)
+    with pytest.raises(OperationError, match=r"did not pause within 1\.25 s"):
+        ops.settle(["tone"], wait_s=0.3)
+    assert not any(c[0] in ("unload", "load") for c in fake.calls[calls:])
+
+
+def test_remove_withdraws_the_resolver_entry_first(world) -> None:
+    ops, fake, version = world
+    ops.add("new", "1", version("new", "1", 5))
+    assert Path(ops.layout.resolver_dir, "new").is_symlink()
+    ops.remove("new")
+    assert not Path(ops.layout.resolver_dir, "new").exists()
+    with pytest.raises(VllmError):  # no resolver entry brings it back
+        fake.complete("new", "x", max_tokens=1)
+
+
+def test_reconcile_brings_the_resolver_folder_to_the_record(world) -> None:
+    ops, _fake, version = world
+    ops.add("new", "1", version("new", "1", 5))
+    root = Path(ops.layout.resolver_dir)
+    lora_resolver.withdraw(root, "new")
+    (root / "stray").symlink_to(root)  # a name the record does not serve
+    outcome = ops.reconcile()
+    assert "resolver entry new -> 1" in outcome.actions
+    assert "resolver entry stray withdrawn" in outcome.actions
+    assert lora_resolver.published(root, "new") == "1" and not (root / "stray").exists()
+    assert lora_resolver.published(root, "tone") == "1"
+
+
+def test_resolver_entry_names_the_served_model_and_links_the_weights(tmp_path: Path,
+                                                                   tiny_model: Path) -> None:
+    v1 = make_adapter(tmp_path / "a" / "1", base=tiny_model, rank=8, seed=1,
+                      base_model_id=DEFAULT_MODEL_ID)
+    v2 = make_adapter(tmp_path / "a" / "2", base=tiny_model, rank=8, seed=2,
+                      base_model_id=DEFAULT_MODEL_ID)
+    root = tmp_path / "resolver"
+    serving = {"a": ("1", str(v1))}
+    assert lora_resolver.differences(root, serving, "/models/m") == [
+        f"create {root}", "resolver entry a -> 1"]
+    assert lora_resolver.sync(root, serving, "/models/m")
+    config = json.loads((root / "a" / "adapter_config.json").read_text())
+    original = json.loads((v1 / "adapter_config.json").read_text())
+    # vLLM's resolver compares this field with --model; everything else is the adapter's.
+    assert config == {**original, "base_model_name_or_path": "/models/m"}
+    assert (root / "a" / "adapter_model.safetensors").resolve() == \
+        (v1 / "adapter_model.safetensors").resolve()
+    assert lora_resolver.differences(root, serving, "/models/m") == []
+    assert lora_resolver.sync(root, serving, "/models/m") == []
+    assert lora_resolver.differences(root, serving, "/models/other") == [
+        "resolver entry a -> 1"]
+    assert lora_resolver.publish(root, "a", "2", v2, "/models/m")
+    assert lora_resolver.published(root, "a") == "2"
+    lora_resolver.sync(root, {"a": ("2", str(v2))}, "/models/m")
+    assert sorted(p.name for p in (root / ".entries" / "a").iterdir()) == ["2"]
+    assert lora_resolver.sync(root, {}, "/models/m") == ["resolver entry a withdrawn"]
+    assert sorted(p.name for p in root.iterdir()) == [".entries"]

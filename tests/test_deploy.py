@@ -201,9 +201,14 @@ def test_fab_adapter_operations_on_the_vm(env: DeployEnv) -> None:
     v2 = _upload_version(env, "tone-pirate", "2", 8, 402)
     base = answers(env, ["exaone-tiny"])["exaone-tiny"]
 
-    def fab_ok(*args: str) -> None:
+    def fab_ok(*args: str) -> str:
         done = env.fab(*args, stack=stack)
         assert done.returncode == 0, f"{args}\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}"
+        return done.stdout
+
+    def resolver_points_at() -> str:
+        return env.host.sudo("readlink /var/lib/exaone/lora-resolver/tone-pirate",
+                             check=False).stdout.strip()
 
     entry = env.adapter_entry("tone-pirate", "1", 8, v1)
     fab_ok("adapters.add", "tone-pirate", "1", "--source", entry["source"],
@@ -211,15 +216,25 @@ def test_fab_adapter_operations_on_the_vm(env: DeployEnv) -> None:
     first = answers(env, ["tone-pirate"])["tone-pirate"]
     assert first != base
     entry = env.adapter_entry("tone-pirate", "2", 8, v2)
-    fab_ok("adapters.hotfix", "tone-pirate", "2", "--source", entry["source"],
-           "--sha256", entry["sha256"])
+    out = fab_ok("adapters.hotfix", "tone-pirate", "2", "--source", entry["source"],
+                 "--sha256", entry["sha256"])
+    assert "settled" in out and "not settled" not in out  # nothing else asks for it here
+    assert resolver_points_at() == ".entries/tone-pirate/2"
     second = answers(env, ["tone-pirate"])["tone-pirate"]
     assert second not in (first, base)
     fab_ok("adapters.rollback", "--name", "tone-pirate")
     assert answers(env, ["tone-pirate"])["tone-pirate"] == first
+    assert resolver_points_at() == ".entries/tone-pirate/1"
+    # vLLM, as the service user inside the unit's sandbox, reads the resolver entry: a name
+    # unloaded behind the tools' back is loaded from it on the next request.
+    with client(env) as c:
+        c.unload("tone-pirate")
+    assert answers(env, ["tone-pirate"])["tone-pirate"] == first
+    assert "nothing was loaded in place" in fab_ok("adapters.settle")
     fab_ok("adapters.remove", "--name", "tone-pirate")
     with client(env) as c:
         assert "tone-pirate" not in c.adapters()
+    assert resolver_points_at() == ""
     # A wrong digest is refused on the host before anything is loaded.
     done = env.fab("adapters.add", "tone-pirate", "3", "--source", entry["source"],
                    "--sha256", "f" * 64, stack=stack)

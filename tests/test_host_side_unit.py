@@ -301,7 +301,8 @@ def test_settle_plan_removes_names_that_left_and_keeps_history(vm: layouts.Layou
     planned = host_adapters.settle(spec, dry=True)
     assert planned == {
         "changes": ["record keep/3 as serving", "record new/1 as serving",
-                    "record gone as removed"],
+                    "record gone as removed", f"create {vm.resolver_dir}",
+                    "resolver entry keep -> 3", "resolver entry new -> 1"],
         "remove": [str(root / "gone"), str(root / "keep" / "9")],
         "applied": False,
     }
@@ -323,6 +324,13 @@ def test_settle_plan_removes_names_that_left_and_keeps_history(vm: layouts.Layou
     assert [h.version for h in after.entries["gone"].history] == ["1"]
     assert [(e["op"], e["name"]) for e in after.log[-3:]] == [
         ("deploy", "keep"), ("deploy", "new"), ("remove", "gone")]
+    # vLLM's resolver folder follows the record: the names serving, nothing else.
+    resolver = Path(vm.resolver_dir)
+    assert sorted(p.name for p in resolver.iterdir()) == [".entries", "keep", "new"]
+    assert (resolver / "keep" / "adapter_model.safetensors").resolve() == \
+        root / "keep" / "3" / "adapter_model.safetensors"
+    assert json.loads((resolver / "new" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == vm.model_path(spec)
 
     # Settled: the next run has nothing to do and writes nothing.
     assert host_adapters.settle(spec, dry=False) == {"changes": [], "remove": [],
@@ -333,7 +341,8 @@ def test_settle_plan_removes_names_that_left_and_keeps_history(vm: layouts.Layou
 def test_settle_on_a_fresh_host_records_the_set(vm: layouts.Layout) -> None:
     make_version(vm, "a", "1")
     spec = spec_with_adapters(adapter("a", "1", "cd" * 32))
-    assert host_adapters.settle(spec, dry=True)["changes"] == ["record a/1 as serving"]
+    assert host_adapters.settle(spec, dry=True)["changes"] == [
+        "record a/1 as serving", f"create {vm.resolver_dir}", "resolver entry a -> 1"]
     host_adapters.settle(spec, dry=False)
     assert RecordStore(vm.state_dir).load().serving()["a"].version == "1"
 

@@ -87,11 +87,37 @@ def test_environment_per_build() -> None:
     env = vllm_args.environment(dev, layout.VM)
     assert "VLLM_TARGET_DEVICE" not in env
     assert env["HF_HUB_OFFLINE"] == "1"
+    # Every folder vLLM may write to is a cache; the resolver folder it only reads.
     assert all(
         v.startswith(layout.VM.cache_dir)
         for k, v in env.items()
-        if k.endswith(("_HOME", "_DIR", "_ROOT"))
+        if k.endswith(("_HOME", "_DIR", "_ROOT")) and k != "VLLM_LORA_RESOLVER_CACHE_DIR"
     )
+
+
+def test_resolver_folder_where_adapters_change_at_runtime() -> None:
+    """The VM and the local target run the adapter tools beside vLLM: vLLM's filesystem
+    resolver covers the moment a settle reloads a name. The pod changes adapters by rollout."""
+    for stack, place in (("dev", layout.VM), ("local", layout.local(stackfile.ROOT))):
+        env = vllm_args.environment(stackfile.load(stack=stack), place)
+        assert env["VLLM_LORA_RESOLVER_CACHE_DIR"] == place.resolver_dir
+        assert not place.resolver_dir.startswith(place.adapters_dir + "/")
+    prod = stackfile.load(stack="prod")
+    prod = prod.model_copy(update={
+        "vllm": prod.vllm.model_copy(update={"runtime_lora_updating": True})})
+    assert prod.target == "aks"
+    env = vllm_args.environment(prod, layout.POD)
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "true"
+    assert "VLLM_LORA_RESOLVER_CACHE_DIR" not in env
+
+
+def test_runtime_script_creates_the_layout_folders() -> None:
+    """scripts/runtime.sh lists the VM's folders by hand; vLLM fails to start without them."""
+    script = (stackfile.ROOT / "provisioning/scripts/runtime.sh").read_text()
+    listed = script.split("state_dirs=(", 1)[1].split(")", 1)[0].split()
+    vm = layout.VM
+    assert {vm.state_dir, vm.models_dir, vm.adapters_dir, vm.resolver_dir,
+            vm.config_dir} <= set(listed)
 
 
 def test_local_paths_resolve_against_the_checkout() -> None:

@@ -14,7 +14,10 @@
 set -euo pipefail
 
 user=exaone
-state_dirs=(/opt/exaone /var/lib/exaone /var/lib/exaone/models /var/lib/exaone/adapters /etc/exaone)
+# The Layout's folders (serving/layout.py; tests check the two agree). vLLM refuses to start
+# when lora-resolver (VLLM_LORA_RESOLVER_CACHE_DIR) is missing.
+state_dirs=(/opt/exaone /var/lib/exaone /var/lib/exaone/models /var/lib/exaone/adapters
+    /var/lib/exaone/lora-resolver /etc/exaone)
 cache_dir=/var/cache/exaone
 
 missing_packages() {
