@@ -533,13 +533,19 @@ class AdapterOps:
         end = time.monotonic() + deadline_s
         idle_since: float | None = None
         while True:
+            activity = self.client.lora_activity()
             now = time.monotonic()
-            if self.client.lora_activity().busy(name):
+            if activity.busy(name):
                 idle_since = None
-            elif idle_since is None:
-                idle_since = now
-            elif now - idle_since >= _DRAIN_IDLE_SECONDS:
-                return True
+            else:
+                idle_since = now if idle_since is None else idle_since
+                seen = activity.last_seen.get(name)
+                if seen is not None:
+                    # A short request can run between two polls; the gauge still has the
+                    # time of its last engine step (vLLM's clock: the tools run on its host).
+                    idle_since = max(idle_since, now - max(0.0, time.time() - seen))
+                if now - idle_since >= _DRAIN_IDLE_SECONDS:
+                    return True
             if now >= end:
                 return False
             time.sleep(_DRAIN_POLL_SECONDS)

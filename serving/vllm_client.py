@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,10 +60,13 @@ class Completion:
 
 @dataclass(frozen=True)
 class LoraActivity:
-    """The newest ``vllm:lora_requests_info`` sample: adapters with running/waiting requests."""
+    """The newest ``vllm:lora_requests_info`` sample: adapters with running/waiting requests,
+    and per adapter the time (server clock, epoch seconds) of the newest engine step that had
+    one of its requests running or waiting, which a poll can miss when requests are short."""
 
     running: frozenset[str] = field(default_factory=frozenset)
     waiting: frozenset[str] = field(default_factory=frozenset)
+    last_seen: Mapping[str, float] = field(default_factory=dict)
 
     def busy(self, name: str) -> bool:
         return name in self.running or name in self.waiting
@@ -89,11 +92,17 @@ def _error_text(response: httpx.Response) -> str:
 def parse_lora_activity(metrics_text: str) -> LoraActivity:
     """Read ``vllm:lora_requests_info`` from a /metrics page.
 
-    The gauge carries the adapter lists in labels and the sample time as its value; a
-    Prometheus client keeps every label set it has seen, so the newest sample is the one
-    with the largest value, not the last line.
+    The gauge carries the adapter lists in labels and the time of the engine step that saw
+    them as its value; a Prometheus client keeps every label set it has seen, so the newest
+    sample is the one with the largest value, not the last line, and the largest value of
+    any label set naming an adapter is the last time that adapter had work.
     """
     newest: tuple[float, dict[str, str]] | None = None
+    last_seen: dict[str, float] = {}
+
+    def names(labels: dict[str, str], key: str) -> frozenset[str]:
+        return frozenset(n for n in labels.get(key, "").split(",") if n)
+
     for line in metrics_text.splitlines():
         if not line.startswith("vllm:lora_requests_info{"):
             continue
@@ -105,13 +114,13 @@ def parse_lora_activity(metrics_text: str) -> LoraActivity:
         labels = dict(_LABEL_RE.findall(labels_text))
         if newest is None or value >= newest[0]:
             newest = (value, labels)
+        for name in names(labels, "running_lora_adapters") | names(labels,
+                                                                   "waiting_lora_adapters"):
+            last_seen[name] = max(value, last_seen.get(name, value))
     if newest is None:
         return LoraActivity()
-
-    def names(key: str) -> frozenset[str]:
-        return frozenset(n for n in newest[1].get(key, "").split(",") if n)
-
-    return LoraActivity(names("running_lora_adapters"), names("waiting_lora_adapters"))
+    return LoraActivity(names(newest[1], "running_lora_adapters"),
+                        names(newest[1], "waiting_lora_adapters"), last_seen)
 
 
 class VllmClient:

@@ -164,8 +164,37 @@ def test_lora_activity_takes_the_newest_sample() -> None:
         'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
         'waiting_lora_adapters=""} 1.5e+09',
     ])
-    assert parse_lora_activity(text) == LoraActivity(frozenset("ab"), frozenset("c"))
+    assert parse_lora_activity(text) == LoraActivity(
+        frozenset("ab"), frozenset("c"), {"a": 1.7e9, "b": 1.7e9, "c": 1.7e9})
     assert not parse_lora_activity("").busy("a")
+
+
+def test_lora_activity_remembers_when_each_adapter_last_had_work() -> None:
+    """A request that ran between two polls: the newest sample is idle, but the label set
+    that named the adapter keeps the time of its last step."""
+    text = "\n".join([
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a",'
+        'waiting_lora_adapters=""} 100.5',
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",'
+        'waiting_lora_adapters=""} 101.0',
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
+        'waiting_lora_adapters="b"} 102.0',
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
+        'waiting_lora_adapters=""} 103.0',
+    ])
+    activity = parse_lora_activity(text)
+    assert not activity.busy("a") and not activity.busy("b")
+    assert activity.last_seen == {"a": 101.0, "b": 102.0}
+
+
+def test_requests_between_polls_keep_the_adapter_busy(world) -> None:
+    """Every sample is idle, but for the first 8 polls (2 s) a short request ran between
+    each two: idle only counts from the last of them (ignoring those would take 1 s)."""
+    ops, fake, _version = world
+    fake.busy = [lambda: LoraActivity(last_seen={"tone": time.time()})] * 8
+    started = time.monotonic()
+    assert ops._idle("tone", 10.0)
+    assert time.monotonic() - started >= 7 * 0.25 + 1.0 - 0.05  # the 8th poll, plus 1 s
 
 
 # --- the API key ----------------------------------------------------------------------------
@@ -218,7 +247,7 @@ class FakeVllm:
         self.loaded: dict[str, str] = {}
         self.fail_paths: set[str] = set()
         self.stale: set[str] = set()
-        self.busy: list[LoraActivity] = []
+        self.busy: list[LoraActivity | Callable[[], LoraActivity]] = []
         self.calls: list[tuple[str, str]] = []
         self.answers: dict[str, tuple[str, ...]] = {}
         self.resolver: Path | None = None
@@ -275,7 +304,8 @@ class FakeVllm:
         return Completion("".join(tokens), tokens, tuple(-0.5 for _ in tokens))
 
     def lora_activity(self) -> LoraActivity:
-        return self.busy.pop(0) if self.busy else LoraActivity()
+        sample = self.busy.pop(0) if self.busy else LoraActivity()
+        return sample() if callable(sample) else sample
 
 
 @pytest.fixture
