@@ -632,9 +632,7 @@ class AdapterOps:
             root = self._resolver()
             if root is not None:
                 # Entries first: a name unloaded or reloaded below is found there meanwhile.
-                actions += lora_resolver.sync(
-                    root, {n: (s.version, s.path) for n, s in want.items()},
-                    self.layout.model_path(self.spec))
+                actions += lora_resolver.sync(root, want, self.layout.model_path(self.spec))
             loaded = self.client.adapters()
             for name in sorted(loaded):
                 if name.startswith(CANDIDATE_PREFIX):

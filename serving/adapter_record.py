@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from serving.atomic import write_file
 
 SCHEMA = 1
 RECORD_FILE = "adapters.json"
@@ -190,23 +190,7 @@ class RecordStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         saved = replace(record, serial=record.serial + 1)
         text = json.dumps(to_json(saved), indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{RECORD_FILE}.", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # the rename itself survives a crash
-        finally:
-            os.close(dir_fd)
+        write_file(self.path, text.encode(), 0o644)
         return saved
 
     @contextlib.contextmanager

@@ -17,8 +17,8 @@ Exit codes: 0 done (or, with --check, "not needed"/"applied"); 1 with --check: "
 "stale"; 2 usage or model-folder error; 3 a failing import with no known fallback (nothing
 written); 4 the patched code failed verification (originals restored).
 
-Standard library only: this file runs in the serving venv, which has none of the project's
-other dependencies.
+Standard library only (and serving.atomic, which is too): this file runs in the serving venv,
+which has none of the project's other dependencies.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from serving.atomic import write_file
 
 REMOTE_CODE_FILES = ("configuration_exaone.py", "modeling_exaone.py")
 ORIG_SUFFIX = ".orig"
@@ -409,22 +411,6 @@ def verify(model_dir: Path, timeout: float = 600) -> tuple[dict[str, Any] | None
     return result, ""
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` (a symlink is replaced, not written through) with ``data``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 # --- the command ------------------------------------------------------------------------------
 
 
@@ -484,14 +470,14 @@ def run(model_dir: Path, *, check: bool, probe: Probe = probe_import,
         backup_path = model_dir / (report.name + ORIG_SUFFIX)
         mode = _mode(path)
         if not backup_path.is_file() or backup_path.read_bytes() != report.original:
-            write_atomic(backup_path, report.original, mode)
+            write_file(backup_path, report.original, mode)
         assert report.desired is not None
-        write_atomic(path, report.desired, mode)
+        write_file(path, report.desired, mode)
     result, error = verifier(model_dir)
     if result is None:
         for report in to_write:
             path = model_dir / report.name
-            write_atomic(path, (model_dir / (report.name + ORIG_SUFFIX)).read_bytes(),
+            write_file(path, (model_dir / (report.name + ORIG_SUFFIX)).read_bytes(),
                          _mode(path))
         message = (f"{error}\nThe remote code was restored from the {ORIG_SUFFIX} copies "
                    f"(unpatched).")

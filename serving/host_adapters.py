@@ -149,11 +149,10 @@ def _resolver_changes(spec: Spec, record: Record, *, dry: bool) -> list[str]:
     folder = vllm_args.resolver_dir(spec, layouts.VM)
     if folder is None:
         return []
-    serving = {n: (s.version, s.path) for n, s in record.serving().items()}
     model = layouts.VM.model_path(spec)
     if dry:
-        return lora_resolver.differences(folder, serving, model)
-    return lora_resolver.sync(folder, serving, model)
+        return lora_resolver.differences(folder, record.serving(), model)
+    return lora_resolver.sync(folder, record.serving(), model)
 
 
 def settle(spec: Spec, dry: bool) -> dict[str, Any]:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
+
+from serving.atomic import write_file
 
 
 def digest(path: Path) -> str | None:
@@ -30,17 +30,7 @@ def put(path: Path, data: bytes, mode: int) -> bool:
     if digest(path) == hashlib.sha256(data).hexdigest() and (path.stat().st_mode & 0o777) == mode:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(path, data, mode)
     return True
 
 

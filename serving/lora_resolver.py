@@ -31,8 +31,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
+from serving.adapter_record import Served
 from serving.atomic import replace_folder
 
 ENTRIES = ".entries"
@@ -134,31 +136,31 @@ def _names(root: Path) -> set[str]:
     return names | ({p.name for p in entries.iterdir()} if entries.is_dir() else set())
 
 
-def differences(resolver_dir: Path | str, serving: dict[str, tuple[str, str]],
+def differences(resolver_dir: Path | str, serving: Mapping[str, Served],
                 base_model: str) -> list[str]:
     """What ``sync`` would change, in words; empty when the folder already matches."""
     root = Path(resolver_dir)
     out = [] if root.is_dir() else [f"create {root}"]
-    for name, (version, folder) in sorted(serving.items()):
-        if published(root, name) != version or \
-                not _fresh(root, name, version, Path(folder), base_model):
-            out.append(f"resolver entry {name} -> {version}")
+    for name, served in sorted(serving.items()):
+        if published(root, name) != served.version or \
+                not _fresh(root, name, served.version, Path(served.path), base_model):
+            out.append(f"resolver entry {name} -> {served.version}")
     out += [f"resolver entry {n} withdrawn" for n in sorted(_names(root) - set(serving))]
     return out
 
 
-def sync(resolver_dir: Path | str, serving: dict[str, tuple[str, str]],
+def sync(resolver_dir: Path | str, serving: Mapping[str, Served],
          base_model: str) -> list[str]:
-    """Entries for exactly ``serving`` (name -> (version, folder)); what changed, in words."""
+    """Entries for exactly ``serving`` (the record's serving set); what changed, in words."""
     root = Path(resolver_dir)
     changes = differences(root, serving, base_model)
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)
-    for name, (version, folder) in sorted(serving.items()):
-        publish(root, name, version, folder, base_model)
+    for name, served in sorted(serving.items()):
+        publish(root, name, served.version, served.path, base_model)
         # A name keeps the entry of its current version only.
         for old in (root / ENTRIES / name).iterdir():
-            if old.name != version:
+            if old.name != served.version:
                 shutil.rmtree(old, ignore_errors=True)
     for name in sorted(_names(root) - set(serving)):
         withdraw(root, name)

@@ -562,7 +562,7 @@ def test_resolver_entry_names_the_served_model_and_links_the_weights(tmp_path: P
     v2 = make_adapter(tmp_path / "a" / "2", base=tiny_model, rank=8, seed=2,
                       base_model_id=DEFAULT_MODEL_ID)
     root = tmp_path / "resolver"
-    serving = {"a": ("1", str(v1))}
+    serving = {"a": Served("1", str(v1))}
     assert lora_resolver.differences(root, serving, "/models/m") == [
         f"create {root}", "resolver entry a -> 1"]
     assert lora_resolver.sync(root, serving, "/models/m")
@@ -578,7 +578,7 @@ def test_resolver_entry_names_the_served_model_and_links_the_weights(tmp_path: P
         "resolver entry a -> 1"]
     assert lora_resolver.publish(root, "a", "2", v2, "/models/m")
     assert lora_resolver.published(root, "a") == "2"
-    lora_resolver.sync(root, {"a": ("2", str(v2))}, "/models/m")
+    lora_resolver.sync(root, {"a": Served("2", str(v2))}, "/models/m")
     assert sorted(p.name for p in (root / ".entries" / "a").iterdir()) == ["2"]
     assert lora_resolver.sync(root, {}, "/models/m") == ["resolver entry a withdrawn"]
     assert sorted(p.name for p in root.iterdir()) == [".entries"]
