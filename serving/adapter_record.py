@@ -41,6 +41,9 @@ class Served:
     # False after an in-place load until it is loaded again plainly (serving.lora_resolver
     # says why): until then vLLM re-reads its weights on every engine step.
     settled: bool = True
+    # False when, after a failure, no check could tell which weights answer under the name:
+    # `adapters list` shows it and `adapters reconcile` checks it again.
+    verified: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def _served(data: dict[str, Any]) -> Served:
     return Served(
         version=str(data["version"]), path=str(data["path"]), sha256=str(data.get("sha256", "")),
         probe=data.get("probe"), at=float(data.get("at", 0.0)),
-        settled=bool(data.get("settled", True)),
+        settled=bool(data.get("settled", True)), verified=bool(data.get("verified", True)),
     )
 
 
@@ -130,6 +133,8 @@ def _served_json(served: Served) -> dict[str, Any]:
         out["probe"] = served.probe
     if not served.settled:
         out["settled"] = False
+    if not served.verified:
+        out["verified"] = False
     return out
 
 

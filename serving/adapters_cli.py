@@ -8,11 +8,15 @@
     adapters reconcile [--deadline SECONDS] [--settle-wait SECONDS]
     adapters settle    [NAME ...] [--settle-wait SECONDS]
 
-Every change is verified by the model's answers; a failed hotfix or rollback is rolled back
-automatically. hotfix and rollback swap in place and then "settle" the name (load it once
-more, plainly) when its requests pause, because vLLM re-reads in-place loaded weights on
-every step; `settle` does it later for names whose requests did not pause.
-Bad input or a failure: one line on stderr and exit 2 (see serving.cli).
+Every change is verified by which weights answer (``serving.answer_check``); a failed hotfix
+or rollback is rolled back automatically and the old version verified. On vLLM before 0.33.0,
+hotfix and rollback swap in place and then "settle" the name (load it once more, plainly),
+because that vLLM re-reads in-place loaded weights on every step; `settle` does it later.
+
+Exit codes: 0 done and verified; 2 refused, nothing changed (one line naming what); 3 failed,
+rolled back to the recorded version and verified; 4 failed, and the state is recorded as the
+message says (a version marked unverified, or a change left in place): run the command it
+names.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from serving.spec import Spec
 from serving.vllm_client import VllmClient, VllmError
 
 out = Console(width=None if sys.stdout.isatty() else 160)
+EXIT_ROLLED_BACK = 3
+EXIT_CHANGED = 4
 
 
 def _spec(args: argparse.Namespace) -> Spec:
@@ -70,7 +76,12 @@ def _run(args: argparse.Namespace) -> int:
                 out.print(_table(ops))
                 return 0
             outcome = _dispatch(ops, args)
-    except (OperationError, VllmError) as exc:
+    except OperationError as exc:
+        if exc.changed or exc.rolled_back:
+            print(f"{what}: {exc.message}", file=sys.stderr)
+            return EXIT_CHANGED if exc.changed else EXIT_ROLLED_BACK
+        raise SpecError([Problem(what, exc.message)]) from None
+    except VllmError as exc:
         raise SpecError([Problem(what, exc.message)]) from None
     seconds = time.monotonic() - started
     answer = f" — answers {outcome.probe.text!r}" if outcome.probe else ""
@@ -89,20 +100,22 @@ def _dispatch(ops: AdapterOps, args: argparse.Namespace) -> Outcome:
     if args.op == "remove":
         return ops.remove(args.name, deadline_s=args.deadline)
     if args.op == "settle":
-        return ops.settle(args.names or None)
+        return ops.settle(args.names or None, force=True if args.force else None)
     return ops.reconcile(deadline_s=args.deadline)
 
 
 def _table(ops: AdapterOps) -> Table:
     table = Table(title=f"Adapters on {ops.client.base_url} (base {ops.spec.model.served_name})")
-    for column in ("name", "version", "earlier", "loaded", "in sync", "settled", "path"):
+    for column in ("name", "version", "earlier", "loaded", "in sync", "settled", "verified",
+                   "path"):
         table.add_column(column)
     for row in ops.rows():
         table.add_row(
             row["name"], row["version"] or "(removed)", ", ".join(row["history"]) or "-",
             "yes" if row["loaded"] else "no",
             "[green]yes[/]" if row["in_sync"] else "[red]no: run reconcile[/]",
-            "yes" if row["settled"] else "[yellow]no: run settle[/]", row["path"],
+            "yes" if row["settled"] else "[yellow]no: run settle[/]",
+            "yes" if row["verified"] else "[red]no: run reconcile[/]", row["path"],
         )
     return table
 
@@ -156,5 +169,8 @@ def add_parser(sub) -> None:
                        "vLLM stops re-reading their weights on every step")
     q.add_argument("names", nargs="*", metavar="NAME",
                    help="default: every name the record has unsettled")
+    q.add_argument("--force", action="store_true",
+                   help="settle when the wait ends even without a pause in the requests "
+                        "(a request admitted in that same moment can get a 404)")
     settle_wait(q)
     common(q)

@@ -114,8 +114,10 @@ def _log_tail(path: Path, lines: int = 15) -> str:
 
 
 def start(server: LocalServer, api_key: str, *,
-          deadline_s: float = START_DEADLINE_SECONDS) -> int:
-    """Start vLLM in the background and wait for /health; returns its pid."""
+          deadline_s: float = START_DEADLINE_SECONDS,
+          extra_env: dict[str, str] | None = None) -> int:
+    """Start vLLM in the background and wait for /health; returns its pid. ``extra_env``
+    adds to what vLLM sees (the GPU tier's PYTHONPATH to an offline vLLM install)."""
     existing = server.pid()
     with server.client(api_key) as client:
         if existing is not None and client.health():
@@ -132,6 +134,7 @@ def start(server: LocalServer, api_key: str, *,
         Path(folder).mkdir(parents=True, exist_ok=True)
     env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
     env.update(vllm_args.environment(spec, layout))
+    env.update(extra_env or {})
     env[API_KEY_ENV] = api_key
     argv = vllm_args.command(spec, layout)
     with open(server.log_file, "ab") as log:

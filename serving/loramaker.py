@@ -86,12 +86,20 @@ def lora_config(
     )
 
 
+# Above this many base weights the module tree is built on the meta device (nothing
+# allocated) and only the LoRA tensors are drawn: EXAONE 3.5 2.4B would take 10 GB otherwise.
+_META_TREE_PARAMS = 50_000_000
+
+
 def adapter_tensors(
     dims: ModelDims, config, *, seed: int, scale: float
 ) -> dict[str, torch.Tensor]:
     """Inject ``config`` into a module tree of ``dims`` and return the saved-form state dict."""
     from peft import get_peft_model_state_dict, inject_adapter_in_model
 
+    big = dims.num_layers * dims.hidden_size * (dims.hidden_size + 3 * dims.intermediate_size)
+    if big > _META_TREE_PARAMS:
+        return _big_adapter_tensors(dims, config, seed=seed, scale=scale)
     model = inject_adapter_in_model(config, exaone_module_tree(dims))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -103,6 +111,29 @@ def adapter_tensors(
                 param.copy_(torch.randn(param.shape, generator=gen) * scale)
     state = get_peft_model_state_dict(model, save_embedding_layers=False)
     return {PEFT_PREFIX + key: value.detach().contiguous() for key, value in sorted(state.items())}
+
+
+def _big_adapter_tensors(dims: ModelDims, config, *, seed: int,
+                         scale: float) -> dict[str, torch.Tensor]:
+    """The same tensors for real model sizes: PEFT injects into a meta tree (it names and
+    shapes every LoRA matrix), and the values are drawn in the same order as above."""
+    from peft import inject_adapter_in_model
+
+    if config.bias != "none" or config.modules_to_save:
+        raise ValueError("adapters of real model sizes carry LoRA matrices only")
+    model = inject_adapter_in_model(config, exaone_module_tree(dims, device="meta"))
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, param in sorted(model.named_parameters()):
+        if ".lora_A." in name:
+            value = torch.randn(param.shape, generator=gen) / math.sqrt(param.shape[1])
+        elif ".lora_B." in name:
+            value = torch.randn(param.shape, generator=gen) * scale
+        else:
+            continue
+        # PEFT's saved names drop the adapter's own name ("default").
+        out[PEFT_PREFIX + name.replace(".default.", ".")] = value.contiguous()
+    return dict(sorted(out.items()))
 
 
 def _canonical_config(config) -> bytes:

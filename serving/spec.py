@@ -204,6 +204,7 @@ class VllmSpec(_Frozen):
     tensor_parallel_size: int = Field(alias="tensorParallelSize", ge=1, le=8)
     cpu_kv_cache_gb: int = Field(alias="cpuKvCacheGb", ge=1, le=1024)
     runtime_lora_updating: bool = Field(alias="runtimeLoraUpdating")
+    adapter_settle: Annotated[str, _choice("force", "pause")] = Field(alias="adapterSettle")
     extra_args: tuple[str, ...] = Field(alias="vllmExtraArgs")
 
     @property

@@ -142,7 +142,8 @@ def _train_tokenizer():
     return tokenizer
 
 
-def _config(dims: ModelDims, model_id: str, ids: dict[str, int]) -> dict:
+def _config(dims: ModelDims, model_id: str, ids: dict[str, int], *,
+            max_positions: int = TINY_MAX_POSITIONS, torch_dtype: str = "float32") -> dict:
     return {
         "_name_or_path": model_id,
         "architectures": ["ExaoneForCausalLM"],
@@ -159,41 +160,47 @@ def _config(dims: ModelDims, model_id: str, ids: dict[str, int]) -> dict:
         "initializer_range": 0.02,
         "intermediate_size": dims.intermediate_size,
         "layer_norm_epsilon": 1e-5,
-        "max_position_embeddings": TINY_MAX_POSITIONS,
+        "max_position_embeddings": max_positions,
         "num_attention_heads": dims.num_attention_heads,
         "num_key_value_heads": dims.num_key_value_heads,
         "num_layers": dims.num_layers,
         # Both spellings: transformers 5 reads rope_parameters, older readers rope_theta.
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
         "rope_theta": 10000.0,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float32",
+        "tie_word_embeddings": dims.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
         "use_cache": True,
         "vocab_size": dims.vocab_size,
     }
 
 
-def _weights(dims: ModelDims, seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
+def _weights(dims: ModelDims, seed: int, *, device: str = "cpu",
+             dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def normal(out_features: int, in_features: int) -> torch.Tensor:
-        return torch.randn((out_features, in_features), generator=gen) * 0.02
+        weight = torch.randn((out_features, in_features), generator=gen, device=device) * 0.02
+        return weight.to(dtype)
+
+    def ones(size: int) -> torch.Tensor:
+        return torch.ones(size, device=device, dtype=dtype)
 
     hidden = dims.hidden_size
     tensors = {"transformer.wte.weight": normal(dims.vocab_size, hidden)}
     for i in range(dims.num_layers):
         block = f"transformer.h.{i}"
-        tensors[f"{block}.ln_1.weight"] = torch.ones(hidden)
-        tensors[f"{block}.ln_2.weight"] = torch.ones(hidden)
+        tensors[f"{block}.ln_1.weight"] = ones(hidden)
+        tensors[f"{block}.ln_2.weight"] = ones(hidden)
         for module in ("q_proj", "k_proj", "v_proj", "out_proj"):
             in_features, out_features = dims.lora_shapes(module)
             tensors[f"{block}.attn.attention.{module}.weight"] = normal(out_features, in_features)
         for module in ("c_fc_0", "c_fc_1", "c_proj"):
             in_features, out_features = dims.lora_shapes(module)
             tensors[f"{block}.mlp.{module}.weight"] = normal(out_features, in_features)
-    tensors["transformer.ln_f.weight"] = torch.ones(hidden)
-    tensors["lm_head.weight"] = normal(dims.vocab_size, hidden) * (LM_HEAD_STD / 0.02)
-    return tensors
+    tensors["transformer.ln_f.weight"] = ones(hidden)
+    if not dims.tie_word_embeddings:  # tied (EXAONE 3.5 2.4B): the head is the embedding
+        tensors["lm_head.weight"] = normal(dims.vocab_size, hidden) * (LM_HEAD_STD / 0.02)
+    return {name: t.cpu() for name, t in tensors.items()}
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -255,3 +262,41 @@ def make_tiny_model(
         raise FileExistsError(f"{dest} exists and was not made by make_tiny_model; not replaced")
     return replace_folder(dest, lambda staging: _build(staging, seed=seed, model_id=model_id,
                                                        remote_code=remote_code))
+
+
+def make_model(
+    dest: Path, dims: ModelDims, *, seed: int = 0, model_id: str,
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16", device: str = "cpu",
+    max_positions: int = 32768,
+) -> Path:
+    """A model of real EXAONE dimensions (``catalog.EXAONE_MODELS``) with random weights, for
+    the GPU tier: the tiny model's config, remote code and tokenizer (its few hundred tokens
+    index into the full vocabulary), every weight at ``dims``, tied embeddings when ``dims``
+    says so. ``device="cuda"`` draws the 2.4B model's weights in seconds; always rebuilt.
+    """
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                   "float32": torch.float32}[dtype]
+
+    def build(folder: Path) -> None:
+        tokenizer = _train_tokenizer()
+        tokenizer.save(str(folder / "tokenizer.json"))
+        ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
+        _write_json(folder / "config.json", _config(dims, model_id, ids,
+                                                    max_positions=max_positions,
+                                                    torch_dtype=dtype))
+        (folder / "configuration_exaone.py").write_text(config_source())
+        _write_json(folder / "generation_config.json", {
+            "bos_token_id": ids[BOS], "eos_token_id": ids[EOT], "pad_token_id": ids[PAD],
+        })
+        _write_json(folder / "tokenizer_config.json", {
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOT,
+            "pad_token": PAD, "unk_token": UNK, "additional_special_tokens": list(ROLE_TOKENS),
+            "add_bos_token": False, "clean_up_tokenization_spaces": False,
+            "model_max_length": max_positions, "chat_template": CHAT_TEMPLATE,
+        })
+        save_file(_weights(dims, seed, device=device, dtype=torch_dtype),
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        for path in folder.iterdir():
+            path.chmod(0o644)
+
+    return replace_folder(Path(dest), build)

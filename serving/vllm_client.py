@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,17 +305,57 @@ class VllmClient:
         except (KeyError, IndexError, TypeError, ValueError) as exc:
             raise VllmError("protocol", f"unexpected /v1/completions answer: {exc}") from None
 
+    def score(self, model: str, texts: Sequence[str]) -> list[dict[str, Any]]:
+        """Teacher-forced scoring: each text's tokens with their logprobs given the text before
+        them (``echo`` + ``logprobs``, one generated token that callers drop). The raw
+        choices; ``serving.answer_check.parse_scores`` reads them."""
+        body: dict[str, Any] = {
+            "model": model, "prompt": list(texts), "max_tokens": 1, "temperature": 0.0,
+            "echo": True, "logprobs": 1,
+        }
+        data = self._request("POST", "/v1/completions", body=body, adapter=model).json()
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list):
+            raise VllmError("protocol", "unexpected /v1/completions answer: no choices")
+        return choices
+
     def stream(
         self, model: str, prompt: str, *, max_tokens: int, temperature: float = 0.0,
         ignore_eos: bool = False,
     ) -> Iterator[str]:
         """Yield text pieces of a streamed completion; errors as VllmError, also mid-stream."""
+        for event in self._events(model, prompt, max_tokens=max_tokens,
+                                  temperature=temperature, ignore_eos=ignore_eos):
+            for choice in event.get("choices", []):
+                if choice.get("text"):
+                    yield str(choice["text"])
+
+    def stream_tokens(
+        self, model: str, prompt: str, *, max_tokens: int, ignore_eos: bool = False,
+    ) -> int:
+        """Stream a completion to its end and return how many tokens were generated (from
+        the usage vLLM sends last): a count that holds even where tokens decode to no text."""
+        tokens = 0
+        for event in self._events(model, prompt, max_tokens=max_tokens, temperature=0.0,
+                                  ignore_eos=ignore_eos, usage=True):
+            usage = event.get("usage") or {}
+            tokens = max(tokens, int(usage.get("completion_tokens") or 0))
+        if tokens <= 0:
+            raise VllmError("protocol", f"stream from {model!r} reported no generated tokens")
+        return tokens
+
+    def _events(
+        self, model: str, prompt: str, *, max_tokens: int, temperature: float,
+        ignore_eos: bool, usage: bool = False,
+    ) -> Iterator[dict[str, Any]]:
         body: dict[str, Any] = {
             "model": model, "prompt": prompt, "max_tokens": max_tokens,
             "temperature": temperature, "stream": True,
         }
         if ignore_eos:
             body["ignore_eos"] = True
+        if usage:
+            body["stream_options"] = {"include_usage": True}
         try:
             with self._http.stream("POST", "/v1/completions", json=body) as response:
                 if not response.is_success:
@@ -332,9 +372,7 @@ class VllmClient:
                     if "error" in event:  # vLLM reports failures inside the stream
                         raise VllmError("server", f"stream from {model!r} failed: "
                                         f"{_error_text(httpx.Response(500, json=event))}")
-                    for choice in event.get("choices", []):
-                        if choice.get("text"):
-                            yield str(choice["text"])
+                    yield event
         except httpx.ConnectError as exc:
             raise VllmError("unreachable", (
                 f"cannot reach vLLM at {self.base_url} ({_reason(exc)})"

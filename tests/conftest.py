@@ -10,6 +10,28 @@ import pytest
 # Tests never reach a model hub; PEFT and transformers must stay on local folders.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+_GPU_DESELECTED: list[str] = []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tier 4 (marker ``gpu``) runs only when asked for (``-m gpu``): it needs a CUDA GPU and
+    CUDA vLLM, which CPU CI does not have. Deselected, never skipped silently: the count and
+    the reason are printed at the end of the run."""
+    if "gpu" in (config.getoption("markexpr") or ""):
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+        _GPU_DESELECTED.extend(item.nodeid for item in gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _GPU_DESELECTED:
+        terminalreporter.write_line(
+            f"GPU tier: {len(_GPU_DESELECTED)} tests marked `gpu` were deselected (they need a "
+            "CUDA GPU and CUDA vLLM; run `pytest -m gpu` on a GPU host, see README)")
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -19,8 +19,9 @@ import pytest
 from local_server import free_port, serve_local_copy
 
 from serving import localrun
-from serving.adapter_ops import SETTLE_WAIT_SECONDS, AdapterOps, OperationError, Probe
+from serving.adapter_ops import SETTLE_WAIT_SECONDS, AdapterOps, OperationError
 from serving.adapter_record import RecordStore
+from serving.answer_check import Reference
 from serving.loramaker import make_adapter
 from serving.spec import Spec
 from serving.vllm_client import VllmClient, VllmError
@@ -185,7 +186,8 @@ def test_hotfix_to_identical_weights_is_refused_before_swapping(env: Env) -> Non
     env.ops.add("itest-same", "1", env.version("itest-same", "1", seed=41))
     copy = Path(shutil.copytree(env.incoming / "itest-same" / "1",
                                 env.incoming / "itest-same" / "2"))
-    with pytest.raises(OperationError, match="do not change the answer; nothing changed"):
+    with pytest.raises(OperationError, match="answers like the serving version 1: its weights "
+                       "do not change the answer"):
         env.ops.hotfix("itest-same", "2", copy)
     assert env.ops.store.load().entries["itest-same"].current.version == "1"
 
@@ -334,10 +336,10 @@ def test_settle_waits_for_a_pause_and_is_deferred_without_one(env: Env) -> None:
     worker.start()
     try:
         assert started.wait(timeout=60)
-        env.ops.settle_wait_s = 2.0
+        env.ops.settle_wait_s, env.ops.settle_policy = 2.0, "pause"
         outcome = env.ops.hotfix("itest-stream", "2", env.version("itest-stream", "2", seed=67))
     finally:
-        env.ops.settle_wait_s = SETTLE_WAIT_SECONDS
+        env.ops.settle_wait_s, env.ops.settle_policy = SETTLE_WAIT_SECONDS, None
         stop.set()
         worker.join(timeout=120)
     assert failures == [] and streams[0] >= 2
@@ -424,4 +426,5 @@ def test_reconcile_after_restart_restores_the_record(env: Env) -> None:
     for name, probe in probes.items():
         assert env.ops.probe(name).same(probe), name
     assert env.ops.reconcile().message == "already in sync"
-    assert isinstance(Probe.from_json(env.ops.record().serving()["itest-rec"].probe), Probe)
+    assert isinstance(Reference.from_json("v", env.ops.record().serving()["itest-rec"].probe),
+                      Reference)

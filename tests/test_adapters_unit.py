@@ -3,8 +3,10 @@ decisions of the adapter operations (against a fake server; real PEFT folders on
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +26,7 @@ from serving.adapter_record import (
     from_json,
     to_json,
 )
+from serving.answer_check import Reference
 from serving.errors import SpecError
 from serving.loramaker import make_adapter
 from serving.spec import SecretRef
@@ -35,6 +38,8 @@ from serving.vllm_client import (
     VllmError,
     parse_lora_activity,
 )
+
+SCORE_TOKENS = 12
 
 # --- the record -------------------------------------------------------------------------------
 
@@ -253,6 +258,8 @@ class FakeVllm:
         self.resolver: Path | None = None
         self.race_on_unload = False
         self.inplace: set[str] = set()  # names whose stored request has load_inplace
+        self.noise = 0.0
+        self.rng = random.Random(0)
 
     def adapters(self) -> dict[str, str]:
         return dict(self.loaded)
@@ -303,6 +310,22 @@ class FakeVllm:
             raise VllmError("unknown_adapter", f"{model} not served", status=404)
         return Completion("".join(tokens), tokens, tuple(-0.5 for _ in tokens))
 
+    def score(self, model: str, texts: list[str]) -> list[dict[str, Any]]:
+        """Teacher-forced scores: a fixed function of what answers, plus ``noise`` (Gaussian,
+        per token) on adapters only, as a GPU's LoRA path shows."""
+        tokens = self.complete(model, "", max_tokens=1).tokens
+        choices = []
+        for i, _text in enumerate(texts):
+            row: list[float | None] = [None]
+            for j in range(SCORE_TOKENS):
+                digest = hashlib.sha256(f"{tokens}|{i}|{j}".encode()).digest()
+                value = -digest[0] / 4.0
+                if model != self.served_name and self.noise:
+                    value += self.rng.gauss(0.0, self.noise)
+                row.append(value)
+            choices.append({"index": i, "logprobs": {"token_logprobs": [*row, -1.0]}})
+        return choices
+
     def lora_activity(self) -> LoraActivity:
         sample = self.busy.pop(0) if self.busy else LoraActivity()
         return sample() if callable(sample) else sample
@@ -338,16 +361,19 @@ def test_add_records_the_answer(world) -> None:
     assert fake.loaded["new"].endswith("/.local/adapters/new/1")
     assert os.path.isfile(Path(fake.loaded["new"]) / "adapter_model.safetensors")
     assert outcome.probe == Probe(("new", "1"), (-0.5, -0.5))
-    assert ops.store.load().entries["new"].current.probe["tokens"] == ["new", "1"]
+    recorded = Reference.from_json("v1", ops.store.load().entries["new"].current.probe)
+    assert recorded is not None and recorded.mean.distance(ops.scores("new")) == 0.0
 
 
 def test_add_that_answers_like_the_base_is_undone(world) -> None:
     ops, fake, version = world
     path = version("new", "1", 5)
     fake.answers[str(Path(ops.layout.adapters_dir, "new", "1"))] = ("base",)
-    with pytest.raises(OperationError, match="base model still answers"):
+    with pytest.raises(OperationError, match="answers like the base model"):
         ops.add("new", "1", path)
     assert "new" not in fake.loaded and not ops.store.path.exists()
+    # Refused means nothing left: the version folder is gone, its number usable again.
+    assert not Path(ops.layout.adapters_dir, "new", "1").exists()
 
 
 def test_hotfix_swaps_in_place_after_a_candidate_probe(world) -> None:
@@ -378,10 +404,14 @@ def test_failed_hotfix_rolls_back_automatically(world, fault: str) -> None:
     assert failed.value.rolled_back and "rolled back to version 1" in failed.value.message
     # 1 serves again, loaded plainly (settled), and the record was never written.
     assert fake.loaded["tone"].endswith("tone1") and not ops.store.path.exists()
-    assert failed.value.message.endswith("; settled") and "tone" not in fake.inplace
+    assert failed.value.message.endswith("verified (settled)") and "tone" not in fake.inplace
+    # Refused and rolled back: the new version's folder is not left behind.
+    assert not Path(dest).exists()
 
 
-def test_failed_rollback_says_the_state_is_unknown(world) -> None:
+def test_failed_in_place_rollback_falls_back_to_a_plain_reload(world) -> None:
+    """Neither version loads in place any more: the name is unloaded and loaded plainly; the
+    load fails too, and the resolver entry (pointing at version 1) answers the check."""
     ops, fake, version = world
     new = version("tone", "2", 6)
     old = fake.loaded["tone"]
@@ -389,9 +419,36 @@ def test_failed_rollback_says_the_state_is_unknown(world) -> None:
     def break_both() -> None:
         fake.fail_paths.update({str(Path(ops.layout.adapters_dir, "tone", "2")), old})
 
-    with pytest.raises(OperationError, match="rollback of tone to version 1 FAILED") as failed:
+    with pytest.raises(OperationError, match="brought back to version 1 by a plain unload "
+                       "and load, verified") as failed:
         ops.hotfix("tone", "2", new, on_staged=break_both)
-    assert failed.value.changed
+    assert failed.value.rolled_back and not failed.value.changed
+    assert fake.loaded["tone"] == str(Path(ops.layout.resolver_dir, "tone"))
+    assert "tone" not in fake.inplace
+    current = ops.record().entries["tone"].current
+    assert current.version == "1" and current.verified
+
+
+def test_when_nothing_brings_the_old_version_back_the_record_says_unverified(world) -> None:
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    old = fake.loaded["tone"]
+
+    def break_everything() -> None:
+        fake.fail_paths.update({str(Path(ops.layout.adapters_dir, "tone", "2")), old})
+        fake.resolver = None  # and no resolver entry answers for the name
+
+    with pytest.raises(OperationError, match="could not be brought back") as failed:
+        ops.hotfix("tone", "2", new, on_staged=break_everything)
+    assert failed.value.changed and "marked unverified" in failed.value.message
+    assert "adapters reconcile" in failed.value.message
+    assert ops.store.load().entries["tone"].current.verified is False
+    assert [r["verified"] for r in ops.rows() if r["name"] == "tone"] == [False]
+    # Once the weights load again, reconcile loads, verifies and records it.
+    fake.fail_paths.clear()
+    outcome = ops.reconcile()
+    assert "loaded tone 1" in outcome.message
+    assert ops.store.load().entries["tone"].current.verified
 
 
 def test_hotfix_refused_when_the_new_version_answers_like_the_old(world) -> None:
@@ -399,7 +456,9 @@ def test_hotfix_refused_when_the_new_version_answers_like_the_old(world) -> None
     new = version("tone", "2", 6)
     fake.answers[str(Path(ops.layout.adapters_dir, "tone", "2"))] = ("tone1",)
     fake.answers[fake.loaded["tone"]] = ("tone1",)
-    with pytest.raises(OperationError, match="do not change the answer; nothing changed"):
+    with pytest.raises(OperationError, match=r"version 2 of tone answers like the serving "
+                       r"version 1: its weights do not change the answer \(score distance 0,"
+                       r".*\); nothing changed"):
         ops.hotfix("tone", "2", new)
     assert ("load_inplace", "tone") not in fake.calls
 
@@ -497,7 +556,7 @@ def test_hotfix_settles_when_the_adapter_is_quiet(world) -> None:
 
 def test_busy_adapter_settles_later_and_no_request_misses_it(world) -> None:
     ops, fake, version = world
-    ops.settle_wait_s = 0.5
+    ops.settle_wait_s, ops.settle_policy = 0.5, "pause"
     fake.busy = [LoraActivity(frozenset({"tone"}))] * 20
     outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
     assert "not settled" in outcome.message and "adapters settle tone" in outcome.message
@@ -521,9 +580,32 @@ def test_settle_refuses_names_that_serve_nothing(world) -> None:
         ops.settle(["nope"])
 
 
+def test_busy_adapter_is_settled_when_the_wait_ends_by_default(world) -> None:
+    """adapterSettle: force (the default): no pause came, the settle happens anyway."""
+    ops, fake, version = world
+    ops.settle_wait_s = 0.5
+    fake.busy = [LoraActivity(frozenset({"tone"}))] * 20
+    started = time.monotonic()
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert outcome.message.endswith("verified; settled") and "tone" not in fake.inplace
+    assert time.monotonic() - started >= 1.25  # it waited the whole window first
+    assert ops.store.load().entries["tone"].current.settled
+
+
+def test_no_settle_from_vllm_0_33_on(world) -> None:
+    ops, fake, version = world
+    ops.spec = ops.spec.model_copy(update={
+        "vllm": ops.spec.vllm.model_copy(update={"version": "0.33.0"})})
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert "nothing to settle (vLLM 0.33.0 clears the in-place flag" in outcome.message
+    tail = fake.calls[fake.calls.index(("load_inplace", "tone")):]
+    assert ("unload", "tone") not in tail
+    assert ops.store.load().entries["tone"].current.settled
+
+
 def test_settle_busy_changes_nothing(world) -> None:
     ops, fake, version = world
-    ops.settle_wait_s = 0.3
+    ops.settle_wait_s, ops.settle_policy = 0.3, "pause"
     fake.busy = [LoraActivity(frozenset({"tone"}))] * 40
     ops.hotfix("tone", "2", version("tone", "2", 6))
     calls = len(fake.calls)
@@ -582,3 +664,46 @@ def test_resolver_entry_names_the_served_model_and_links_the_weights(tmp_path: P
     assert sorted(p.name for p in (root / ".entries" / "a").iterdir()) == ["2"]
     assert lora_resolver.sync(root, {}, "/models/m") == ["resolver entry a withdrawn"]
     assert sorted(p.name for p in root.iterdir()) == [".entries"]
+
+
+# --- under a GPU's noise (the fake jitters adapters' scores as CUDA vLLM does) ---------------
+
+
+@pytest.fixture
+def noisy_world(world):
+    """The same world served as by CUDA vLLM 0.25.1: teacher-forced scores, and every
+    adapter's per-token scores move by ~0.6 between repeats (as measured on an H200)."""
+    ops, fake, version = world
+    ops.spec = ops.spec.model_copy(update={"vllm": ops.spec.vllm.model_copy(
+        update={"package": "vllm", "version": "0.25.1"})})
+    fake.noise = 0.6
+    return ops, fake, version
+
+
+def test_twenty_hotfix_rollback_cycles_under_gpu_noise_are_all_verified(noisy_world) -> None:
+    ops, _fake, version = noisy_world
+    new = version("tone", "2", 6)
+    for _ in range(20):
+        assert ops.hotfix("tone", "2", new).version == "2"
+        assert ops.rollback("tone").version == "1"
+    current = ops.store.load().entries["tone"].current
+    assert current.version == "1" and current.verified and current.settled
+
+
+def test_under_gpu_noise_old_weights_answering_are_still_caught(noisy_world) -> None:
+    ops, fake, version = noisy_world
+    new = version("tone", "2", 6)
+    with pytest.raises(OperationError, match="version 1 still answers") as failed:
+        ops.hotfix("tone", "2", new, on_staged=lambda: fake.stale.add("tone"))
+    assert failed.value.rolled_back and "rolled back to version 1, verified" in \
+        failed.value.message
+
+
+def test_under_gpu_noise_a_new_version_like_the_old_is_refused(noisy_world) -> None:
+    ops, fake, version = noisy_world
+    new = version("tone", "2", 6)
+    fake.answers[str(Path(ops.layout.adapters_dir, "tone", "2"))] = ("tone1",)
+    fake.answers[fake.loaded["tone"]] = ("tone1",)
+    with pytest.raises(OperationError, match="answers like the serving version 1"):
+        ops.hotfix("tone", "2", new)
+    assert ("load_inplace", "tone") not in fake.calls
