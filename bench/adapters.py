@@ -32,12 +32,13 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from serving import layout as layouts  # noqa: E402
-from serving import localrun, secretref, stackfile  # noqa: E402
-from serving.adapter_ops import AdapterOps  # noqa: E402
-from serving.adapter_record import RecordStore  # noqa: E402
-from serving.loramaker import make_adapter  # noqa: E402
-from serving.vllm_client import VllmClient  # noqa: E402
+from serving.adapters.client import VllmClient  # noqa: E402
+from serving.adapters.ops import AdapterOps  # noqa: E402
+from serving.adapters.record import RecordStore  # noqa: E402
+from serving.local import run as localrun  # noqa: E402
+from serving.local.loramaker import make_adapter  # noqa: E402
+from serving.stack import layout as layouts  # noqa: E402
+from serving.stack import secretref, stackfile  # noqa: E402
 
 NAME = "bench-adapter"
 CONCURRENCY = 4

@@ -26,7 +26,7 @@ from infra.storage import CONTAINERS, Storage, StorageArgs  # noqa: E402
 from infra.tags import tags  # noqa: E402
 from infra.vm import GpuVms, GpuVmsArgs  # noqa: E402
 from infra.workload import VllmOnAks, VllmOnAksArgs  # noqa: E402
-from serving import layout  # noqa: E402
+from serving.stack import layout  # noqa: E402
 
 
 def cloud(stack: config.StackConfig) -> None:

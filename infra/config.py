@@ -1,7 +1,7 @@
 """The one place the Pulumi program reads config: the stack's values into the serving spec.
 
 Every key declared in ``Pulumi.yaml`` is read here and handed, un-namespaced, to
-``serving.stackfile.from_values``, which fills in the schema's defaults and validates
+``serving.stack.stackfile.from_values``, which fills in the schema's defaults and validates
 everything at once. Bad input raises ``SpecError`` (each problem naming its key) before any
 resource is registered. The API key's value is read only where a resource needs it.
 """
@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pulumi
 from pulumi.runtime.config import is_config_secret
 
-from serving import stackfile
-from serving.errors import Problem, SpecError
-from serving.spec import Spec
+from serving.stack import secretref, stackfile
+from serving.stack.errors import Problem, SpecError
+from serving.stack.spec import Spec
 
 # AKS overlay networking: pod and service ranges live outside the VNet and must not overlap it.
 AKS_POD_CIDR = "192.168.0.0/16"
@@ -105,29 +103,20 @@ def infra_checks(spec: Spec, where: str) -> list[Problem]:
 
 
 def api_key(spec: Spec, config: pulumi.Config, where: str) -> pulumi.Output[str] | None:
-    """The key's value as a secret, from wherever the spec says it lives."""
+    """The key's value as a secret, from wherever the spec says it lives: Pulumi's encrypted
+    config, or the one resolver every other consumer uses (``secretref``, which also refuses a
+    key file readable by group or others)."""
     ref = spec.api_key
-    ns = stackfile.namespace()
     if ref.kind == "pulumi":
         return config.require_secret("apiKey")
-    if ref.kind == "env":
-        value = os.environ.get(ref.name, "")
-        if not value:
-            raise SpecError([Problem(f"{where}: {ns}:apiKeyRef",
-                                     f"environment variable {ref.name} is not set or empty")])
-        return pulumi.Output.secret(value)
-    if ref.kind == "file":
-        path = Path(ref.name).expanduser()
-        path = path if path.is_absolute() else stackfile.ROOT / path
-        try:
-            value = path.read_text().strip()
-        except OSError as exc:
-            raise SpecError([Problem(f"{where}: {ns}:apiKeyRef",
-                                     f"cannot read {path}: {exc}")]) from None
-        if not value:
-            raise SpecError([Problem(f"{where}: {ns}:apiKeyRef", f"{path} is empty")])
-        return pulumi.Output.secret(value)
-    return None
+    if ref.kind not in ("env", "file"):
+        return None
+    try:
+        return pulumi.Output.secret(secretref.resolve(ref, root=stackfile.ROOT))
+    except SpecError as exc:
+        ns = stackfile.namespace()
+        raise SpecError([Problem(f"{where}: {ns}:apiKeyRef", p.message)
+                         for p in exc.problems]) from None
 
 
 def load() -> StackConfig:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from serving import stackfile
-from serving.spec import Spec
+from serving.stack import stackfile
+from serving.stack.spec import Spec
 
 TAG_KEYS = ("project", "stack", "target", "role", "managed-by")
 

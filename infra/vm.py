@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pulumi
 from pulumi_azure_native import compute, devtestlab, network
 
-from serving.catalog import VM_IMAGES
+from serving.stack.catalog import VM_IMAGES
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class GpuVmsArgs:
     subnet_cidr: str
     vm_names: tuple[str, ...]
     size: str
-    image: str  # a key of serving.catalog.VM_IMAGES
+    image: str  # a key of serving.stack.catalog.VM_IMAGES
     os_disk_gb: int
     admin_user: str
     ssh_public_key: str

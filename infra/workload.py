@@ -16,7 +16,7 @@ import pulumi_kubernetes as k8s
 from pulumi_azure_native import managedidentity
 
 from k8s import api_key_secret, device_plugin, vllm_objects
-from serving.spec import Spec
+from serving.stack.spec import Spec
 
 # Kubernetes' audience for Entra ID workload identity federation.
 TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"

@@ -1,7 +1,8 @@
 """Kubernetes objects for the AKS target, built as plain data from the serving spec.
 
 Pulumi (``pulumi-kubernetes``) applies them and the render CLI writes them out as YAML; both
-call the builders here, so the pod runs exactly the vLLM command line of ``serving.vllm_args``.
+call the builders here, so the pod runs exactly the vLLM command line of
+``serving.render.vllm_args``.
 """
 
 from k8s.gpu import (

@@ -1,7 +1,7 @@
 """The init container that fills the pod's model and adapter volumes before vLLM starts.
 
 It runs ``scripts/fetch-adapters.sh`` (mounted from a ConfigMap) on a manifest computed here
-from the spec, so the destinations are the very paths ``serving.vllm_args`` hands to vLLM.
+from the spec, so the destinations are the very paths ``serving.render.vllm_args`` hands to vLLM.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from serving import layout
-from serving.spec import Spec
+from serving.stack import layout
+from serving.stack.spec import Spec
 
 SCRIPT_PATH = Path(__file__).resolve().parent / "scripts" / "fetch-adapters.sh"
 SCRIPT_KEY = "fetch-adapters.sh"

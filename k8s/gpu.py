@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from k8s import meta
-from serving.spec import Spec
+from serving.stack.spec import Spec
 
 GPU_POOL_NAME = "gpu"
 GPU_TAINT_KEY = "sku"

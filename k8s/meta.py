@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving import layout, stackfile
-from serving.spec import Spec
+from serving.stack import layout, stackfile
+from serving.stack.spec import Spec
 
 APP_NAME = layout.SERVICE_NAME
 MANAGED_BY = "pulumi"

@@ -1,6 +1,6 @@
 """The vLLM server on AKS as plain Kubernetes objects, in apply order.
 
-The container runs ``serving.vllm_args.command(spec, layout.POD)``: the pod and the systemd
+The container runs ``serving.render.vllm_args.command(spec, layout.POD)``: the pod and the systemd
 unit share one command line. Objects are dicts so Pulumi applies them and ``render`` writes
 them as YAML without either restating a field.
 """
@@ -12,9 +12,10 @@ from typing import Any
 
 from k8s import fetch, meta
 from k8s.gpu import GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATION, device_plugin
-from serving import layout, vllm_args
-from serving.catalog import EXAONE_LORA_MODULES, EXAONE_MODELS
-from serving.spec import Spec
+from serving.render import vllm_args
+from serving.stack import layout
+from serving.stack.catalog import DTYPE_BYTES, EXAONE_MODELS, adapter_params, weight_params
+from serving.stack.spec import Spec
 
 __all__ = ["api_key_secret", "device_plugin", "vllm_objects"]
 
@@ -40,7 +41,6 @@ _TMP_GIB = 4
 _COMPILE_CACHE_GIB = 10  # torch.compile, Triton and vLLM caches
 _UNKNOWN_MODEL_GIB = 128
 _UNKNOWN_ADAPTER_GIB = 2
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "auto": 2}
 # Model load, torch.compile and CUDA graph capture take minutes (~75 s on an H100 for 2.4B,
 # far more for 32B or for a model vLLM downloads itself): allow up to 30 min before restarts.
 _STARTUP_PERIOD_SECONDS = 10
@@ -52,14 +52,13 @@ def _gib(n_bytes: float) -> int:
 
 
 def model_gib(spec: Spec) -> int:
-    """Disk for the base model's weights, from its dimensions (plus a quarter for headroom)."""
+    """Disk for the base model's weights, from its dimensions (plus a quarter for headroom);
+    ``auto`` counts as two bytes a weight, as the checkpoints are bf16."""
     dims = EXAONE_MODELS.get(spec.model.id)
     if dims is None:
         return _UNKNOWN_MODEL_GIB
-    per_layer = sum(i * o for i, o in map(dims.lora_shapes, EXAONE_LORA_MODULES))
-    embeddings = dims.vocab_size * dims.hidden_size * (1 if dims.tie_word_embeddings else 2)
-    params = dims.num_layers * per_layer + embeddings
-    return _gib(params * max(2, _DTYPE_BYTES[spec.model.dtype]) * 1.25)
+    size = max(2, DTYPE_BYTES.get(spec.model.dtype, 2))
+    return _gib(weight_params(dims) * size * 1.25)
 
 
 def adapters_gib(spec: Spec) -> int:
@@ -67,8 +66,7 @@ def adapters_gib(spec: Spec) -> int:
     dims = EXAONE_MODELS.get(spec.model.id)
     if dims is None:
         return 1 + _UNKNOWN_ADAPTER_GIB * len(spec.adapters)
-    per_rank = dims.num_layers * sum(i + o for i, o in map(dims.lora_shapes, EXAONE_LORA_MODULES))
-    return 1 + _gib(sum(a.rank * per_rank * 4 for a in spec.adapters) * 1.5)
+    return 1 + _gib(sum(adapter_params(dims, a.rank) * 4 for a in spec.adapters) * 1.5)
 
 
 def cache_gib(spec: Spec) -> int:

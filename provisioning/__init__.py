@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from invoke import Collection, task
 
-from serving import stackfile
-from serving.errors import SpecError
+from serving.stack import stackfile
+from serving.stack.errors import SpecError
 
 
 @task(help={"stack": "stack name: Pulumi.<STACK>.yaml"})
@@ -20,11 +20,11 @@ def validate(c, stack: str = "dev") -> None:
     print(f"{spec.stack}: valid ({spec.target}, {len(spec.adapters)} adapters)")
 
 
-from provisioning import adapter_tasks  # noqa: E402
-from provisioning.bench import bench  # noqa: E402
-from provisioning.deploy import deploy  # noqa: E402
-from provisioning.status import status  # noqa: E402
-from provisioning.teardown import teardown  # noqa: E402
+from provisioning.tasks import adapters as adapter_tasks  # noqa: E402
+from provisioning.tasks.bench import bench  # noqa: E402
+from provisioning.tasks.deploy import deploy  # noqa: E402
+from provisioning.tasks.status import status  # noqa: E402
+from provisioning.tasks.teardown import teardown  # noqa: E402
 
 ns = Collection(validate, bench, deploy, status, teardown)
 ns.add_collection(adapter_tasks.ns)

@@ -3,9 +3,9 @@
 Host-side steps (fetching from Blob, adapter checks, the EXAONE patch, the health gate,
 runtime adapter operations) run the project's own ``serving`` package with the runtime
 venv's interpreter, so the host checks adapters with exactly the code the operator's machine
-uses. The bundle holds ``serving/``, ``Pulumi.yaml`` (the config schema the spec loader
-reads) and ``systemd/``; its folder name is the hash of its content, so a re-deploy with the
-same checkout uploads nothing.
+uses. The bundle holds ``serving/`` less what never runs on a host (``INCLUDE``) and
+``Pulumi.yaml`` (the config schema the spec loader reads); its folder name is the hash of its
+content, so a re-deploy with the same checkout uploads nothing.
 """
 
 from __future__ import annotations
@@ -20,11 +20,14 @@ from functools import lru_cache
 from pathlib import Path
 
 from provisioning.remote import Host
-from provisioning.step import Target
-from serving import layout as layouts
-from serving.stackfile import ROOT
+from provisioning.steps.converge import Target
+from serving.stack import layout as layouts
+from serving.stack.stackfile import ROOT
 
-INCLUDE = ("serving", "systemd", "Pulumi.yaml")
+# Only what runs on a VM: the contract, the adapter life cycle and the host tools (the
+# renderers, the planner, the benchmark and the local target stay on the operator's machine).
+INCLUDE = ("serving/__init__.py", "serving/atomic.py", "serving/stack", "serving/adapters",
+           "serving/host", "Pulumi.yaml")
 SUFFIXES = (".py", ".j2", ".sh", ".yaml", ".json")
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import yaml
 
 from provisioning.remote import parse_host
-from serving import layout as layouts
-from serving import secretref, stackfile
-from serving.errors import Problem, SpecError
-from serving.spec import SecretRef, Spec
+from serving.stack import layout as layouts
+from serving.stack import secretref, stackfile
+from serving.stack.errors import Problem, SpecError
+from serving.stack.spec import SecretRef, Spec
 
 PULUMI_TIMEOUT_SECONDS = 60
 HEALTH_TIMEOUT_SECONDS = 900  # a cold vLLM start on a GPU VM: weights + torch.compile
@@ -58,7 +58,7 @@ class DeploySettings:
         document = yaml.safe_load(self.config_file.read_text()) or {}
         ns = stackfile.namespace()
         config = dict(document.get("config") or {})
-        for key in ("apiKey", "apiKeyRef", "sshPrivateKeyPath", "hfTokenRef"):
+        for key in stackfile.OPERATOR_ONLY_KEYS:
             config.pop(f"{ns}:{key}", None)
         config[f"{ns}:apiKeyRef"] = f"file:{layouts.VM_API_KEY_FILE}"
         header = (f"# Written by fab deploy from {self.config_file.name}: the host-side tools "

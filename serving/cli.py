@@ -14,10 +14,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from serving import stackfile
-from serving.catalog import ALLOWED_LORA_RANKS
-from serving.errors import Problem, SpecError
-from serving.spec import Spec
+from serving.stack import stackfile
+from serving.stack.catalog import ALLOWED_LORA_RANKS
+from serving.stack.errors import Problem, SpecError
+from serving.stack.spec import Spec
 
 EXIT_BAD_INPUT = 2
 # Wide enough for the summary table when the output is a file or a CI log.
@@ -71,7 +71,7 @@ def _where(args: argparse.Namespace, spec: Spec) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from serving import plan_cli
+    from serving.plan import cli as plan_cli
 
     spec = _spec(args)
     # The capacity plan is part of validity: a stack that cannot fit its GPUs is refused here,
@@ -84,7 +84,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from serving import render
+    from serving.render import artifacts as render
 
     spec = _spec(args)
     files = render.artifacts(spec, stackfile.ROOT)
@@ -103,8 +103,9 @@ def _base_model_id(model: str) -> str:
 
 
 def cmd_check_adapter(args: argparse.Namespace) -> int:
-    from serving import adapter_check, layout
-    from serving.catalog import EXAONE_MODELS
+    from serving.adapters import checks as adapter_check
+    from serving.stack import layout
+    from serving.stack.catalog import EXAONE_MODELS
 
     spec = _spec(args) if (args.stack or args.config) else None
     if args.base_model:
@@ -153,7 +154,7 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_digest(args: argparse.Namespace) -> int:
-    from serving.digest import folder_digest
+    from serving.stack.digest import folder_digest
 
     for path in args.paths:
         try:
@@ -168,7 +169,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     local stack served on the CPU through the whole adapter life cycle."""
     import tempfile
 
-    from serving import demo, render
+    from serving.local import demo
+    from serving.render import artifacts as render
 
     specs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -210,7 +212,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("paths", nargs="+", metavar="PATH")
     d.set_defaults(func=cmd_digest)
 
-    from serving import adapters_cli, bench_cli, local_cli, plan_cli
+    from serving.adapters import cli as adapters_cli
+    from serving.bench import cli as bench_cli
+    from serving.local import cli as local_cli
+    from serving.plan import cli as plan_cli
 
     plan_cli.add_parser(sub)
     bench_cli.add_parser(sub)

@@ -35,7 +35,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from serving.tinymodel import make_tiny_model
+    from serving.local.tinymodel import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "exaone-3.5-tiny", seed=0)
 
@@ -43,9 +43,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def good_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Adapters vLLM would serve on the tiny model: all 7 modules, attention only, rank_pattern."""
-    from serving.catalog import EXAONE_ATTN_MODULES
-    from serving.loramaker import make_adapter
-    from serving.tinymodel import DEFAULT_MODEL_ID
+    from serving.local.loramaker import make_adapter
+    from serving.local.tinymodel import DEFAULT_MODEL_ID
+    from serving.stack.catalog import EXAONE_ATTN_MODULES
 
     root = tmp_path_factory.mktemp("adapters")
     common = {"base": tiny_model, "base_model_id": DEFAULT_MODEL_ID}

@@ -23,8 +23,8 @@ from azurite import Azurite, start_azurite
 from local_server import free_port
 from testhost import PIP_BINDS, TestHost, boot, build_rootfs, make_keypair
 
-from serving import stackfile
-from serving.digest import folder_digest
+from serving.stack import stackfile
+from serving.stack.digest import folder_digest
 
 REPO = stackfile.ROOT
 FAB = Path(sys.executable).with_name("fab")
@@ -114,8 +114,8 @@ class DeployEnv:
 
 
 def make_env(work: Path, *, name: str = "deployhost") -> DeployEnv:
-    from serving.loramaker import make_adapter
-    from serving.tinymodel import make_tiny_model
+    from serving.local.loramaker import make_adapter
+    from serving.local.tinymodel import make_tiny_model
 
     work.mkdir(parents=True, exist_ok=True)
     key_file, pubkey = make_keypair(work / "ssh")

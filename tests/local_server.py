@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import yaml
 
-from serving import layout as layouts
-from serving import localrun, secretref, stackfile
-from serving.layout import Layout
-from serving.spec import Spec
+from serving.local import run as localrun
+from serving.stack import layout as layouts
+from serving.stack import secretref, stackfile
+from serving.stack.layout import Layout
+from serving.stack.spec import Spec
 
 VLLM_PYTHON = stackfile.ROOT / ".venv-vllm" / "bin" / "python"
 

@@ -11,11 +11,13 @@ import pytest
 import yaml
 
 from k8s import objects as k8s_objects
-from serving import layout, monitoring, render, stackfile, systemd_unit, vllm_args
 from serving.cli import EXIT_BAD_INPUT, main
-from serving.digest import folder_digest
-from serving.loramaker import make_adapter
-from serving.tinymodel import DEFAULT_MODEL_ID
+from serving.local.loramaker import make_adapter
+from serving.local.tinymodel import DEFAULT_MODEL_ID
+from serving.render import artifacts as render
+from serving.render import monitoring, systemd_unit, vllm_args
+from serving.stack import layout, stackfile
+from serving.stack.digest import folder_digest
 
 BAD_STACK = """\
 config:

@@ -49,7 +49,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -111,19 +110,22 @@ def make_keypair(directory: Path, name: str = "id_ed25519") -> tuple[Path, str]:
     return private, private.with_name(f"{name}.pub").read_text().strip()
 
 
-def host_pip_conf() -> str:
-    """This machine's pip settings (files and PIP_* environment) as one pip.conf text."""
-    listing = subprocess.run([sys.executable, "-m", "pip", "config", "list"],
-                             capture_output=True, text=True, check=True).stdout
-    files: dict[str, str] = {}
-    env: dict[str, str] = {}
-    for line in listing.splitlines():
-        key, _, value = line.partition("=")
-        section, _, option = key.rpartition(".")
-        if section in {"global", "install", "download", ":env:"} and option:
-            (env if section == ":env:" else files)[option] = value.strip().strip("'\"")
-    settings = {**files, **env}  # PIP_* variables win over files, as in pip
-    return "[global]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items())
+def host_pip_conf(binds: tuple[str, ...] = PIP_BINDS) -> str:
+    """pip.conf for a test host: the package sources bound into it (``binds``: wheel folders
+    as find-links, ``simple/`` indexes as extra index URLs) and the CA bundle, and nothing of
+    this machine's own pip configuration, which may name files the host does not have (a
+    constraints file, say). Where nothing is bound, pip on the host uses PyPI."""
+    present = [b for b in binds if Path(b).is_dir()]
+    wheels = [b for b in present if not Path(b, "simple").is_dir()]
+    indexes = [f"file://{b}/simple" for b in present if Path(b, "simple").is_dir()]
+    lines = ["[global]"]
+    if wheels:
+        lines.append("find-links = " + " ".join(wheels))
+    if indexes:
+        lines.append("extra-index-url = " + " ".join(indexes))
+    if HOST_CA_BUNDLE.is_file():
+        lines.append(f"cert = {HOST_CA_BUNDLE}")
+    return "\n".join(lines) + "\n"
 
 
 def build_rootfs(cache_dir: Path | None = None, *, mirror: str = MIRROR) -> Path:

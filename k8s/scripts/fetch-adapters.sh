@@ -22,7 +22,7 @@ die() { log "error: $*"; exit 1; }
 # Relative paths of the regular files under the current directory, NUL-terminated, in byte
 # order. Bash's globstar keeps this to builtins plus sort. Symlinks are refused, not followed
 # (one could point the digest outside the folder), and so are names with a backslash or a
-# line break (sha256sum would escape them), as in serving/digest.py.
+# line break (sha256sum would escape them), as in serving/stack/digest.py.
 regular_files() {
   shopt -s globstar dotglob nullglob
   local path

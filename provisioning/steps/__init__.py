@@ -1,0 +1,2 @@
+"""One module per deploy step, each converge-shaped (``converge``): probe, plan, apply, probe
+again."""

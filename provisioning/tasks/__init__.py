@@ -1,0 +1,1 @@
+"""What `fab --list` shows: one module per task namespace; ``provisioning`` composes them."""

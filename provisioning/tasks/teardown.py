@@ -1,0 +1,104 @@
+"""`fab teardown`: drain and stop vLLM, disable its unit; ``--purge`` also removes what the
+deploy installed. Azure itself is left to ``pulumi destroy`` (production storage is
+protected there).
+
+Draining is systemd's stop: SIGTERM to the API server, which finishes in-flight requests
+within TimeoutStopSec before its engine shuts down.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from fabric import task
+from invoke.exceptions import Exit
+
+from provisioning.remote import RemoteError
+from provisioning.steps.converge import StepError, Target, converge
+from provisioning.tasks import options as cli_options
+from provisioning.tasks.deploy import HostReport, summary
+from serving.render import systemd_unit
+from serving.stack import layout as layouts
+
+PURGE_PATHS = (systemd_unit.UNIT_FILE, layouts.VM.config_dir, "/opt/exaone",
+               layouts.VM.state_dir, layouts.VM.cache_dir)
+STOP_TIMEOUT_SECONDS = systemd_unit.STOP_TIMEOUT_SECONDS + 60
+
+
+class StopStep:
+    name = "stop"
+
+    def probe(self, t: Target) -> list[str]:
+        unit = systemd_unit.UNIT_NAME
+        _, out, _ = t.host.run(f"systemctl is-active {unit}; systemctl is-enabled {unit}",
+                               check=False)
+        return ([*out.split(), "", ""])[:2]
+
+    def plan(self, t: Target, state: list[str]) -> list[str]:
+        active, enabled = state
+        actions = []
+        if active in ("active", "activating", "reloading"):
+            actions.append(f"drain and stop {systemd_unit.UNIT_NAME}")
+        if enabled == "enabled":
+            actions.append(f"disable {systemd_unit.UNIT_NAME}")
+        return actions
+
+    def apply(self, t: Target, actions: list[str], state: list[str]) -> None:
+        t.host.sudo(f"systemctl disable --now {systemd_unit.UNIT_NAME}",
+                    timeout_s=STOP_TIMEOUT_SECONDS)
+
+
+class PurgeStep:
+    name = "purge"
+
+    def probe(self, t: Target) -> list[str]:
+        paths = " ".join(shlex.quote(p) for p in PURGE_PATHS)
+        _, out, _ = t.host.run(f"for p in {paths}; do test -e \"$p\" && echo \"$p\"; done; "
+                               f"id -u {layouts.SERVICE_USER} >/dev/null 2>&1 && echo user",
+                               check=False)
+        return out.split()
+
+    def plan(self, t: Target, state: list[str]) -> list[str]:
+        actions = [f"remove {p}" for p in state if p != "user"]
+        if "user" in state:
+            actions.append(f"remove the user {layouts.SERVICE_USER}")
+        return actions
+
+    def apply(self, t: Target, actions: list[str], state: list[str]) -> None:
+        paths = " ".join(shlex.quote(p) for p in state if p != "user")
+        if paths:
+            t.host.sudo(f"rm -rf {paths}", lock=True)
+            t.host.sudo("systemctl daemon-reload")
+        if "user" in state:
+            t.host.sudo(f"userdel {layouts.SERVICE_USER}")
+
+
+@task(help={**cli_options.HELP, "purge": "also remove the venv, model, adapters, config",
+            "dry": "print the plan; change nothing"})
+def teardown(c, stack="dev", config="", hosts="", purge=False, dry=False, blob_url="",
+             blob_connection_string_env=""):
+    """Drain and stop vLLM on each host and disable its unit (--purge removes everything)."""
+    s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
+                         blob_connection_string_env=blob_connection_string_env)
+    connect = cli_options.connector(s)
+    console = cli_options.console
+    reports = []
+    for name in s.hosts:
+        host = connect(name)
+        report = HostReport(name)
+        t = Target(host=host, spec=s.spec, settings=s, dry=bool(dry),
+                   say=lambda m, n=name: console.print(f"[{n}] {m}", markup=False))
+        try:
+            for step in [StopStep(), *([PurgeStep()] if purge else [])]:
+                report.results.append(converge(step, t))
+        except (StepError, RemoteError) as exc:
+            report.error = str(exc)
+        finally:
+            host.close()
+        reports.append(report)
+        if report.error:
+            break
+    console.print(summary(reports, title="fab teardown"))
+    failed = [r for r in reports if r.error]
+    if failed:
+        raise Exit(f"{failed[0].host}: {failed[0].error}", code=1)

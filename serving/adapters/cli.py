@@ -1,0 +1,196 @@
+"""``python -m serving adapters ...``: runtime adapter operations against a running vLLM.
+
+    adapters list      --stack local
+    adapters add       NAME VERSION [--from FOLDER]
+    adapters hotfix    NAME VERSION [--from FOLDER] [--settle-wait SECONDS]
+    adapters rollback  NAME [--settle-wait SECONDS]
+    adapters remove    NAME [--deadline SECONDS]
+    adapters reconcile [--deadline SECONDS] [--settle-wait SECONDS]
+    adapters settle    [NAME ...] [--settle-wait SECONDS]
+
+Every change is verified by which weights answer (``serving.adapters.answer``); a failed hotfix
+or rollback is rolled back automatically and the old version verified. On vLLM before 0.33.0,
+hotfix and rollback swap in place and then "settle" the name (load it once more, plainly),
+because that vLLM re-reads in-place loaded weights on every step; `settle` does it later.
+
+Exit codes: 0 done and verified; 2 refused, nothing changed (one line naming what); 3 failed,
+rolled back to the recorded version and verified; 4 failed, and the state is recorded as the
+message says (a version marked unverified, or a change left in place): run the command it
+names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from serving.adapters.client import VllmClient, VllmError
+from serving.adapters.ops import SETTLE_WAIT_SECONDS, AdapterOps, OperationError, Outcome
+from serving.adapters.record import RecordStore
+from serving.stack import layout as layouts
+from serving.stack import secretref, stackfile
+from serving.stack.errors import Problem, SpecError
+from serving.stack.spec import Spec
+
+out = Console(width=None if sys.stdout.isatty() else 160)
+EXIT_BAD_INPUT = 2  # as serving.cli: refused, nothing changed
+EXIT_ROLLED_BACK = 3
+EXIT_CHANGED = 4
+
+
+def _spec(args: argparse.Namespace) -> Spec:
+    if args.config:
+        return stackfile.load(config=Path(args.config))
+    return stackfile.load(stack=args.stack)
+
+
+def default_endpoint(spec: Spec) -> str:
+    return f"http://127.0.0.1:{spec.vllm.port}"
+
+
+def make_ops(spec: Spec, *, endpoint: str | None = None, state_dir: str | None = None,
+             root: Path = stackfile.ROOT, say=None) -> AdapterOps:
+    """Operations for ``spec``: its API key, its layout's record, the server at ``endpoint``."""
+    layout = layouts.for_target(spec, root)
+    key = secretref.resolve(spec.api_key, root=root, stack=spec.stack)
+    client = VllmClient(endpoint or default_endpoint(spec), key)
+    store = RecordStore(state_dir or layout.state_dir)
+    return AdapterOps(spec, layout, client, store, say=say or (lambda _m: None))
+
+
+def _run(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    ops = make_ops(spec, endpoint=args.endpoint, state_dir=args.state_dir,
+                   say=lambda m: out.print(f"[dim]{m}[/]"))
+    if getattr(args, "settle_wait", None) is not None:
+        ops.settle_wait_s = args.settle_wait
+    what = f"adapters {args.op}" + (f" {args.name}" if getattr(args, "name", None) else "")
+    started = time.monotonic()
+    try:
+        with ops.client:
+            if args.op == "list":
+                out.print(_table(ops))
+                return 0
+            outcome = _dispatch(ops, args)
+    except OperationError as exc:
+        if exc.changed or exc.rolled_back:
+            print(f"{what}: {exc.message}", file=sys.stderr)
+            return EXIT_CHANGED if exc.changed else EXIT_ROLLED_BACK
+        raise SpecError([Problem(what, exc.message)]) from None
+    except VllmError as exc:
+        raise SpecError([Problem(what, exc.message)]) from None
+    seconds = time.monotonic() - started
+    answer = f" — answers {outcome.probe.text!r}" if outcome.probe else ""
+    out.print(f"[green]✓[/] {outcome.message} ({seconds:.2f} s){answer}", markup=True)
+    return 0
+
+
+def _dispatch(ops: AdapterOps, args: argparse.Namespace) -> Outcome:
+    source = Path(args.source) if getattr(args, "source", None) else None
+    if args.op == "add":
+        return ops.add(args.name, args.version, source)
+    if args.op == "hotfix":
+        return ops.hotfix(args.name, args.version, source)
+    if args.op == "rollback":
+        return ops.rollback(args.name)
+    if args.op == "remove":
+        return ops.remove(args.name, deadline_s=args.deadline)
+    if args.op == "settle":
+        return ops.settle(args.names or None, force=True if args.force else None)
+    return ops.reconcile(deadline_s=args.deadline)
+
+
+def _table(ops: AdapterOps) -> Table:
+    table = Table(title=f"Adapters on {ops.client.base_url} (base {ops.spec.model.served_name})")
+    for column in ("name", "version", "earlier", "loaded", "in sync", "settled", "verified",
+                   "path"):
+        table.add_column(column)
+    for row in ops.rows():
+        table.add_row(
+            row["name"], row["version"] or "(removed)", ", ".join(row["history"]) or "-",
+            "yes" if row["loaded"] else "no",
+            "[green]yes[/]" if row["in_sync"] else "[red]no: run reconcile[/]",
+            "yes" if row["settled"] else "[yellow]no: run settle[/]",
+            "yes" if row["verified"] else "[red]no: run reconcile[/]", row["path"],
+        )
+    return table
+
+
+def add_parser(sub) -> None:
+    """Register ``adapters`` on the CLI's subparsers object."""
+    p = sub.add_parser("adapters", help="add, hotfix, roll back, remove adapters at runtime")
+    ops = p.add_subparsers(dest="op", required=True)
+
+    def common(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_mutually_exclusive_group(required=True)
+        group.add_argument("--stack", help="a checked-in stack: Pulumi.<STACK>.yaml")
+        group.add_argument("--config", help="a config file of the same shape")
+        parser.add_argument("--endpoint", help="vLLM base URL (default: 127.0.0.1:<vllmPort>)")
+        parser.add_argument("--state-dir", help="folder of the adapter record "
+                            "(default: the target's state folder)")
+        parser.set_defaults(func=_run)
+
+    def settle_wait(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--settle-wait", type=float, metavar="SECONDS",
+            help=f"seconds to wait for a pause in the adapter's requests to settle it (default "
+                 f"{SETTLE_WAIT_SECONDS:g}; 0: leave it for `adapters settle`)")
+
+    common(ops.add_parser("list", help="record versus what vLLM has loaded"))
+    for op, text in (("add", "load a new adapter and check it answers differently"),
+                     ("hotfix", "replace an adapter's weights in place; rolls back on failure")):
+        q = ops.add_parser(op, help=text)
+        q.add_argument("name")
+        q.add_argument("version")
+        q.add_argument("--from", dest="source", metavar="FOLDER",
+                       help="PEFT adapter folder to install as <adapters>/NAME/VERSION")
+        if op == "hotfix":
+            settle_wait(q)
+        common(q)
+    q = ops.add_parser("rollback", help="back to the previous recorded version")
+    q.add_argument("name")
+    settle_wait(q)
+    common(q)
+    for op, text in (("remove", "wait for running requests, unload, confirm 404"),
+                     ("reconcile", "load/unload until vLLM matches the record")):
+        q = ops.add_parser(op, help=text)
+        if op == "remove":
+            q.add_argument("name")
+        else:
+            settle_wait(q)
+        q.add_argument("--deadline", type=float, default=60.0,
+                       help="seconds to wait for an adapter's requests to finish (default 60)")
+        common(q)
+    q = ops.add_parser("settle", help="load in-place loaded adapters once more, plainly, so "
+                       "vLLM stops re-reading their weights on every step")
+    q.add_argument("names", nargs="*", metavar="NAME",
+                   help="default: every name the record has unsettled")
+    q.add_argument("--force", action="store_true",
+                   help="settle when the wait ends even without a pause in the requests "
+                        "(a request admitted in that same moment can get a 404)")
+    settle_wait(q)
+    common(q)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m serving.adapters.cli OP ...``: the same as ``python -m serving adapters OP``,
+    without the rest of the CLI (the VMs' tool bundle carries only what runs there)."""
+    p = argparse.ArgumentParser(prog="python -m serving.adapters.cli")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = p.parse_args(["adapters", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return int(args.func(args))
+    except SpecError as exc:
+        for problem in exc.problems:
+            Console(stderr=True).print(str(problem), markup=False)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The serving benchmark: the load engine and its CLI."""

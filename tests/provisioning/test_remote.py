@@ -1,0 +1,89 @@
+"""Tier 1: the decisions of `fab deploy` without a host (remote).
+
+Steps are probed through a real ``provisioning.remote.Host`` around invoke's ``MockContext``
+(``provisioning_helpers``): the tests see exactly what would go over SSH."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from invoke import MockContext, Result
+from provisioning_helpers import (
+    OK,
+    as_json,
+    rx,
+    sent,
+)
+
+from provisioning.remote import LOCK_FILE, Host, RemoteError, parse_host
+
+# --- parse_host ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "want"), [
+    pytest.param("azureuser@10.0.0.4:2222", ("azureuser", "10.0.0.4", 2222), id="user@host:port"),
+    pytest.param("vm1.example.net", ("admin", "vm1.example.net", 22), id="bare-host"),
+    pytest.param("ops@vm1", ("ops", "vm1", 22), id="user@host"),
+    pytest.param("vm1:2200", ("admin", "vm1", 2200), id="host:port"),
+    pytest.param("[2001:db8::5]:2200", ("admin", "2001:db8::5", 2200), id="[v6]:port"),
+    pytest.param("ops@[2001:db8::5]", ("ops", "2001:db8::5", 22), id="user@[v6]"),
+])
+def test_parse_host(text: str, want: tuple[str, str, int]) -> None:
+    assert parse_host(text, default_user="admin") == want
+
+
+@pytest.mark.parametrize("text", [
+    pytest.param("admin@", id="no-host"),
+    pytest.param(":22", id="port-only"),
+    pytest.param("[]:22", id="empty-brackets"),
+    pytest.param("vm1:ssh", id="port-not-a-number"),
+])
+def test_parse_host_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_host(text, default_user="admin")
+
+
+# --- Host ---------------------------------------------------------------------------------------
+
+
+def test_host_run_builds_env_lock_and_sudo_and_keeps_stdin_out_of_argv() -> None:
+    mc = MockContext(run={rx("echo hi"): Result(stdout="hi\n")})
+    host = Host(mc, name="h1")
+    code, out, _ = host.run("echo hi", sudo=True, lock=True, env={"A": "x y"}, stdin="s3cret",
+                            timeout_s=60)
+    assert (code, out) == (0, "hi\n")
+    [(line, stdin)] = sent(mc)
+    assert line == f"sudo -n flock -w 60 {LOCK_FILE} env A='x y' echo hi"
+    assert stdin == "s3cret" and "s3cret" not in line
+
+
+def test_host_run_raises_remote_error_with_output_tail_unless_check_false() -> None:
+    mc = MockContext(run={rx("false"): Result(stdout="", stderr="boom\nreason", exited=3)})
+    host = Host(mc, name="h1")
+    with pytest.raises(RemoteError, match=r"exited 3\n  boom\n  reason") as err:
+        host.run("false")
+    assert err.value.code == 3
+    assert host.run("false", check=False)[0] == 3
+
+
+@pytest.mark.parametrize(("result", "match"), [
+    pytest.param(as_json({"error": "no such model"}, exited=2), "no such model", id="tool-error"),
+    pytest.param(Result(stdout="not json\n", exited=0), "exited 0", id="not-json"),
+    pytest.param(as_json({"ok": 1}, exited=1), "exited 1", id="nonzero-exit"),
+])
+def test_host_json_failures(result: Result, match: str) -> None:
+    host = Host(MockContext(run={rx("tool"): result}), name="h1")
+    with pytest.raises(RemoteError, match=match):
+        host.json("tool")
+
+
+def test_host_script_feeds_the_script_on_stdin_and_refuses_other_stdin(tmp_path: Path) -> None:
+    script = tmp_path / "s.sh"
+    script.write_text("echo from-script\n")
+    mc = MockContext(run={rx("bash -s"): OK})
+    host = Host(mc, name="h1")
+    host.script(script, "probe", "a b")
+    assert sent(mc) == [("sudo -n bash -s -- probe 'a b'", "echo from-script\n")]
+    with pytest.raises(ValueError, match="stdin"):
+        host.script(script, "x", stdin="secret")

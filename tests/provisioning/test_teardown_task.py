@@ -1,0 +1,32 @@
+"""Tier 1: the decisions of `fab deploy` without a host (teardown task).
+
+Steps are probed through a real ``provisioning.remote.Host`` around invoke's ``MockContext``
+(``provisioning_helpers``): the tests see exactly what would go over SSH."""
+
+from __future__ import annotations
+
+import pytest
+from provisioning_helpers import (
+    UNIT,
+    target,
+)
+
+from provisioning.tasks.teardown import PurgeStep, StopStep
+from serving.stack import layout as layouts
+
+# --- teardown -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "want"), [
+    pytest.param(["active", "enabled"], [f"drain and stop {UNIT}", f"disable {UNIT}"],
+                 id="running"),
+    pytest.param(["inactive", "enabled"], [f"disable {UNIT}"], id="stopped"),
+    pytest.param(["inactive", "disabled"], [], id="already-down"),
+])
+def test_stop_plan(state: list[str], want: list[str]) -> None:
+    assert StopStep().plan(target()[0], state) == want
+
+
+def test_purge_plan_removes_found_paths_and_the_user() -> None:
+    actions = PurgeStep().plan(target()[0], ["/etc/exaone", "user"])
+    assert actions == ["remove /etc/exaone", f"remove the user {layouts.SERVICE_USER}"]
