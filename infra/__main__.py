@@ -41,9 +41,9 @@ def cloud(stack: config.StackConfig) -> None:
     net = Network(f"{base}-net", NetworkArgs(
         resource_group_name=group.name, location=spec.location,
         vnet_cidr=net_cfg.vnet_cidr, subnet_cidr=stack.subnet_cidr,
-        with_nsg=spec.target == "vm", ssh_cidrs=net_cfg.ssh_cidrs, api_cidrs=net_cfg.api_cidrs,
+        with_nsg=spec.on.ssh_hosts, ssh_cidrs=net_cfg.ssh_cidrs, api_cidrs=net_cfg.api_cidrs,
         api_port=spec.vllm.port,
-        with_nat=spec.target == "vm" and spec.vm.public_ip == "none",
+        with_nat=spec.on.ssh_hosts and spec.vm.public_ip == "none",
         tags=tags(spec, "network")))
     store = Storage(f"{base}-store", StorageArgs(
         resource_group_name=group.name, location=spec.location, stack=spec.stack,
@@ -62,7 +62,7 @@ def cloud(stack: config.StackConfig) -> None:
     pulumi.export("identityClientId", identity.client_id)
     pulumi.export("tenantId", client.tenant_id)
 
-    if spec.target == "vm":
+    if spec.on.ssh_hosts:
         vms = GpuVms(f"{base}-gpu", GpuVmsArgs(
             resource_group_name=group.name, location=spec.location,
             subnet_id=net.subnet_id, subnet_cidr=stack.subnet_cidr,
@@ -105,7 +105,7 @@ def cloud(stack: config.StackConfig) -> None:
 def main() -> None:
     stack = config.load()
     pulumi.export("target", stack.spec.target)
-    if stack.spec.target == "local":
+    if not stack.spec.on.cloud:
         # Target local runs on this machine: no Azure resources at all.
         pulumi.export("apiEndpoint", f"http://127.0.0.1:{stack.spec.vllm.port}/v1")
         return

@@ -81,14 +81,14 @@ def infra_checks(spec: Spec, where: str) -> list[Problem]:
     """Rules only the cloud side has: address plan and who may reach the AKS API server."""
     ns = stackfile.namespace()
     problems: list[Problem] = []
-    if spec.target not in ("vm", "aks"):
+    if not spec.on.cloud:
         return problems
     vnet = ipaddress.ip_network(spec.network.vnet_cidr)
     if vnet.version != 4 or vnet.prefixlen > MIN_VNET_PREFIX:
         problems.append(Problem(f"{where}: {ns}:vnetCidr",
                                 f"{vnet} is too small; allowed: an IPv4 range of "
                                 f"/{MIN_VNET_PREFIX} or larger"))
-    if spec.target == "aks":
+    if spec.on.kubernetes:
         for other in (AKS_POD_CIDR, AKS_SERVICE_CIDR):
             if vnet.version == 4 and vnet.overlaps(ipaddress.ip_network(other)):
                 problems.append(Problem(f"{where}: {ns}:vnetCidr",
@@ -130,5 +130,5 @@ def load() -> StackConfig:
         raise SpecError(problems)
     # Only the AKS target puts the key into a resource (a Kubernetes Secret); on VMs
     # `fab deploy` installs it, so `pulumi up` never needs to read it there.
-    key = api_key(spec, config, where) if spec.target == "aks" else None
+    key = api_key(spec, config, where) if spec.on.kubernetes else None
     return StackConfig(spec=spec, api_key=key)

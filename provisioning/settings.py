@@ -100,7 +100,7 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
         raise _problem("--stack/--config", "give exactly one: a stack name or a config file")
     path = Path(config) if config else stackfile.stack_path(stack)
     spec = stackfile.load(config=path) if config else stackfile.load(stack=stack)
-    if spec.target != "vm":
+    if not spec.on.ssh_hosts:
         raise _problem(f"{path.name}: target", (
             f"is {spec.target!r}; fab deploy rolls out VMs: allowed: vm "
             "(aks is deployed by `pulumi up`, local by `make demo`)"))

@@ -51,7 +51,7 @@ def summary_table(specs: list[Spec], title: str) -> Table:
     ):
         table.add_column(column)
     for spec in specs:
-        size = f"{spec.vm.size} x {spec.vm.count}" if spec.target != "local" else "this CPU"
+        size = f"{spec.vm.size} x {spec.vm.count}" if spec.on.cloud else "this CPU"
         rev = spec.model.revision[:12] if spec.model.revision else "(local)"
         table.add_row(
             spec.stack,

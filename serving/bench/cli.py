@@ -81,7 +81,7 @@ def _endpoint(args: argparse.Namespace) -> str:
         return args.endpoint
     if args.stack:
         spec = stackfile.load(stack=args.stack)
-        if spec.target == "local":
+        if spec.on.local_files:
             return f"http://127.0.0.1:{spec.vllm.port}"
     raise SpecError([Problem("--endpoint", (
         "is required (e.g. http://10.40.0.4:8000) unless --stack names the local stack"

@@ -27,7 +27,7 @@ out = Console(width=None if sys.stdout.isatty() else 160)
 def _server(args: argparse.Namespace) -> localrun.LocalServer:
     spec: Spec = (stackfile.load(config=Path(args.config)) if args.config
                   else stackfile.load(stack=args.stack))
-    if spec.target != "local":
+    if not spec.on.local_files:
         raise SpecError([Problem(f"stack {spec.stack}", (
             f"target is {spec.target}; `local` runs only target local stacks (e.g. --stack local)"
         ))])

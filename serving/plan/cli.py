@@ -59,7 +59,7 @@ def model_dims(spec: Spec, root: Path = stackfile.ROOT) -> tuple[ModelDims, str,
     yet set up) the tiny model's recipe."""
     if spec.model.id in EXAONE_MODELS:
         return EXAONE_MODELS[spec.model.id], CATALOG_DTYPE, "catalog"
-    if spec.target != "local":
+    if not spec.on.local_files:
         return None
     config = _local_model_config(spec, root)
     if config is not None:
@@ -73,7 +73,7 @@ def model_dims(spec: Spec, root: Path = stackfile.ROOT) -> tuple[ModelDims, str,
 
 def _adapter_targets(spec: Spec, root: Path) -> dict[str, tuple[str, ...]]:
     """target_modules of adapters whose folders are on this machine (target local)."""
-    if spec.target != "local":
+    if not spec.on.local_files:
         return {}
     from serving.stack import layout
 

@@ -32,11 +32,11 @@ def artifacts(spec: Spec, root: Path) -> dict[str, str]:
         ),
     }
     hosts = ["127.0.0.1"]
-    if spec.target == "vm":
+    if spec.on.ssh_hosts:
         out[f"systemd/{systemd_unit.UNIT_NAME}"] = systemd_unit.render_unit(spec, place)
         out[f"systemd/{systemd_unit.ENV_NAME}"] = systemd_unit.render_env(spec, place)
         hosts = layout.vm_host_names(spec)
-    if spec.target == "aks":
+    if spec.on.kubernetes:
         hosts = [f"{k8s_objects.SERVICE_NAME}.{spec.aks.namespace}.svc"]
         for obj in [*k8s_objects.device_plugin(spec), *k8s_objects.vllm_objects(spec)]:
             name = f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"

@@ -73,7 +73,7 @@ def command(spec: Spec, layout: Layout) -> list[str]:
 def environment(spec: Spec, layout: Layout) -> dict[str, str]:
     """Non-secret environment; the API key travels separately as VLLM_API_KEY."""
     vllm = spec.vllm
-    fetches_itself = spec.target == "aks" and spec.model.source_kind == "hf"
+    fetches_itself = spec.on.kubernetes and spec.model.source_kind == "hf"
     env = {
         # The model and adapters are fetched and verified before vLLM starts; vLLM must not
         # reach out to the Hub on its own (except on AKS when the model source is hf).

