@@ -708,3 +708,68 @@ def test_under_gpu_noise_a_new_version_like_the_old_is_refused(noisy_world) -> N
     with pytest.raises(OperationError, match="answers like the serving version 1"):
         ops.hotfix("tone", "2", new)
     assert ("load_inplace", "tone") not in fake.calls
+
+
+# --- faults around a hotfix ------------------------------------------------------------------
+
+
+def test_two_operators_hotfixing_one_name_are_serialised(world) -> None:
+    """Two tools on one host (the lock file beside the record): the second waits for the
+    first, then swaps from what the first left; the record holds both steps in order."""
+    import threading
+
+    ops, fake, version = world
+    other = AdapterOps(ops.spec, ops.layout, fake, RecordStore(ops.layout.state_dir))  # type: ignore[arg-type]
+    v2, v3 = version("tone", "2", 6), version("tone", "3", 7)
+    errors: list[Exception] = []
+
+    def run(o: AdapterOps, v: str, src: Path) -> None:
+        try:
+            o.hotfix("tone", v, src)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(ops, "2", v2)),
+               threading.Thread(target=run, args=(other, "3", v3))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    entry = ops.store.load().entries["tone"]
+    assert [h.version for h in entry.history] + [entry.current.version] in (
+        ["1", "2", "3"], ["1", "3", "2"])
+    candidates = [c for c in fake.calls if c[1].startswith(CANDIDATE_PREFIX)]
+    # Each operation's candidate is loaded and unloaded before the other's starts.
+    assert candidates[0][1] == candidates[1][1] and candidates[2][1] == candidates[3][1]
+
+
+def test_a_missing_resolver_entry_is_written_again_by_the_hotfix(world) -> None:
+    ops, _fake, version = world
+    ops.add("new", "1", version("new", "1", 5))
+    lora_resolver.withdraw(Path(ops.layout.resolver_dir), "new")
+    ops.hotfix("new", "2", version("new", "2", 6))
+    assert lora_resolver.published(Path(ops.layout.resolver_dir), "new") == "2"
+
+
+def test_vllm_gone_mid_hotfix_leaves_the_record_and_says_what_to_run(world) -> None:
+    """vLLM dies right after the in-place swap: nothing can be verified or undone, the record
+    still says version 1, and the message says so and names the command to run."""
+    ops, fake, version = world
+    new = version("tone", "2", 6)
+    real_load = fake.load
+
+    def dying_load(name: str, path: str, *, inplace: bool = False) -> None:
+        real_load(name, path, inplace=inplace)
+        if inplace:
+            def gone(*_a: Any, **_k: Any) -> Any:
+                raise VllmError("unreachable", "cannot reach vLLM at http://fake")
+            fake.load = fake.unload = fake.complete = fake.score = gone  # type: ignore[method-assign]
+
+    fake.load = dying_load  # type: ignore[method-assign]
+    with pytest.raises(OperationError) as failed:
+        ops.hotfix("tone", "2", new)
+    assert failed.value.changed
+    assert "cannot reach vLLM" in failed.value.message
+    assert "adapters reconcile" in failed.value.message
+    assert ops.record().entries["tone"].current.version == "1"
