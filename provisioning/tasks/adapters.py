@@ -32,18 +32,10 @@ OP_TIMEOUT_SECONDS = 900
 
 
 def _each_host(s: DeploySettings, body) -> None:
-    connect = cli_options.connector(s)
-    console = cli_options.console
-    for name in s.hosts:
-        host = connect(name)
-        t = Target(host=host, spec=s.spec, settings=s,
-                   say=lambda m, n=name: console.print(f"[{n}] {m}", markup=False))
-        try:
-            body(t)
-        except RemoteError as exc:
-            raise Exit(f"{name}: {exc}\nhosts after {name} were not changed", code=1) from None
-        finally:
-            host.close()
+    for run in cli_options.each_host(s, body):
+        if run.error:
+            raise Exit(f"{run.host}: {run.error}\nhosts after {run.host} were not changed",
+                       code=1)
 
 
 def _op(t: Target, *argv: str) -> None:
@@ -83,7 +75,7 @@ def check_version_args(name: str, version: str, source: str, sha256: str) -> str
 
 
 def _versioned(op: str):
-    def body(c, name, version, source="", sha256="", stack="dev", config="", hosts="",
+    def body(c, name, version, source="", sha256="", stack="", config="", hosts="",
              blob_url="", blob_connection_string_env=""):
         s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
                              blob_connection_string_env=blob_connection_string_env)
@@ -112,7 +104,7 @@ hotfix = _versioned("hotfix")
 
 
 def _named(op: str):
-    def body(c, name="", stack="dev", config="", hosts="", deadline=60.0, blob_url="",
+    def body(c, name="", stack="", config="", hosts="", deadline=60.0, blob_url="",
              blob_connection_string_env=""):
         s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
                              blob_connection_string_env=blob_connection_string_env)

@@ -186,7 +186,7 @@ from provisioning.tasks import options as cli_options  # noqa: E402
     "health_timeout_s": "seconds the health gate waits for vLLM to answer",
     "report": "also write the per-host, per-step results to this JSON file",
 })
-def deploy(c, stack="dev", config="", hosts="", parallel=1, dry=False, only="", blob_url="",
+def deploy(c, stack="", config="", hosts="", parallel=1, dry=False, only="", blob_url="",
            blob_connection_string_env="", health_timeout_s=0.0, report=""):
     """Roll the stack's VMs forward: drivers, runtime, model, patch, adapters, unit, health."""
     extra = {"health_timeout_s": float(health_timeout_s)} if health_timeout_s else {}

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Any
 
 from invoke.exceptions import Exit
 from rich.console import Console
 
 from provisioning import settings as settings_mod
-from provisioning.remote import Host
+from provisioning.remote import Host, RemoteError
 from provisioning.settings import DeploySettings
+from provisioning.steps.converge import StepError, StepResult, Target, converge
 from serving.stack.errors import SpecError
 
 console = Console(highlight=False)
@@ -46,13 +49,43 @@ def problems_exit() -> Iterator[None]:
         raise Exit(f"bad option: {exc}", code=2) from None
 
 
-def load(c: object, *, stack: str, config: str, hosts: str, blob_url: str = "",
-         blob_connection_string_env: str = "", **kwargs: object) -> DeploySettings:
+@dataclass(frozen=True)
+class HostOptions:
+    """The options every host-facing task takes, with their one default each. A task
+    argument wins over the ``exaone:`` section of fabric.yaml (or any Fabric config file),
+    which wins over these defaults."""
+
+    stack: str = "dev"
+    config: str = ""
+    hosts: str = ""
+    blob_url: str = ""
+    blob_connection_string_env: str = ""
+
+    @classmethod
+    def of(cls, c: object, **given: Any) -> HostOptions:
+        section: Any = {}
+        config = getattr(c, "config", None)
+        if config is not None:
+            try:
+                section = config.get("exaone") or {}
+            except (AttributeError, TypeError):
+                section = {}
+        values = {f.name: given.get(f.name) or section.get(f.name) or f.default
+                  for f in fields(cls)}
+        return cls(**values)
+
+
+def load(c: object, options: HostOptions | None = None, **kwargs: object) -> DeploySettings:
+    """The deploy settings of a task's options (validated before any host is touched);
+    ``kwargs`` are the task's own extra settings, or its options when ``options`` is None."""
+    own = {k: v for k, v in kwargs.items() if k in {f.name for f in fields(HostOptions)}}
+    extra = {k: v for k, v in kwargs.items() if k not in own}
+    o = options or HostOptions.of(c, **own)
     with problems_exit():
-        return settings_mod.load(stack=stack if not config else "", config=config,
-                                 hosts=fab_hosts(c, hosts), blob_url=blob_url,
-                                 blob_connection_string_env=blob_connection_string_env,
-                                 **kwargs)
+        return settings_mod.load(stack=o.stack if not o.config else "", config=o.config,
+                                 hosts=fab_hosts(c, o.hosts), blob_url=o.blob_url,
+                                 blob_connection_string_env=o.blob_connection_string_env,
+                                 **extra)
 
 
 def connector(s: DeploySettings) -> Callable[[str], Host]:
@@ -60,3 +93,39 @@ def connector(s: DeploySettings) -> Callable[[str], Host]:
         return Host.connect(text, user=s.spec.vm.admin_user, key_file=s.ssh_key_file)
 
     return connect
+
+
+@dataclass
+class HostRun:
+    """What one host's part of a task did: its step results, or the error that stopped it."""
+
+    host: str
+    results: list[StepResult]
+    error: str = ""
+
+
+def each_host(s: DeploySettings, body: Callable[[Target], None] | None = None, *,
+              steps: tuple[Any, ...] = (), dry: bool = False) -> list[HostRun]:
+    """Against the stack's hosts one at a time: converge ``steps``, then run ``body``; each
+    host prefixes what it says with its name. The first host that fails stops the rest
+    (they are not touched); its run keeps the results of the steps before the failure."""
+    connect = connector(s)
+    runs: list[HostRun] = []
+    for name in s.hosts:
+        host = connect(name)
+        t = Target(host=host, spec=s.spec, settings=s, dry=dry,
+                   say=lambda m, n=name: console.print(f"[{n}] {m}", markup=False))
+        run = HostRun(name, [])
+        try:
+            for step in steps:
+                run.results.append(converge(step, t))
+            if body is not None:
+                body(t)
+        except (StepError, RemoteError) as exc:
+            run.error = str(exc)
+        finally:
+            host.close()
+        runs.append(run)
+        if run.error:
+            break
+    return runs

@@ -58,7 +58,7 @@ def table(rows: list[dict[str, str]], stack: str) -> Table:
 
 
 @task(help=cli_options.HELP)
-def status(c, stack="dev", config="", hosts="", blob_url="", blob_connection_string_env=""):
+def status(c, stack="", config="", hosts="", blob_url="", blob_connection_string_env=""):
     """A table of the stack's hosts: service state, vLLM version, adapters, GPU memory."""
     s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
                          blob_connection_string_env=blob_connection_string_env)

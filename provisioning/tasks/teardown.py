@@ -13,8 +13,7 @@ import shlex
 from fabric import task
 from invoke.exceptions import Exit
 
-from provisioning.remote import RemoteError
-from provisioning.steps.converge import StepError, Target, converge
+from provisioning.steps.converge import Target
 from provisioning.tasks import options as cli_options
 from provisioning.tasks.deploy import HostReport, summary
 from serving.render import systemd_unit
@@ -75,30 +74,15 @@ class PurgeStep:
 
 @task(help={**cli_options.HELP, "purge": "also remove the venv, model, adapters, config",
             "dry": "print the plan; change nothing"})
-def teardown(c, stack="dev", config="", hosts="", purge=False, dry=False, blob_url="",
+def teardown(c, stack="", config="", hosts="", purge=False, dry=False, blob_url="",
              blob_connection_string_env=""):
     """Drain and stop vLLM on each host and disable its unit (--purge removes everything)."""
     s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
                          blob_connection_string_env=blob_connection_string_env)
-    connect = cli_options.connector(s)
-    console = cli_options.console
-    reports = []
-    for name in s.hosts:
-        host = connect(name)
-        report = HostReport(name)
-        t = Target(host=host, spec=s.spec, settings=s, dry=bool(dry),
-                   say=lambda m, n=name: console.print(f"[{n}] {m}", markup=False))
-        try:
-            for step in [StopStep(), *([PurgeStep()] if purge else [])]:
-                report.results.append(converge(step, t))
-        except (StepError, RemoteError) as exc:
-            report.error = str(exc)
-        finally:
-            host.close()
-        reports.append(report)
-        if report.error:
-            break
-    console.print(summary(reports, title="fab teardown"))
+    steps = (StopStep(), *((PurgeStep(),) if purge else ()))
+    runs = cli_options.each_host(s, steps=steps, dry=bool(dry))
+    reports = [HostReport(r.host, r.results, r.error) for r in runs]
+    cli_options.console.print(summary(reports, title="fab teardown"))
     failed = [r for r in reports if r.error]
     if failed:
         raise Exit(f"{failed[0].host}: {failed[0].error}", code=1)
