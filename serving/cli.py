@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from serving.stack import stackfile
-from serving.stack.catalog import ALLOWED_LORA_RANKS
+from serving.stack.catalog import ALLOWED_LORA_RANKS, lora_rank_problem
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
 
@@ -127,15 +127,9 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
             ]
         )
     max_rank = args.max_lora_rank or (spec.max_lora_rank if spec else max(ALLOWED_LORA_RANKS))
-    if max_rank not in ALLOWED_LORA_RANKS:
-        allowed = ", ".join(map(str, ALLOWED_LORA_RANKS))
-        raise SpecError(
-            [
-                Problem(
-                    "--max-lora-rank", f"{max_rank} is not a rank vLLM accepts; allowed: {allowed}"
-                )
-            ]
-        )
+    rank_problem = lora_rank_problem(max_rank)
+    if rank_problem:
+        raise SpecError([Problem("--max-lora-rank", rank_problem)])
     problems: list[Problem] = []
     for path in args.paths:
         found = adapter_check.check_adapter(

@@ -20,6 +20,15 @@ INPLACE_LOAD_CLEARED_VERSION = (0, 33, 0)
 # vLLM's --max-lora-rank accepts only these values (vllm/config/lora.py).
 ALLOWED_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
+
+def lora_rank_problem(rank: int, *, auto: bool = False) -> str | None:
+    """The one check of a --max-lora-rank value (the spec's maxLoraRank, check-adapter's
+    option): None when vLLM accepts it (0 too when ``auto``: the spec then picks one)."""
+    if rank in ALLOWED_LORA_RANKS or (auto and rank == 0):
+        return None
+    allowed = ("0 (auto) or " if auto else "") + ", ".join(map(str, ALLOWED_LORA_RANKS))
+    return f"{rank} is not a rank vLLM accepts; allowed: {allowed}"
+
 # Linear layers of vLLM's ExaoneForCausalLM that take LoRA. PEFT has no EXAONE default,
 # so adapters must list these explicitly as target_modules.
 EXAONE_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")

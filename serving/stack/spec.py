@@ -19,6 +19,7 @@ from serving.stack.catalog import (
     MIN_VLLM_VERSION,
     OPEN_SOURCES,
     VM_IMAGES,
+    lora_rank_problem,
 )
 from serving.stack.errors import Problem
 from serving.stack.targets import TARGETS, Target
@@ -397,12 +398,9 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
             f"{vllm.max_cpu_loras} is below maxLoras ({vllm.max_loras}); allowed: >= maxLoras",
         )
     top = max(ALLOWED_LORA_RANKS)
-    if vllm.max_lora_rank and vllm.max_lora_rank not in ALLOWED_LORA_RANKS:
-        bad(
-            "maxLoraRank",
-            f"{vllm.max_lora_rank} is not a rank vLLM accepts; allowed: 0 (auto) or "
-            + ", ".join(map(str, ALLOWED_LORA_RANKS)),
-        )
+    rank_problem = lora_rank_problem(vllm.max_lora_rank, auto=True)
+    if rank_problem:
+        bad("maxLoraRank", rank_problem)
     limit = vllm.max_lora_rank if vllm.max_lora_rank in ALLOWED_LORA_RANKS else top
     for i, flag in enumerate(vllm.extra_args):
         name = flag.split("=", 1)[0]
