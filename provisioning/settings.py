@@ -54,16 +54,17 @@ class DeploySettings:
     health_timeout_s: float = HEALTH_TIMEOUT_SECONDS
 
     def host_stack_document(self) -> str:
-        """The stack file as the host-side tools read it: no secret, key from a root file."""
-        document = yaml.safe_load(self.config_file.read_text()) or {}
+        """The stack as the host-side tools read it: the values the spec resolved here (every
+        default explicit, so the host never re-derives them), no secret and no path of the
+        operator's machine; the key comes from a root-only file."""
         ns = stackfile.namespace()
-        config = dict(document.get("config") or {})
-        for key in stackfile.OPERATOR_ONLY_KEYS:
-            config.pop(f"{ns}:{key}", None)
-        config[f"{ns}:apiKeyRef"] = f"file:{layouts.VM_API_KEY_FILE}"
+        values = {k: v for k, v in stackfile.to_values(self.spec).items()
+                  if k not in stackfile.OPERATOR_ONLY_KEYS}
+        values["apiKeyRef"] = f"file:{layouts.VM_API_KEY_FILE}"
         header = (f"# Written by fab deploy from {self.config_file.name}: the host-side tools "
                   "read the spec from here.\n")
-        return header + yaml.safe_dump({"config": config}, sort_keys=True)
+        return header + yaml.safe_dump({"config": {f"{ns}:{k}": v for k, v in values.items()}},
+                                       sort_keys=True)
 
 
 def _problem(where: str, message: str) -> SpecError:

@@ -159,6 +159,25 @@ def _nest(flat: dict[str, Any], stack: str) -> dict[str, Any]:
     return raw
 
 
+def to_values(spec: Spec) -> dict[str, Any]:
+    """The un-namespaced config values ``from_values`` turns into ``spec`` (every default
+    resolved, every value as validated): the inverse of ``_nest``. The API key reference is
+    left out; callers that need one add it."""
+    flat: dict[str, Any] = {}
+    for field_name, field in Spec.model_fields.items():
+        annotation = field.annotation
+        value = getattr(spec, field_name)
+        if field_name in ("stack", "api_key", "adapters"):
+            continue
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            flat.update(value.model_dump(by_alias=True, mode="json"))
+        else:
+            flat[field.alias or field_name] = value
+    flat["adapters"] = [a.model_dump(by_alias=True, mode="json", exclude_none=True)
+                        for a in spec.adapters]
+    return flat
+
+
 def _alias(loc: tuple[Any, ...]) -> str:
     """pydantic's error location -> the config key: ('network','sshCidrs',0) -> sshCidrs[0]."""
     parts = list(loc)

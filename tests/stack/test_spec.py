@@ -201,3 +201,15 @@ def test_missing_and_malformed_stack_files(tmp_path) -> None:
     wrong.write_text("- a\n- b\n")
     with pytest.raises(SpecError, match="config:"):
         stackfile.load(config=wrong)
+
+
+@pytest.mark.parametrize("stack", stackfile.stack_names())
+def test_to_values_is_the_inverse_of_from_values(stack: str) -> None:
+    """What a host receives is what the spec resolved: values, not the file re-parsed."""
+    spec = stackfile.load(stack=stack)
+    values = stackfile.to_values(spec)
+    assert set(values) <= set(stackfile.schema())
+    assert "maxLoraRank" in values and "adapterSettle" in values  # defaults made explicit
+    again = stackfile.from_values({**values, "apiKeyRef": "env:K"}, stack=stack)
+    skip = {"api_key": True}
+    assert again.model_dump(exclude=skip) == spec.model_dump(exclude=skip)
