@@ -69,17 +69,13 @@ class VllmOnAks(pulumi.ComponentResource):
         self._service_meta: dict[str, Any] = {}
         after = list(args.depends_on)
 
-        plugin_objs = device_plugin(spec)
-        plugin = self._create(name, plugin_objs, plugin_objs, after)
+        plugin = self._create(name, device_plugin(spec), after)
 
-        # The builders take plain strings; the cloud values arrive as Outputs. The objects'
-        # shape (kinds, names, order) comes from a build with placeholders, their content
-        # from a build with the real values once those are known.
-        shape = vllm_objects(spec)
-        real = pulumi.Output.all(args.storage_account_name, args.identity_client_id,
-                                 args.tenant_id).apply(
-            lambda v: vllm_objects(spec, storage_account=v[0], client_id=v[1], tenant_id=v[2]))
-        account = next(o for o in shape if o["kind"] == "ServiceAccount")["metadata"]
+        # The builders place the cloud values as given, so the Outputs go in as they are:
+        # one build, and Pulumi resolves them inside each object's fields.
+        objs = vllm_objects(spec, storage_account=args.storage_account_name,
+                            client_id=args.identity_client_id, tenant_id=args.tenant_id)
+        account = next(o for o in objs if o["kind"] == "ServiceAccount")["metadata"]
         # The vLLM pod's service account may exchange its token for the identity's; the
         # adapter init container then reads Blob with no key anywhere.
         self.federation = managedidentity.FederatedIdentityCredential(
@@ -92,41 +88,31 @@ class VllmOnAks(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self),
         )
 
-        def pick(kinds: Callable[[str], bool]) -> tuple[list[dict[str, Any]], pulumi.Output]:
-            return ([o for o in shape if kinds(o["kind"])],
-                    real.apply(lambda objs: [o for o in objs if kinds(o["kind"])]))
+        def pick(kinds: Callable[[str], bool]) -> list[dict[str, Any]]:
+            return [o for o in objs if kinds(o["kind"])]
 
-        namespaces = self._create(name, *pick(lambda k: k == "Namespace"), after)
+        namespaces = self._create(name, pick(lambda k: k == "Namespace"), after)
         # Everything around the pods exists first (NetworkPolicy included), the Deployment last.
-        around = self._create(name, *pick(lambda k: k not in ("Namespace", "Deployment")),
+        around = self._create(name, pick(lambda k: k not in ("Namespace", "Deployment")),
                               [*after, *namespaces])
         if args.api_key is not None:
             # Only the key is secret: name and labels stay readable in previews and state.
             around += self._create(
-                name, [api_key_secret(spec, "placeholder")],
-                pulumi.Output.secret(args.api_key).apply(lambda k: [api_key_secret(spec, k)]),
-                [*after, *namespaces], from_shape=("metadata", "type"))
-        self._create(name, *pick(lambda k: k == "Deployment"),
+                name, [api_key_secret(spec, pulumi.Output.secret(args.api_key))],
+                [*after, *namespaces])
+        self._create(name, pick(lambda k: k == "Deployment"),
                      [*after, *namespaces, *plugin, *around, self.federation])
         self.register_outputs({"objects": list(self.resources)})
 
-    def _create(self, name: str, shape: list[dict[str, Any]],
-                values: pulumi.Input[list[dict[str, Any]]],
-                depends_on: Sequence[pulumi.Resource], from_shape: tuple[str, ...] = (),
-                ) -> list[pulumi.CustomResource]:
-        """One typed resource per object of ``shape``, its fields taken from ``values`` (the
-        same list with real values, possibly an Output), or from ``shape`` for the fields
-        named in ``from_shape``."""
-        source = pulumi.Output.from_input(values)
+    def _create(self, name: str, objs: list[dict[str, Any]],
+                depends_on: Sequence[pulumi.Resource]) -> list[pulumi.CustomResource]:
+        """One typed resource per object, its fields the object's (values may be Outputs)."""
         created: list[pulumi.CustomResource] = []
-        for index, obj in enumerate(shape):
+        for obj in objs:
             cls = _KINDS[(obj["apiVersion"], obj["kind"])]
             logical = f"{name}-{obj['kind'].lower()}-{obj['metadata']['name']}"
-            fields = {
-                _snake(key): obj[key] if key in from_shape
-                else source.apply(lambda objs, i=index, k=key: objs[i][k])
-                for key in obj if key not in ("apiVersion", "kind")
-            }
+            fields = {_snake(key): value for key, value in obj.items()
+                      if key not in ("apiVersion", "kind")}
             opts = pulumi.ResourceOptions(parent=self, provider=self.provider,
                                           depends_on=list(depends_on))
             if obj["kind"] == "Deployment":

@@ -10,6 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from k8s.meta import Value
 from serving.stack import layout
 from serving.stack.spec import Spec
 
@@ -63,7 +64,7 @@ def config_digest(data: dict[str, str]) -> str:
 def init_container(
     spec: Spec,
     *,
-    storage_account: str,
+    storage_account: Value,
     security_context: dict[str, Any],
     mounts: list[dict[str, Any]],
 ) -> dict[str, Any]:

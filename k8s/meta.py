@@ -7,6 +7,10 @@ from typing import Any
 from serving.stack import layout, stackfile
 from serving.stack.spec import Spec
 
+# A field value the builders place as given and never format: a string, or a value the caller
+# resolves later (infra/ passes Pulumi Outputs for the storage account, identity and key).
+Value = Any
+
 APP_NAME = layout.SERVICE_NAME
 MANAGED_BY = "pulumi"
 COMPONENT_SERVER = "server"

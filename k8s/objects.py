@@ -12,6 +12,7 @@ from typing import Any
 
 from k8s import fetch, meta
 from k8s.gpu import GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATION, device_plugin
+from k8s.meta import Value
 from serving.render import vllm_args
 from serving.stack import layout
 from serving.stack.catalog import DTYPE_BYTES, EXAONE_MODELS, adapter_params, weight_params
@@ -218,7 +219,7 @@ def _deployment_skips(spec: Spec) -> dict[str, str]:
     return skips
 
 
-def deployment(spec: Spec, *, storage_account: str) -> dict[str, Any]:
+def deployment(spec: Spec, *, storage_account: Value) -> dict[str, Any]:
     labels = meta.labels(spec)
     config_digest = fetch.config_digest(fetch.config_data(spec))
     pod_spec = {
@@ -290,7 +291,7 @@ def namespace(spec: Spec) -> dict[str, Any]:
     }
 
 
-def service_account(spec: Spec, *, client_id: str, tenant_id: str) -> dict[str, Any]:
+def service_account(spec: Spec, *, client_id: Value, tenant_id: Value) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
@@ -394,9 +395,9 @@ def network_policy(spec: Spec) -> dict[str, Any]:
 def vllm_objects(
     spec: Spec,
     *,
-    storage_account: str = PLACEHOLDER_STORAGE_ACCOUNT,
-    client_id: str = PLACEHOLDER_ID,
-    tenant_id: str = PLACEHOLDER_ID,
+    storage_account: Value = PLACEHOLDER_STORAGE_ACCOUNT,
+    client_id: Value = PLACEHOLDER_ID,
+    tenant_id: Value = PLACEHOLDER_ID,
 ) -> list[dict[str, Any]]:
     """Everything the vLLM server needs in its namespace, in apply order (the API key Secret
     comes from ``api_key_secret``)."""
@@ -411,7 +412,7 @@ def vllm_objects(
     ]
 
 
-def api_key_secret(spec: Spec, api_key: str) -> dict[str, Any]:
+def api_key_secret(spec: Spec, api_key: Value) -> dict[str, Any]:
     """The Secret the Deployment reads VLLM_API_KEY from."""
     return {
         "apiVersion": "v1",
