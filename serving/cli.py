@@ -19,10 +19,8 @@ from serving.stack.catalog import ALLOWED_LORA_RANKS, lora_rank_problem
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
 
-EXIT_BAD_INPUT = 2
 # Wide enough for the summary table when the output is a file or a CI log.
 out = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _spec(args: argparse.Namespace) -> Spec:
@@ -228,6 +226,4 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SpecError as exc:
-        for problem in exc.problems:
-            err.print(str(problem), markup=False)
-        return EXIT_BAD_INPUT
+        return exc.report()

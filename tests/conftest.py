@@ -10,7 +10,8 @@ import pytest
 # Tests never reach a model hub; PEFT and transformers must stay on local folders.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-_GPU_DESELECTED: list[str] = []
+# The run's deselected GPU tests, kept on the run's config rather than in this module.
+_GPU_DESELECTED = pytest.StashKey[list[str]]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -23,13 +24,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu:
         config.hook.pytest_deselected(items=gpu)
         items[:] = [item for item in items if not item.get_closest_marker("gpu")]
-        _GPU_DESELECTED.extend(item.nodeid for item in gpu)
+        config.stash[_GPU_DESELECTED] = [item.nodeid for item in gpu]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    if _GPU_DESELECTED:
+    deselected = config.stash.get(_GPU_DESELECTED, [])
+    if deselected:
         terminalreporter.write_line(
-            f"GPU tier: {len(_GPU_DESELECTED)} tests marked `gpu` were deselected (they need a "
+            f"GPU tier: {len(deselected)} tests marked `gpu` were deselected (they need a "
             "CUDA GPU and CUDA vLLM; run `pytest -m gpu` on a GPU host, see README)")
 
 

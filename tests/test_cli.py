@@ -11,13 +11,14 @@ import pytest
 import yaml
 
 from k8s import objects as k8s_objects
-from serving.cli import EXIT_BAD_INPUT, main
+from serving.cli import main
 from serving.local.loramaker import make_adapter
 from serving.local.tinymodel import DEFAULT_MODEL_ID
 from serving.render import artifacts as render
 from serving.render import monitoring, systemd_unit, vllm_args
 from serving.stack import layout, stackfile
 from serving.stack.digest import folder_digest
+from serving.stack.errors import EXIT_BAD_INPUT
 
 BAD_STACK = """\
 config:

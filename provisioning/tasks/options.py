@@ -75,12 +75,12 @@ class HostOptions:
         return cls(**values)
 
 
-def load(c: object, options: HostOptions | None = None, **kwargs: object) -> DeploySettings:
-    """The deploy settings of a task's options (validated before any host is touched);
-    ``kwargs`` are the task's own extra settings, or its options when ``options`` is None."""
-    own = {k: v for k, v in kwargs.items() if k in {f.name for f in fields(HostOptions)}}
-    extra = {k: v for k, v in kwargs.items() if k not in own}
-    o = options or HostOptions.of(c, **own)
+def load(c: object, **kwargs: object) -> DeploySettings:
+    """The deploy settings of a task's arguments (validated before any host is touched): its
+    host options (``HostOptions``, with their precedence) and its own extra settings."""
+    names = {f.name for f in fields(HostOptions)}
+    o = HostOptions.of(c, **{k: v for k, v in kwargs.items() if k in names})
+    extra = {k: v for k, v in kwargs.items() if k not in names}
     with problems_exit():
         return settings_mod.load(stack=o.stack if not o.config else "", config=o.config,
                                  hosts=fab_hosts(c, o.hosts), blob_url=o.blob_url,

@@ -38,7 +38,6 @@ from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
 
 out = Console(width=None if sys.stdout.isatty() else 160)
-EXIT_BAD_INPUT = 2  # as serving.cli: refused, nothing changed
 EXIT_ROLLED_BACK = 3
 EXIT_CHANGED = 4
 
@@ -187,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SpecError as exc:
-        for problem in exc.problems:
-            Console(stderr=True).print(str(problem), markup=False)
-        return EXIT_BAD_INPUT
+        return exc.report()
 
 
 if __name__ == "__main__":

@@ -388,13 +388,12 @@ class AdapterOps:
 
     def scores(self, model: str) -> Scores:
         """One observation: ``model``'s teacher-forced scores of the fixed texts; on vLLM's
-        CPU build, which cannot score prompts with LoRA (``answer_check.GREEDY_TOKENS``), the
-        logprobs of their greedy continuations, one text per request."""
+        CPU build, which cannot score prompts with LoRA, the logprobs of its greedy answer to
+        one fixed prompt (``serving.adapters.answer.GREEDY_PROMPT`` says why)."""
         try:
             if self.spec.vllm.cpu:
-                answer = self.client.complete(model, GREEDY_PROMPT, max_tokens=GREEDY_TOKENS,
-                                              temperature=0.0, logprobs=1)
-                return parse_greedy(answer.tokens, answer.logprobs)
+                probe = probe_answer(self.client, model)
+                return parse_greedy(probe.tokens, probe.logprobs)
             return parse_scores(self.client.score(model, SCORE_TEXTS), SCORE_TEXTS)
         except CheckError as exc:
             raise OperationError(f"checking what answers as {model!r}: {exc}") from None

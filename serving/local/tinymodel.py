@@ -190,17 +190,24 @@ def _weights(dims: ModelDims, seed: int, *, device: str = "cpu",
     return {name: t.cpu() for name, t in tensors.items()}
 
 
+_TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
-def _build(folder: Path, *, seed: int, model_id: str, remote_code: RemoteCode = "plain") -> None:
+def _build(folder: Path, *, seed: int, model_id: str, remote_code: RemoteCode = "plain",
+           dims: ModelDims | None = None, dtype: str = "float32", device: str = "cpu",
+           max_positions: int = TINY_MAX_POSITIONS) -> None:
+    """The model's files in ``folder``: the tiny model, or one of ``dims`` (real sizes)."""
     tokenizer = _train_tokenizer()
     tokenizer.save(str(folder / "tokenizer.json"))
     ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-    dims = tiny_dims(tokenizer.get_vocab_size())
+    dims = dims or tiny_dims(tokenizer.get_vocab_size())
 
-    _write_json(folder / "config.json", _config(dims, model_id, ids))
+    _write_json(folder / "config.json", _config(dims, model_id, ids,
+                                                max_positions=max_positions, torch_dtype=dtype))
     for name in REMOTE_CODE_FILES[remote_code]:
         (folder / name).write_text(remote_code_source(name, remote_code))
     _write_json(folder / "generation_config.json", {
@@ -215,17 +222,17 @@ def _build(folder: Path, *, seed: int, model_id: str, remote_code: RemoteCode = 
         "additional_special_tokens": list(ROLE_TOKENS),
         "add_bos_token": False,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": TINY_MAX_POSITIONS,
+        "model_max_length": max_positions,
         "chat_template": CHAT_TEMPLATE,
     })
     _write_json(folder / "special_tokens_map.json", {
         "bos_token": BOS, "eos_token": EOT, "pad_token": PAD, "unk_token": UNK,
         "additional_special_tokens": list(ROLE_TOKENS),
     })
-    save_file(_weights(dims, seed), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    weights = _weights(dims, seed, device=device, dtype=_TORCH_DTYPES[dtype])
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     for path in folder.iterdir():
         path.chmod(0o644)  # safetensors writes 0600; the serving user reads these
-    (folder / MARKER).write_text(_marker_text(seed, model_id, remote_code))
 
 
 def make_tiny_model(
@@ -247,8 +254,11 @@ def make_tiny_model(
         return dest
     if dest.exists() and not marker.is_file() and any(dest.iterdir()):
         raise FileExistsError(f"{dest} exists and was not made by make_tiny_model; not replaced")
-    return replace_folder(dest, lambda staging: _build(staging, seed=seed, model_id=model_id,
-                                                       remote_code=remote_code))
+    def build(staging: Path) -> None:
+        _build(staging, seed=seed, model_id=model_id, remote_code=remote_code)
+        (staging / MARKER).write_text(_marker_text(seed, model_id, remote_code))
+
+    return replace_folder(dest, build)
 
 
 def make_model(
@@ -261,29 +271,6 @@ def make_model(
     index into the full vocabulary), every weight at ``dims``, tied embeddings when ``dims``
     says so. ``device="cuda"`` draws the 2.4B model's weights in seconds; always rebuilt.
     """
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16,
-                   "float32": torch.float32}[dtype]
-
-    def build(folder: Path) -> None:
-        tokenizer = _train_tokenizer()
-        tokenizer.save(str(folder / "tokenizer.json"))
-        ids = {token: tokenizer.token_to_id(token) for token in SPECIAL_TOKENS}
-        _write_json(folder / "config.json", _config(dims, model_id, ids,
-                                                    max_positions=max_positions,
-                                                    torch_dtype=dtype))
-        (folder / "configuration_exaone.py").write_text(config_source())
-        _write_json(folder / "generation_config.json", {
-            "bos_token_id": ids[BOS], "eos_token_id": ids[EOT], "pad_token_id": ids[PAD],
-        })
-        _write_json(folder / "tokenizer_config.json", {
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOT,
-            "pad_token": PAD, "unk_token": UNK, "additional_special_tokens": list(ROLE_TOKENS),
-            "add_bos_token": False, "clean_up_tokenization_spaces": False,
-            "model_max_length": max_positions, "chat_template": CHAT_TEMPLATE,
-        })
-        save_file(_weights(dims, seed, device=device, dtype=torch_dtype),
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
-        for path in folder.iterdir():
-            path.chmod(0o644)
-
-    return replace_folder(Path(dest), build)
+    return replace_folder(Path(dest), lambda staging: _build(
+        staging, seed=seed, model_id=model_id, dims=dims, dtype=dtype, device=device,
+        max_positions=max_positions))

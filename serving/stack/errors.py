@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import TextIO
+
+# Bad input: one line per problem on stderr, nothing changed.
+EXIT_BAD_INPUT = 2
 
 
 @dataclass(frozen=True)
@@ -22,3 +27,10 @@ class SpecError(Exception):
     def __init__(self, problems: list[Problem]):
         self.problems = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
+
+    def report(self, stream: TextIO | None = None) -> int:
+        """Print one line per problem, as given (never as markup); the exit code to use."""
+        out = stream or sys.stderr
+        for problem in self.problems:
+            print(problem, file=out)
+        return EXIT_BAD_INPUT

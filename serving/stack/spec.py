@@ -20,6 +20,7 @@ from serving.stack.catalog import (
     OPEN_SOURCES,
     VM_IMAGES,
     lora_rank_problem,
+    version_tuple,
 )
 from serving.stack.errors import Problem
 from serving.stack.targets import TARGETS, Target
@@ -104,12 +105,11 @@ def _choice(*allowed: str):
 
 
 def _vllm_version(value: str) -> str:
-    match = SEMVER_RE.match(value)
-    if not match:
+    if not SEMVER_RE.match(value):
         raise ValueError(
             f"{value!r} is not a pinned release; allowed: an exact version like 0.33.0"
         )
-    if tuple(int(g) for g in match.groups()[:3]) < MIN_VLLM_VERSION:
+    if version_tuple(value) < MIN_VLLM_VERSION:
         floor = ".".join(map(str, MIN_VLLM_VERSION))
         raise ValueError(
             f"{value} is below {floor}: vLLM before {floor} lets requests bypass --api-key "

@@ -83,7 +83,6 @@ def _save(env: GpuEnv) -> None:
 
 def _values(root: Path, version: str, digests: dict[str, str]) -> dict[str, Any]:
     document = yaml.safe_load(stackfile.stack_path("dev").read_text())
-    ns = stackfile.namespace()
     values = {k.split(":", 1)[1]: v for k, v in document["config"].items()}
     values.update({
         "modelId": MODEL_ID, "vllmVersion": version, "dtype": "bfloat16", "vllmPort": PORT,
@@ -92,7 +91,6 @@ def _values(root: Path, version: str, digests: dict[str, str]) -> dict[str, Any]
         "adapters": [{"name": n, "version": "1", "source": f"blob://adapters/{n}/1",
                       "sha256": digests[n], "rank": 32} for n in ADAPTERS],
     })
-    assert ns
     return values
 
 
@@ -137,7 +135,6 @@ def gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuEnv]:
         started = time.monotonic()
         make_model(model, dims, model_id=MODEL_ID, device="cuda", max_positions=32768)
         print(f"model made in {time.monotonic() - started:.1f} s", flush=True)
-    # The adapter named "gpu-new" is added at runtime; keep it out of the record's start.
     server = localrun.LocalServer(spec, layout)
     started = time.monotonic()
     localrun.start(server, key, deadline_s=START_DEADLINE_SECONDS,
