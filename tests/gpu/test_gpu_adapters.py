@@ -10,7 +10,9 @@ with the project's own VM argv and environment (``vllm_args``), bound to loopbac
   each verified by the answer check, with the adapter's tokens/s after each hotfix measured
   against an untouched adapter in the same moments;
 - measure the failed-request risk of a forced settle under back-to-back traffic;
-- time add and remove.
+- time add and remove;
+- measure vLLM's batch-invariant mode against the default (noise and tokens/s) on two more
+  servers of its own (batch-invariant.json).
 
 Figures go to ``$EXAONE_GPU_OUT`` (default: a temporary folder) as gpu-adapters.json and
 scores.json. The server keeps running between invocations when ``EXAONE_GPU_ROOT`` names a
@@ -44,6 +46,8 @@ from serving.stack import layout as layouts
 from serving.stack import stackfile
 from serving.stack.catalog import EXAONE_MODELS
 from serving.stack.digest import folder_digest
+from serving.stack.layout import Layout
+from serving.stack.spec import Spec
 
 pytestmark = [pytest.mark.gpu]
 
@@ -94,8 +98,7 @@ def _values(root: Path, version: str, digests: dict[str, str]) -> dict[str, Any]
     return values
 
 
-@pytest.fixture(scope="module")
-def gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuEnv]:
+def _require_gpu() -> tuple[Any, Any]:
     import torch
 
     if not torch.cuda.is_available():
@@ -104,11 +107,17 @@ def gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuEnv]:
         import vllm
     except ImportError as exc:
         pytest.fail(f"the gpu tier needs CUDA vLLM importable ({exc}); see README, GPU tier")
+    return torch, vllm
+
+
+def _prepare(root: Path, version: str, *, state: str = "state", port: int = PORT,
+             util: str = "0.5") -> tuple[Spec, Layout, str]:
+    """The model, adapters and key under ``root`` (made once, reused), and the spec and layout
+    of a server on ``port`` whose state folder ``root/state`` holds them (another ``state``
+    links to the same model and adapters)."""
     from serving.local.loramaker import make_adapter
     from serving.local.tinymodel import make_model
 
-    keep = bool(os.environ.get("EXAONE_GPU_ROOT"))
-    root = Path(os.environ.get("EXAONE_GPU_ROOT") or tmp_path_factory.mktemp("gpu"))
     root.mkdir(parents=True, exist_ok=True)
     layout = dataclasses.replace(
         layouts.VM, python=sys.executable, state_dir=str(root / "state"),
@@ -118,10 +127,10 @@ def gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuEnv]:
     dims = EXAONE_MODELS[MODEL_ID]
     digests: dict[str, str] = {}
     for i, name in enumerate([*ADAPTERS, "gpu-new"]):
-        for version in ("1", "2") if name == HOTFIXED else ("1",):
-            folder = adapters / name / version
+        for version_ in ("1", "2") if name == HOTFIXED else ("1",):
+            folder = adapters / name / version_
             if not folder.is_dir():
-                make_adapter(folder, base=dims, rank=32, seed=1000 + 10 * i + int(version),
+                make_adapter(folder, base=dims, rank=32, seed=1000 + 10 * i + int(version_),
                              base_model_id=MODEL_ID)
         digests[name] = folder_digest(adapters / name / "1")
     key_file = root / "api-key"
@@ -129,12 +138,32 @@ def gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuEnv]:
         key_file.write_text(secrets.token_urlsafe(24) + "\n")
         key_file.chmod(0o600)
     key = key_file.read_text().strip()
-    spec = stackfile.from_values(_values(root, vllm.__version__, digests), stack="gpu")
+    values = _values(root, version, digests)
+    values.update({"vllmPort": port, "gpuMemoryUtilization": util})
+    spec = stackfile.from_values(values, stack="gpu")
     model = Path(layout.model_path(spec))
     if not (model / "model.safetensors").is_file():
         started = time.monotonic()
         make_model(model, dims, model_id=MODEL_ID, device="cuda", max_positions=32768)
         print(f"model made in {time.monotonic() - started:.1f} s", flush=True)
+    if state != "state":
+        own = dataclasses.replace(layout, state_dir=str(root / state),
+                                  cache_dir=str(root / f"cache-{state}"))
+        Path(own.state_dir).mkdir(parents=True, exist_ok=True)
+        for folder in ("models", "adapters"):
+            link = Path(own.state_dir, folder)
+            if not link.exists():
+                link.symlink_to(Path(layout.state_dir, folder))
+        layout = own
+    return spec, layout, key
+
+
+@pytest.fixture(scope="module")
+def gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpuEnv]:
+    torch, vllm = _require_gpu()
+    keep = bool(os.environ.get("EXAONE_GPU_ROOT"))
+    root = Path(os.environ.get("EXAONE_GPU_ROOT") or tmp_path_factory.mktemp("gpu"))
+    spec, layout, key = _prepare(root, vllm.__version__)
     server = localrun.LocalServer(spec, layout)
     started = time.monotonic()
     localrun.start(server, key, deadline_s=START_DEADLINE_SECONDS,
@@ -391,3 +420,98 @@ def test_add_and_remove_latency(gpu: GpuEnv) -> None:
     _save(gpu)
     with pytest.raises(VllmError):
         gpu.client.complete("gpu-new", "x", max_tokens=1)
+
+
+def _aggregate_tok_s(endpoint: str, key: str, model: str, streams: int = 16,
+                     seconds: float = 8.0) -> float:
+    """Tokens/s of ``streams`` concurrent clients streaming to ``model`` for ``seconds``."""
+    load = [Traffic(endpoint, key, [model], tokens=128, limit_s=seconds, offset=i)
+            for i in range(streams)]
+    started = time.monotonic()
+    for t in load:
+        t.start()
+    for t in load:
+        t.join(timeout=seconds + 120)
+        t.client.close()
+    failed = [f for t in load for f in t.failures]
+    assert not failed, failed[:3]
+    return sum(t.ok for t in load) * 128 / (time.monotonic() - started)
+
+
+def test_batch_invariant_mode(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """vLLM's ``VLLM_BATCH_INVARIANT=1`` against the default, with the same model, adapters
+    and argv: two servers on the same GPU (started one after the other: vLLM's memory
+    profile at start-up counts another process's allocations as its own), measured in turn.
+    Records the scores' repeat noise under concurrent load on each and the mode's cost in
+    tokens/s; the answer check must decide every model on both."""
+    _torch, vllm = _require_gpu()
+    root = Path(os.environ.get("EXAONE_GPU_ROOT") or tmp_path_factory.mktemp("gpu"))
+    extra = {k: os.environ[k] for k in _PASS if k in os.environ}
+    modes = {"default": {}, "batch_invariant": {"VLLM_BATCH_INVARIANT": "1"}}
+    servers: dict[str, localrun.LocalServer] = {}
+    key, base, figures = "", "", {}
+    clients: dict[str, VllmClient] = {}
+    try:
+        for i, (mode, env) in enumerate(modes.items()):
+            spec, layout, key = _prepare(root, vllm.__version__, state=f"state-{mode}",
+                                         port=PORT + 10 + i, util="0.4")
+            servers[mode] = server = localrun.LocalServer(spec, layout)
+            base = spec.model.served_name
+            started = time.monotonic()
+            localrun.start(server, key, deadline_s=START_DEADLINE_SECONDS,
+                           extra_env={**extra, **env})
+            figures[mode] = {"start_to_health_s": round(time.monotonic() - started, 1)}
+            print(f"{mode}: healthy after {figures[mode]['start_to_health_s']} s", flush=True)
+            clients[mode] = server.client(key)
+        models = [base, HOTFIXED, UNTOUCHED]
+        samples: dict[str, dict[str, list[Scores]]] = {m: {x: [] for x in models} for m in modes}
+        for repeat in range(6):
+            for mode, server in servers.items():
+                load = [Traffic(server.endpoint, key, ["gpu-d", base], offset=i, tokens=256)
+                        for i in range(16)] if repeat % 2 else []
+                for t in load:
+                    t.start()
+                time.sleep(0.5 if load else 0)
+                for model in models:
+                    choices = clients[mode].score(model, SCORE_TEXTS)
+                    samples[mode][model].append(parse_scores(choices, SCORE_TEXTS))
+                for t in load:
+                    t.stop()
+        single: dict[str, dict[str, list[float]]] = {m: {x: [] for x in models[:2]}
+                                                     for m in modes}
+        for _ in range(3):
+            for mode in modes:
+                for model in models[:2]:
+                    single[mode][model].append(_tok_s(clients[mode], model))
+        concurrent = {mode: {model: _aggregate_tok_s(servers[mode].endpoint, key, model)
+                             for model in models[:2]} for mode in modes}
+        for mode in modes:
+            refs = [Reference.from_samples(m, v) for m, v in samples[mode].items()]
+            figures[mode].update({
+                "noise": {r.label: round(r.noise, 4) for r in refs},
+                "identical_repeats": {m: len({s.values for s in v}) == 1
+                                      for m, v in samples[mode].items()},
+                "single_stream_tok_s": {m: round(statistics.median(v), 1)
+                                        for m, v in single[mode].items()},
+                "concurrent_16_tok_s": {m: round(v, 1) for m, v in concurrent[mode].items()},
+            })
+            floor = max(r.noise for r in refs if r.label != base)
+            for model, rows in samples[mode].items():
+                rest = iter(rows * 2)
+                verdict = decide(lambda it=rest: next(it), refs, floor=floor)
+                assert verdict.is_(model), f"{mode}: {verdict.describe()}"
+        inv, dflt = figures["batch_invariant"], figures["default"]
+        figures["cost"] = {
+            kind: {m: round(inv[kind][m] / dflt[kind][m], 3) for m in models[:2]}
+            for kind in ("single_stream_tok_s", "concurrent_16_tok_s")}
+    finally:
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "batch-invariant.json").write_text(json.dumps(figures, indent=2) + "\n")
+        for mode, server in servers.items():
+            log = Path(server.log_file)
+            if log.is_file():
+                (OUT / f"vllm-{mode}.log").write_text("\n".join(
+                    log.read_text(errors="replace").splitlines()[-200:]) + "\n")
+            localrun.stop(server)
+        for c in clients.values():
+            c.close()
