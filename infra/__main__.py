@@ -86,19 +86,24 @@ def cloud(stack: config.StackConfig) -> None:
         resource_group_name=group.name, location=spec.location,
         subscription_id=client.subscription_id, dns_prefix=base, subnet_id=net.subnet_id,
         operator_cidrs=net_cfg.ssh_cidrs, system_vm_size=spec.aks.system_vm_size,
-        gpu_vm_size=spec.vm.size, gpu_count=spec.vm.count, gpu_driver=spec.aks.gpu_driver,
+        gpu_vm_size=spec.vm.size, gpu_count=spec.vm.count,
         os_disk_gb=spec.vm.os_disk_gb, encryption_at_host=spec.vm.encryption_at_host,
         production=spec.production, pod_cidr=config.AKS_POD_CIDR,
         service_cidr=config.AKS_SERVICE_CIDR, dns_service_ip=config.AKS_DNS_SERVICE_IP,
         tags=tags(spec, "aks")))
+    pulumi.export("aksCluster", aks.name)
+    pulumi.export("kubeconfig", aks.kubeconfig)
+    if spec.aks.phase != "workload":
+        # First run: the storage account is created empty in this run, so nothing may be
+        # awaited on its contents. `python -m serving upload`, then aksPhase: workload.
+        pulumi.export("apiEndpoint", "")
+        return
     workload = VllmOnAks(f"{base}-k8s", VllmOnAksArgs(
         spec=spec, kubeconfig=aks.kubeconfig, resource_group_name=group.name,
         storage_account_name=store.account_name, identity_name=identity.name,
         identity_client_id=identity.client_id, tenant_id=client.tenant_id,
         oidc_issuer_url=aks.oidc_issuer_url, api_key=stack.api_key,
         depends_on=[aks.gpu_pool, aks.subnet_access, identity.reader]))
-    pulumi.export("aksCluster", aks.name)
-    pulumi.export("kubeconfig", aks.kubeconfig)
     pulumi.export("apiEndpoint", workload.api_endpoint(spec.vllm.port))
 
 

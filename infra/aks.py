@@ -29,7 +29,6 @@ class AksClusterArgs:
     system_vm_size: str
     gpu_vm_size: str
     gpu_count: int
-    gpu_driver: str  # aks (AKS installs it) or none (GPU Operator)
     os_disk_gb: int
     encryption_at_host: bool
     production: bool
@@ -119,8 +118,8 @@ class AksCluster(pulumi.ComponentResource):
             os_disk_size_gb=args.os_disk_gb,
             node_taints=[GPU_NODE_TAINT],
             node_labels=dict(GPU_NODE_LABELS),
-            gpu_profile=cs.GPUProfileArgs(
-                driver=cs.GPUDriver.INSTALL if args.gpu_driver == "aks" else cs.GPUDriver.NONE),
+            # AKS installs the driver; the workload adds the device plugin (spec.AKS_GPU_DRIVERS).
+            gpu_profile=cs.GPUProfileArgs(driver=cs.GPUDriver.INSTALL),
             vnet_subnet_id=args.subnet_id,
             enable_encryption_at_host=args.encryption_at_host,
             security_profile=cs.AgentPoolSecurityProfileArgs(

