@@ -10,10 +10,11 @@ from pulumi_azure_native import authorization, containerservice
 
 from infra.identity import role_definition_id
 from k8s import GPU_NODE_LABELS, GPU_NODE_TAINT, GPU_POOL_NAME
+from serving.stack.catalog import AZURE_ROLES
 
 # Built-in role "Network Contributor": AKS's own identity needs it on a subnet it does not
 # own to place internal load balancers there (the CLI grants it; ARM deployments must).
-NETWORK_CONTRIBUTOR = "4d97b98b-1d4f-4787-a291-c67834d212e7"
+NETWORK_CONTRIBUTOR = AZURE_ROLES["Network Contributor"]
 SYSTEM_POOL_NAME = "system"
 
 

