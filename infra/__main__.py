@@ -22,6 +22,7 @@ from infra.aks import AksCluster, AksClusterArgs  # noqa: E402
 from infra.group import ResourceGroup, ResourceGroupArgs  # noqa: E402
 from infra.identity import WorkloadIdentity, WorkloadIdentityArgs  # noqa: E402
 from infra.network import Network, NetworkArgs  # noqa: E402
+from infra.preflight import before_up  # noqa: E402
 from infra.storage import CONTAINERS, Storage, StorageArgs  # noqa: E402
 from infra.tags import tags  # noqa: E402
 from infra.vm import GpuVms, GpuVmsArgs  # noqa: E402
@@ -114,6 +115,7 @@ def main() -> None:
         # Target local runs on this machine: no Azure resources at all.
         pulumi.export("apiEndpoint", f"http://127.0.0.1:{stack.spec.vllm.port}/v1")
         return
+    before_up(stack.spec)
     cloud(stack)
 
 

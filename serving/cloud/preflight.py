@@ -154,14 +154,19 @@ def check_providers(spec: Spec, azure: Azure, report: Report) -> None:
                 "encryptionAtHost: false"))
 
 
+def _text(value: Any) -> str:
+    """An SDK enum member as Azure spells it."""
+    return str(getattr(value, "value", value))
+
+
 def _capabilities(sku: Any) -> dict[str, str]:
     return {c.name: c.value for c in sku.capabilities or []}
 
 
 def _restricted(sku: Any, location: str) -> list[Any]:
+    # The SDK's models are mappings: the REST field "values" is ``values_property``.
     return [r for r in sku.restrictions or []
-            if location.lower() in [v.lower() for v in r.values or []]
-            or r.type == "Zone"]
+            if location.lower() in [v.lower() for v in r.values_property or []]]
 
 
 def check_sizes(spec: Spec, azure: Azure, report: Report) -> dict[str, Any]:
@@ -190,7 +195,7 @@ def check_sizes(spec: Spec, azure: Azure, report: Report) -> dict[str, Any]:
         if blocked:
             report.findings.append(Finding(
                 "size", f"{size} is restricted in {location} for this subscription "
-                f"({blocked[0].reason_code})", f"another location, or ask Azure support to "
+                f"({_text(blocked[0].reason_code)})", f"another location, or ask Azure support to "
                 f"enable {size} ({listing.format(size)})"))
         zones = [z for info in sku.location_info or [] for z in info.zones or []]
         zone_blocked = {z for r in _restricted(sku, location) if r.type == "Zone"
@@ -273,8 +278,10 @@ def check_blobs(spec: Spec, azure: Azure, report: Report) -> None:
     # The pods fetch during `pulumi up` in the workload phase; VMs fetch during fab deploy.
     blocks = spec.on.kubernetes and spec.aks.phase == "workload"
     account = layout.storage_account_name(spec.stack, azure.subscription_id)
+    # No retries: Blob's policy backs off for about a minute and a half on an account name
+    # that does not resolve yet, which is the first-run answer, not a transient one.
     service = BlobServiceClient(layout.blob_account_url(account), credential=azure.credential,
-                                **azure.client_kwargs())
+                                retry_total=0, **azure.client_kwargs())
     upload = f"python -m serving upload --stack {spec.stack} --account {account}"
     for key, source, pinned in folders:
         folder = blobstore.BlobFolder.parse(source)
