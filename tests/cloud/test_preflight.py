@@ -157,3 +157,21 @@ def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], words: str) -> 
     assert done.stderr.count("\n") == 1 and words in done.stderr
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 10
+
+
+def test_fab_validate_runs_preflight(monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from invoke import MockContext
+    from invoke.exceptions import Exit
+
+    from provisioning import validate
+    from serving.cloud import azure as azure_access
+
+    azure, _ = replay("lacking")
+    monkeypatch.setattr(azure_access, "credentials_present", lambda env=None: True)
+    monkeypatch.setattr(azure_access, "connect", lambda subscription_id="": azure)
+    with pytest.raises(Exit) as stopped:
+        validate(MockContext(), stack="prod")
+    assert stopped.value.code == 1
+    lines = str(stopped.value.message).splitlines()
+    assert len(lines) == len(LACKING) and "prod: valid" in capsys.readouterr().out
