@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serving.cloud import blobstore
-from serving.cloud.azure import Azure
+from serving.cloud.azure import Azure, AzureAccessError
 from serving.stack import layout
 from serving.stack.catalog import AZURE_ROLES
 from serving.stack.spec import Spec
@@ -315,7 +315,7 @@ def check_blobs(spec: Spec, azure: Azure, report: Report) -> None:
 
 def run(spec: Spec, azure: Azure, *, say: Callable[[str], None] = lambda _: None) -> Report:
     """Every check; an Azure error in one is a finding, the others still run."""
-    from azure.core.exceptions import AzureError
+    from azure.core.exceptions import AzureError, ClientAuthenticationError
 
     report = Report()
 
@@ -329,9 +329,15 @@ def run(spec: Spec, azure: Azure, *, say: Callable[[str], None] = lambda _: None
                                            "the deployer needs Reader on the subscription"))
             return None
 
-    principal = guarded("identity", azure.principal_id)
-    if principal:
-        guarded("role", lambda: check_roles(spec, azure, principal, report))
+    try:
+        principal = azure.principal_id()
+    except (ClientAuthenticationError, AzureAccessError) as exc:
+        # Without a token nothing else can be asked: one finding, not one per check.
+        message = str(getattr(exc, "message", "") or exc).splitlines()[0][:200]
+        report.findings.append(Finding("credentials", f"no ARM token: {message}",
+                                       "az login (or fix the ARM_* variables)"))
+        return report
+    guarded("role", lambda: check_roles(spec, azure, principal, report))
     guarded("provider", lambda: check_providers(spec, azure, report))
     skus = guarded("size", lambda: check_sizes(spec, azure, report)) or {}
     guarded("quota", lambda: check_quota(spec, azure, skus, report))

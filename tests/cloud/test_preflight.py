@@ -175,3 +175,39 @@ def test_fab_validate_runs_preflight(monkeypatch: pytest.MonkeyPatch,
     assert stopped.value.code == 1
     lines = str(stopped.value.message).splitlines()
     assert len(lines) == len(LACKING) and "prod: valid" in capsys.readouterr().out
+
+
+ROLE_ASSIGNMENT = "azure-native:authorization:RoleAssignment"
+LOCK = "azure-native:authorization:ManagementLockAtResourceGroupLevel"
+
+
+@pytest.mark.parametrize("stack", [s for s in stackfile.stack_names()
+                                   if stackfile.load(s).on.cloud])
+def test_a_contributor_is_told_what_the_program_would_fail_on(stack: str) -> None:
+    """Finding 4: whatever the program registers that Contributor cannot create (role
+    assignments, a management lock) is named by preflight for a Contributor-only deployer."""
+    from pulumi_mocks import run_program
+
+    run = run_program(stack, stack_values(stack), env={"EXAONE_API_KEY": "test-not-real"})
+    azure, _ = replay("lacking")  # its deployer holds Contributor only
+    report = preflight.Report()
+    preflight.check_roles(stackfile.load(stack), azure, DEPLOYER_OID, report)
+    messages = " ".join(f.message for f in report.findings)
+    assert ("cannot create role assignments" in messages) == bool(run.of_type(ROLE_ASSIGNMENT))
+    assert ("locks the resource group" in messages) == bool(run.of_type(LOCK))
+    assert run.of_type(ROLE_ASSIGNMENT), "every cloud stack assigns the identity's role"
+
+
+def test_an_expired_login_is_one_finding() -> None:
+    from azure.core.exceptions import ClientAuthenticationError
+
+    from serving.cloud.azure import Azure
+
+    class Expired:
+        def get_token(self, *scopes: str, **kwargs: object) -> None:
+            raise ClientAuthenticationError("AADSTS700082: The refresh token has expired")
+
+    _, adapter = replay("ready")
+    report = preflight.run(stackfile.load("dev"), Azure(Expired(), "sub"))
+    assert [f.check for f in report.findings] == ["credentials"]
+    assert "az login" in report.findings[0].fix and adapter.seen == []
