@@ -10,7 +10,7 @@ from pulumi_azure_native import authorization, containerservice
 
 from infra.identity import role_definition_id
 from k8s import GPU_NODE_LABELS, GPU_NODE_TAINT, GPU_POOL_NAME
-from serving.stack.catalog import AZURE_ROLES
+from serving.stack.catalog import AZURE_ROLES, aks_system_nodes
 
 # Built-in role "Network Contributor": AKS's own identity needs it on a subnet it does not
 # own to place internal load balancers there (the CLI grants it; ARM deployments must).
@@ -80,7 +80,7 @@ class AksCluster(pulumi.ComponentResource):
             agent_pool_profiles=[cs.ManagedClusterAgentPoolProfileArgs(
                 name=SYSTEM_POOL_NAME,
                 mode=cs.AgentPoolMode.SYSTEM,
-                count=2 if args.production else 1,
+                count=aks_system_nodes(args.production),
                 vm_size=args.system_vm_size,
                 os_type=cs.OSType.LINUX,
                 os_sku=cs.OSSKU.UBUNTU,

@@ -16,7 +16,7 @@ from typing import Any
 from serving.cloud import blobstore
 from serving.cloud.azure import Azure, AzureAccessError
 from serving.stack import layout
-from serving.stack.catalog import AZURE_ROLES
+from serving.stack.catalog import AZURE_ROLES, aks_system_nodes
 from serving.stack.spec import Spec
 
 # A fresh subscription has only a few providers registered; creating a resource of an
@@ -232,7 +232,7 @@ def check_quota(spec: Spec, azure: Azure, skus: dict[str, Any], report: Report) 
     need: dict[str, int] = {}
     pools = [(spec.vm.size, spec.vm.count)]
     if spec.on.kubernetes:
-        pools.append((spec.aks.system_vm_size, 2 if spec.production else 1))
+        pools.append((spec.aks.system_vm_size, aks_system_nodes(spec.production)))
     for size, count in pools:
         sku = skus.get(size)
         if sku is None:

@@ -172,6 +172,11 @@ REFUSED_VM_IMAGES: dict[str, str] = {
 }
 
 
+def aks_system_nodes(production: bool) -> int:
+    """Nodes of the AKS system pool: two keep system pods up through a node upgrade."""
+    return 2 if production else 1
+
+
 # Azure built-in role ids (the same in every tenant), by role name.
 AZURE_ROLES: dict[str, str] = {
     "Owner": "8e3af657-a8ff-443c-a75c-2fe8c4bcb635",
