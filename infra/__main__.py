@@ -32,7 +32,7 @@ from serving.stack import layout  # noqa: E402
 
 def cloud(stack: config.StackConfig) -> None:
     spec = stack.spec
-    base = f"exaone-{spec.stack}"
+    base = layout.resource_group_name(spec.stack)
     client = authorization.get_client_config_output()
     net_cfg = spec.network
 

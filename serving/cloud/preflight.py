@@ -60,10 +60,15 @@ def _role_id(definition_id: str) -> str:
 
 
 def _covers(scope: str, target: str) -> bool:
-    scope = scope.rstrip("/").lower()
+    """Whether an assignment at ``scope`` applies at ``target`` (inherited downwards)."""
+    if scope == "/":
+        return True
+    scope, target = scope.rstrip("/").lower(), target.lower()
+    if not scope:
+        return False
     # A management group's assignment covers its subscriptions; which ones is not asked here.
-    return (scope in ("", "/") or scope.startswith("/providers/microsoft.management/")
-            or target.lower() == scope or target.lower().startswith(scope + "/"))
+    return (scope.startswith("/providers/microsoft.management/")
+            or target == scope or target.startswith(scope + "/"))
 
 
 def check_roles(spec: Spec, azure: Azure, principal: str, report: Report) -> None:
@@ -103,7 +108,7 @@ def check_roles(spec: Spec, azure: Azure, principal: str, report: Report) -> Non
             "role", "production: true locks the resource group, which needs Owner or User "
             "Access Administrator", f'{grant} "User Access Administrator"'))
     account = layout.storage_account_name(spec.stack, azure.subscription_id)
-    account_id = (f"{sub}/resourceGroups/exaone-{spec.stack}/providers/"
+    account_id = (f"{sub}/resourceGroups/{layout.resource_group_name(spec.stack)}/providers/"
                   f"Microsoft.Storage/storageAccounts/{account}")
     # Owner manages the account but reads no blobs: data access is its own role (keys are off).
     if not roles_on(account_id) & {AZURE_ROLES["Storage Blob Data Contributor"],
@@ -227,7 +232,7 @@ def check_quota(spec: Spec, azure: Azure, skus: dict[str, Any], report: Report) 
     groups = ResourceManagementClient(azure.credential, azure.subscription_id,
                                       **azure.client_kwargs())
     # On a later run the stack's own VMs are already counted as in use: compare with the limit.
-    existing = groups.resource_groups.check_existence(f"exaone-{spec.stack}")
+    existing = groups.resource_groups.check_existence(layout.resource_group_name(spec.stack))
     usages = {(u.name.value or "").lower(): u for u in client.usage.list(spec.location)}
     need: dict[str, int] = {}
     pools = [(spec.vm.size, spec.vm.count)]

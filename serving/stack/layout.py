@@ -109,6 +109,11 @@ def vm_host_names(spec: Spec) -> list[str]:
     return [f"exaone-{spec.stack}-{i}" for i in range(spec.vm.count)]
 
 
+def resource_group_name(stack: str) -> str:
+    """The stack's resource group (and the prefix of its resources' names)."""
+    return f"exaone-{stack}"
+
+
 def storage_account_name(stack: str, subscription_id: str) -> str:
     """The stack's storage account. Its name is global across Azure: 3-24 lowercase letters
     and digits; the hash of subscription and stack keeps it stable per stack and apart from
