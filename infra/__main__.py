@@ -22,6 +22,7 @@ from infra.aks import AksCluster, AksClusterArgs  # noqa: E402
 from infra.group import ResourceGroup, ResourceGroupArgs  # noqa: E402
 from infra.identity import WorkloadIdentity, WorkloadIdentityArgs  # noqa: E402
 from infra.network import Network, NetworkArgs  # noqa: E402
+from infra.preflight import before_up  # noqa: E402
 from infra.storage import CONTAINERS, Storage, StorageArgs  # noqa: E402
 from infra.tags import tags  # noqa: E402
 from infra.vm import GpuVms, GpuVmsArgs  # noqa: E402
@@ -31,7 +32,7 @@ from serving.stack import layout  # noqa: E402
 
 def cloud(stack: config.StackConfig) -> None:
     spec = stack.spec
-    base = f"exaone-{spec.stack}"
+    base = layout.resource_group_name(spec.stack)
     client = authorization.get_client_config_output()
     net_cfg = spec.network
 
@@ -86,19 +87,24 @@ def cloud(stack: config.StackConfig) -> None:
         resource_group_name=group.name, location=spec.location,
         subscription_id=client.subscription_id, dns_prefix=base, subnet_id=net.subnet_id,
         operator_cidrs=net_cfg.ssh_cidrs, system_vm_size=spec.aks.system_vm_size,
-        gpu_vm_size=spec.vm.size, gpu_count=spec.vm.count, gpu_driver=spec.aks.gpu_driver,
+        gpu_vm_size=spec.vm.size, gpu_count=spec.vm.count,
         os_disk_gb=spec.vm.os_disk_gb, encryption_at_host=spec.vm.encryption_at_host,
         production=spec.production, pod_cidr=config.AKS_POD_CIDR,
         service_cidr=config.AKS_SERVICE_CIDR, dns_service_ip=config.AKS_DNS_SERVICE_IP,
         tags=tags(spec, "aks")))
+    pulumi.export("aksCluster", aks.name)
+    pulumi.export("kubeconfig", aks.kubeconfig)
+    if spec.aks.phase != "workload":
+        # First run: the storage account is created empty in this run, so nothing may be
+        # awaited on its contents. `python -m serving upload`, then aksPhase: workload.
+        pulumi.export("apiEndpoint", "")
+        return
     workload = VllmOnAks(f"{base}-k8s", VllmOnAksArgs(
         spec=spec, kubeconfig=aks.kubeconfig, resource_group_name=group.name,
         storage_account_name=store.account_name, identity_name=identity.name,
         identity_client_id=identity.client_id, tenant_id=client.tenant_id,
         oidc_issuer_url=aks.oidc_issuer_url, api_key=stack.api_key,
         depends_on=[aks.gpu_pool, aks.subnet_access, identity.reader]))
-    pulumi.export("aksCluster", aks.name)
-    pulumi.export("kubeconfig", aks.kubeconfig)
     pulumi.export("apiEndpoint", workload.api_endpoint(spec.vllm.port))
 
 
@@ -109,6 +115,7 @@ def main() -> None:
         # Target local runs on this machine: no Azure resources at all.
         pulumi.export("apiEndpoint", f"http://127.0.0.1:{stack.spec.vllm.port}/v1")
         return
+    before_up(stack.spec)
     cloud(stack)
 
 

@@ -10,10 +10,11 @@ from pulumi_azure_native import authorization, containerservice
 
 from infra.identity import role_definition_id
 from k8s import GPU_NODE_LABELS, GPU_NODE_TAINT, GPU_POOL_NAME
+from serving.stack.catalog import AZURE_ROLES, aks_system_nodes
 
 # Built-in role "Network Contributor": AKS's own identity needs it on a subnet it does not
 # own to place internal load balancers there (the CLI grants it; ARM deployments must).
-NETWORK_CONTRIBUTOR = "4d97b98b-1d4f-4787-a291-c67834d212e7"
+NETWORK_CONTRIBUTOR = AZURE_ROLES["Network Contributor"]
 SYSTEM_POOL_NAME = "system"
 
 
@@ -29,7 +30,6 @@ class AksClusterArgs:
     system_vm_size: str
     gpu_vm_size: str
     gpu_count: int
-    gpu_driver: str  # aks (AKS installs it) or none (GPU Operator)
     os_disk_gb: int
     encryption_at_host: bool
     production: bool
@@ -80,7 +80,7 @@ class AksCluster(pulumi.ComponentResource):
             agent_pool_profiles=[cs.ManagedClusterAgentPoolProfileArgs(
                 name=SYSTEM_POOL_NAME,
                 mode=cs.AgentPoolMode.SYSTEM,
-                count=2 if args.production else 1,
+                count=aks_system_nodes(args.production),
                 vm_size=args.system_vm_size,
                 os_type=cs.OSType.LINUX,
                 os_sku=cs.OSSKU.UBUNTU,
@@ -119,8 +119,8 @@ class AksCluster(pulumi.ComponentResource):
             os_disk_size_gb=args.os_disk_gb,
             node_taints=[GPU_NODE_TAINT],
             node_labels=dict(GPU_NODE_LABELS),
-            gpu_profile=cs.GPUProfileArgs(
-                driver=cs.GPUDriver.INSTALL if args.gpu_driver == "aks" else cs.GPUDriver.NONE),
+            # AKS installs the driver; the workload adds the device plugin (spec.AKS_GPU_DRIVERS).
+            gpu_profile=cs.GPUProfileArgs(driver=cs.GPUDriver.INSTALL),
             vnet_subnet_id=args.subnet_id,
             enable_encryption_at_host=args.encryption_at_host,
             security_profile=cs.AgentPoolSecurityProfileArgs(

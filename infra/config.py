@@ -63,11 +63,11 @@ def _decode(raw: str, decl: dict[str, Any]) -> Any:
 def read_values(config: pulumi.Config) -> dict[str, Any]:
     """Un-namespaced values of every key in the schema that the stack sets."""
     values: dict[str, Any] = {}
-    for key, decl in stackfile.schema().items():
+    for key, decl in stackfile.known_keys().items():
         raw = config.get(key)
         if raw is None:
             continue
-        if key == "apiKey":
+        if key in stackfile.SECRET_KEYS:
             # Only whether it is set, and set as a secret, enters the spec; never the value.
             if raw:
                 secret = is_config_secret(config.full_key(key))

@@ -7,8 +7,10 @@ from dataclasses import dataclass
 import pulumi
 from pulumi_azure_native import authorization, managedidentity
 
+from serving.stack.catalog import AZURE_ROLES
+
 # Built-in role "Storage Blob Data Reader": read and list blobs, nothing else.
-STORAGE_BLOB_DATA_READER = "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1"
+STORAGE_BLOB_DATA_READER = AZURE_ROLES["Storage Blob Data Reader"]
 
 
 def role_definition_id(subscription_id: str, role: str) -> str:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 from dataclasses import dataclass
 
 import pulumi
 from pulumi_azure_native import storage
+
+from serving.stack import layout
 
 CONTAINERS = ("models", "adapters")
 SOFT_DELETE_DAYS = 7
@@ -28,11 +29,7 @@ class StorageArgs:
 
 
 def account_name(stack: str, subscription_id: str) -> str:
-    """A storage account name is global across Azure: 3-24 lowercase letters and digits.
-    The hash of subscription and stack keeps it stable per stack and apart from others'."""
-    digest = hashlib.sha256(f"{subscription_id}/{stack}".encode()).hexdigest()[:8]
-    slug = "".join(c for c in stack.lower() if c.isalnum())[:10]
-    return f"exaone{slug}{digest}"
+    return layout.storage_account_name(stack, subscription_id)
 
 
 # Storage IP rules refuse these (RFC 1918 and carrier-grade NAT); such networks reach the

@@ -123,7 +123,9 @@ class GpuVms(pulumi.ComponentResource):
                     security_type=compute.SecurityTypes.TRUSTED_LAUNCH,
                     uefi_settings=compute.UefiSettingsArgs(
                         secure_boot_enabled=True, v_tpm_enabled=True),
-                    # Needs the EncryptionAtHost feature registered on the subscription.
+                    # Needs the EncryptionAtHost feature registered on the subscription and a
+                    # size whose EncryptionAtHostSupported capability is True in the region;
+                    # Azure refuses the VM otherwise (preflight asks both).
                     encryption_at_host=True if args.encryption_at_host else None,
                 ),
                 network_profile=compute.NetworkProfileArgs(network_interfaces=[

@@ -20,7 +20,8 @@ from serving.stack.spec import Spec
 
 # Kubernetes' audience for Entra ID workload identity federation.
 TOKEN_EXCHANGE_AUDIENCE = "api://AzureADTokenExchange"
-# A Deployment is "ready" only after the model is fetched, loaded and compiled.
+# A Deployment is "ready" only after the model is fetched, loaded and compiled; the weights
+# are in Blob before this runs (aksPhase: workload, checked by preflight).
 ROLLOUT_TIMEOUT = "60m"
 
 _KINDS: dict[tuple[str, str], type[pulumi.CustomResource]] = {
@@ -92,16 +93,21 @@ class VllmOnAks(pulumi.ComponentResource):
             return [o for o in objs if kinds(o["kind"])]
 
         namespaces = self._create(name, pick(lambda k: k == "Namespace"), after)
-        # Everything around the pods exists first (NetworkPolicy included), the Deployment last.
-        around = self._create(name, pick(lambda k: k not in ("Namespace", "Deployment")),
-                              [*after, *namespaces])
+        # What the pods need exists first (NetworkPolicy included), then the Deployment, then the
+        # Service: pulumi-kubernetes awaits a Service until its endpoints are ready pods (and a
+        # LoadBalancer has an address), so a Service created before its pods fails on its
+        # timeout and the Deployment after it is never created.
+        around = self._create(
+            name, pick(lambda k: k not in ("Namespace", "Deployment", "Service")),
+            [*after, *namespaces])
         if args.api_key is not None:
             # Only the key is secret: name and labels stay readable in previews and state.
             around += self._create(
                 name, [api_key_secret(spec, pulumi.Output.secret(args.api_key))],
                 [*after, *namespaces])
-        self._create(name, pick(lambda k: k == "Deployment"),
-                     [*after, *namespaces, *plugin, *around, self.federation])
+        deployments = self._create(name, pick(lambda k: k == "Deployment"),
+                                   [*after, *namespaces, *plugin, *around, self.federation])
+        self._create(name, pick(lambda k: k == "Service"), [*namespaces, *deployments])
         self.register_outputs({"objects": list(self.resources)})
 
     def _create(self, name: str, objs: list[dict[str, Any]],

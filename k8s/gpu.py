@@ -84,10 +84,8 @@ def _container() -> dict[str, Any]:
 
 
 def device_plugin(spec: Spec) -> list[dict[str, Any]]:
-    """The NVIDIA device plugin DaemonSet on the GPU pool; none when the GPU Operator is used
-    (``aksGpuDriver: none``), which deploys its own."""
-    if spec.aks.gpu_driver == "none":
-        return []
+    """The NVIDIA device plugin DaemonSet on the GPU pool (AKS installs the driver, not the
+    plugin: without it no pod can request ``nvidia.com/gpu``)."""
     pod_spec = {
         "priorityClassName": "system-node-critical",
         "automountServiceAccountToken": False,

@@ -8,16 +8,35 @@ from serving.stack import stackfile
 from serving.stack.errors import SpecError
 
 
-@task(help={"stack": "stack name: Pulumi.<STACK>.yaml"})
-def validate(c, stack: str = "dev") -> None:
-    """Validate the stack's spec before anything touches a host."""
+@task(help={"stack": "stack name: Pulumi.<STACK>.yaml",
+            "subscription": "for preflight; default: ARM_SUBSCRIPTION_ID or `az account show`"})
+def validate(c, stack: str = "dev", subscription: str = "") -> None:
+    """Validate the stack's spec, then ask the subscription what `pulumi up` needs (preflight,
+    when this machine has Azure credentials), before anything touches a host."""
     from invoke.exceptions import Exit
+
+    from serving.cloud import azure, preflight
 
     try:
         spec = stackfile.load(stack=stack)
     except SpecError as exc:
         raise Exit("\n".join(str(p) for p in exc.problems), code=2) from None
     print(f"{spec.stack}: valid ({spec.target}, {len(spec.adapters)} adapters)")
+    if not spec.on.cloud:
+        return
+    if not azure.credentials_present():
+        print("preflight skipped: no Azure credentials (`az login`, or ARM_* variables)")
+        return
+    try:
+        access = azure.connect(subscription)
+    except azure.AzureAccessError as exc:
+        raise Exit(f"credentials: {exc}", code=2) from None
+    report = preflight.run(spec, access)
+    for note in report.notes:
+        print(note)
+    if report.findings:
+        raise Exit("\n".join(str(f) for f in report.findings), code=1)
+    print(f"{spec.stack}: preflight found nothing missing")
 
 
 from provisioning.tasks import adapters as adapter_tasks  # noqa: E402

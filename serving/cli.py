@@ -206,6 +206,7 @@ def parser() -> argparse.ArgumentParser:
 
     from serving.adapters import cli as adapters_cli
     from serving.bench import cli as bench_cli
+    from serving.cloud import cli as cloud_cli
     from serving.local import cli as local_cli
     from serving.plan import cli as plan_cli
 
@@ -213,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
     bench_cli.add_parser(sub)
     adapters_cli.add_parser(sub)
     local_cli.add_parser(sub)
+    cloud_cli.add_parser(sub)
 
     demo = sub.add_parser("demo", help="the main job on this machine")
     demo.add_argument("--render-only", action="store_true",

@@ -122,6 +122,8 @@ class Registered:
     protect: bool
     retain_on_delete: bool
     provider: str
+    # URNs this resource waits for: explicit dependsOn and those its inputs come from.
+    dependencies: list[str] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -142,7 +144,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 urn=response.urn, type=request.type, name=request.name,
                 custom=bool(request.custom), parent=request.parent,
                 protect=bool(request.protect), retain_on_delete=bool(request.retainOnDelete),
-                provider=request.provider, inputs=inputs, state=dict(registration.state)))
+                provider=request.provider, dependencies=list(request.dependencies),
+                inputs=inputs, state=dict(registration.state)))
         return response
 
 

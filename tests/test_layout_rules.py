@@ -38,7 +38,8 @@ def _offenders(folder: str, forbidden: tuple[str, ...]) -> list[str]:
 
 def test_the_contract_imports_nothing_else_of_the_project() -> None:
     forbidden = ("provisioning", "infra", "k8s", "serving.render", "serving.adapters",
-                 "serving.host", "serving.plan", "serving.bench", "serving.local", "serving.cli")
+                 "serving.host", "serving.plan", "serving.bench", "serving.local", "serving.cli",
+                 "serving.cloud")
     assert _offenders("serving/stack", forbidden) == []
 
 
@@ -49,7 +50,10 @@ def test_the_contract_imports_nothing_else_of_the_project() -> None:
                           "serving.host", "provisioning", "infra", "k8s")),
     ("serving/render", ("serving.adapters", "serving.host", "serving.plan", "serving.bench",
                         "serving.local", "provisioning", "infra")),
-], ids=["host", "adapters", "render"])
+    # The operator's Azure side: the spec and Azure's SDKs, no rendering, hosts or Pulumi.
+    ("serving/cloud", ("serving.render", "serving.plan", "serving.bench", "serving.local",
+                       "serving.host", "serving.adapters", "provisioning", "infra", "k8s")),
+], ids=["host", "adapters", "render", "cloud"])
 def test_what_travels_to_a_vm_and_what_renders_stay_in_their_lanes(
         folder: str, forbidden: tuple[str, ...]) -> None:
     assert _offenders(folder, forbidden) == []

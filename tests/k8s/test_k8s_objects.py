@@ -364,7 +364,6 @@ def test_device_plugin_runs_on_the_gpu_pool(spec: Spec) -> None:
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
-def test_no_device_plugin_when_the_gpu_operator_brings_its_own() -> None:
-    spec = _retarget("dev")
-    spec = spec.model_copy(update={"aks": spec.aks.model_copy(update={"gpu_driver": "none"})})
-    assert k8s.device_plugin(spec) == []
+def test_every_aks_stack_gets_the_device_plugin() -> None:
+    """AKS installs the driver, never the device plugin (the spec refuses aksGpuDriver none)."""
+    assert len(k8s.device_plugin(_retarget("dev"))) == 1
