@@ -49,7 +49,7 @@ def check(spec: Spec, timeout_s: float) -> dict[str, Any]:
     started = time.monotonic()
     deadline = started + timeout_s
     restarts = _unit()["NRestarts"]
-    with VllmClient(f"http://127.0.0.1:{spec.vllm.port}", key) as client:
+    with VllmClient(f"http://127.0.0.1:{layouts.vllm_port(spec)}", key) as client:
         while not client.health():
             unit = _unit()
             # Fail at the first crash instead of waiting out the deadline: each restart loads
@@ -99,7 +99,7 @@ def check(spec: Spec, timeout_s: float) -> dict[str, Any]:
 def status(spec: Spec) -> dict[str, Any]:
     """Read-only: does it answer, and which models does it serve (for `fab status`)."""
     key = secretref.resolve(spec.api_key, root=ROOT) if spec.api_key.kind != "none" else None
-    with VllmClient(f"http://127.0.0.1:{spec.vllm.port}", key) as client:
+    with VllmClient(f"http://127.0.0.1:{layouts.vllm_port(spec)}", key) as client:
         if not client.health():
             return {"health": False, "models": [], "adapters": []}
         try:
