@@ -21,6 +21,7 @@ from local_server import Served, serve_local_copy
 from proxy_server import serve_proxy
 
 from serving.adapters.cli import default_endpoint, make_ops
+from serving.adapters.client import VllmError
 from serving.local.loramaker import make_adapter
 from serving.render import proxy
 
@@ -185,6 +186,14 @@ def test_the_project_tools_still_load_and_unload_on_loopback(world: World) -> No
         answer = c.post("/v1/completions", json={"model": "proxied-add", "prompt": PROMPT,
                                                  "max_tokens": 4})
         assert answer.status_code == 404, answer.text
+
+
+def test_tools_pointed_at_the_proxy_say_where_to_go(world: World) -> None:
+    ops = make_ops(world.served.spec, root=world.served.root, endpoint=world.public)
+    with ops.client, pytest.raises(VllmError) as caught:
+        ops.client.unload("tone-formal")
+    assert caught.value.kind == "not_served" and "--endpoint" in caught.value.message
+    assert "tone-formal" in loaded(world)
 
 
 def test_the_access_log_holds_no_key(world: World) -> None:
