@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from provisioning_helpers import target
+from invoke import Result
+from provisioning_helpers import ANY, OK, as_json, commands, rx, target
 
 from provisioning.steps import proxy
 from provisioning.steps.config import sha
 from provisioning.steps.converge import Target
+from provisioning.tasks.status import host_status
 from serving.render import proxy_unit
 
 UNIT = proxy_unit.UNIT_NAME
@@ -69,3 +71,28 @@ def test_a_distribution_nginx_that_came_back_is_masked_again() -> None:
     t = target()[0]
     assert proxy.ProxyStep().plan(t, _state(t, distro="enabled")) == [
         f"stop and mask {proxy_unit.DISTRIBUTION_UNIT}"]
+
+
+def test_apply_on_a_fresh_host_installs_then_starts_and_records_the_marker() -> None:
+    t, mc, _ = target({rx("serving.host.files put"): as_json({"changed": True}), ANY: OK})
+    state = _state(t, package="no", distro="", enabled="", active="inactive",
+                   digests={p: None for p in proxy.files(t)}, marker="")
+    step = proxy.ProxyStep()
+    step.apply(t, step.plan(t, state), state)
+    sent = commands(mc)
+    order = [next(i for i, c in enumerate(sent) if needle in c) for needle in (
+        "bash -s -- install nginx nginx.service", f"put {proxy_unit.CONFIG_FILE}",
+        f"put {proxy_unit.UNIT_FILE}", "systemctl daemon-reload",
+        f"systemctl enable --quiet {UNIT}", f"systemctl start {UNIT}", f"put {proxy.MARKER}")]
+    assert order == sorted(order), sent
+
+
+def test_status_shows_the_proxy() -> None:
+    t, _, _ = target({
+        rx(f"systemctl is-active {proxy_unit.UNIT_NAME}"): Result(stdout="failed\n", exited=3),
+        rx("systemctl is-active"): Result(stdout="active\n"),
+        rx("serving.host.health"): as_json({"health": True, "adapters": ["a"]}),
+        ANY: OK,
+    })
+    row = host_status(t)
+    assert row["service"] == "active" and row["proxy"] == "failed"

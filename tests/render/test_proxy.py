@@ -252,3 +252,15 @@ def test_systemd_analyze_verify_and_security(stack: str, unit_root: Path) -> Non
     assert match, done.stdout + done.stderr
     print(f"{stack}: proxy exposure {match.group(1)}")
     assert float(match.group(1)) <= MAX_EXPOSURE, done.stdout
+
+
+def test_render_writes_the_proxy_of_each_target() -> None:
+    from serving.render import artifacts
+
+    vm = artifacts.artifacts(SPECS["dev"], stackfile.ROOT)
+    assert vm["proxy/exaone-proxy.nginx.conf"] == proxy_unit.render_config(SPECS["dev"])
+    assert vm["systemd/exaone-proxy.service"] == proxy_unit.render_unit(SPECS["dev"])
+    aks = artifacts.artifacts(SPECS["prod"], stackfile.ROOT)
+    assert "k8s/configmap-exaone-vllm-proxy.yaml" in aks
+    assert not any(path.startswith("proxy/") for path in
+                   artifacts.artifacts(SPECS["local"], stackfile.ROOT))
