@@ -65,7 +65,7 @@ def check_proxy(spec: Spec, key: str | None) -> str:
                                 json={"lora_name": _ADMIN_PROBE_NAME}).status_code
     except httpx.HTTPError as exc:
         raise HostError(f"the API proxy on port {spec.vllm.port} does not answer ({exc}); see "
-                        "`journalctl -u exaone-proxy` on the host") from None
+                        f"`journalctl -u {layouts.PROXY_SERVICE_NAME}` on the host") from None
     if health != 200:
         raise HostError(f"/health through the API proxy answered {health}, not 200")
     if admin != 403:

@@ -10,7 +10,7 @@ from serving.render.systemd_unit import exec_line, template
 from serving.stack import layout as layouts
 from serving.stack.spec import Spec
 
-NAME = "exaone-proxy"
+NAME = layouts.PROXY_SERVICE_NAME
 UNIT_NAME = f"{NAME}.service"
 UNIT_FILE = f"/etc/systemd/system/{UNIT_NAME}"
 TEMPLATE = f"{NAME}.service.j2"

@@ -13,6 +13,7 @@ from serving.stack.spec import AdapterSpec, Spec
 
 SERVICE_USER = "exaone"
 SERVICE_NAME = "exaone-vllm"
+PROXY_SERVICE_NAME = "exaone-proxy"  # the API proxy in front of vLLM (serving.render.proxy)
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM reads the key from here; never from argv (ps shows argv)
 
 
