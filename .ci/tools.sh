@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the third-party checkers that judge the rendered artifacts: the Debian packages
-# that bring shellcheck, systemd-analyze, promtool, npm, debootstrap and systemd-nspawn, checkov (own venv: it pins a lot),
+# that bring shellcheck, systemd-analyze, promtool, npm, debootstrap, systemd-nspawn and nginx, checkov (own venv: it pins a lot),
 # and Azurite from npm for the integration tests.
 set -euo pipefail
 tools_venv=${1:-.venv-tools}
@@ -12,6 +12,9 @@ command -v npm >/dev/null || need+=(npm)
 # The fab deploy integration tests boot a Debian rootfs with systemd-nspawn.
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v systemd-nspawn >/dev/null || need+=(systemd-container)
+# nginx, the API proxy: `nginx -t` on its rendered configuration, and a real one in front of
+# vLLM in the integration tests (in /usr/sbin, which a non-root PATH may lack).
+[[ -x /usr/sbin/nginx ]] || need+=(nginx)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi
   $sudo apt-get update -qq

@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from k8s import fetch, meta
+from k8s import fetch, meta, proxy
 from k8s.gpu import GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATION, device_plugin
 from k8s.meta import Value
+from serving.render import proxy as proxy_config
 from serving.render import vllm_args
 from serving.stack import layout
 from serving.stack.catalog import DTYPE_BYTES, EXAONE_MODELS, adapter_params, weight_params
@@ -29,7 +30,7 @@ API_KEY_SECRET_NAME = f"{meta.APP_NAME}-api-key"
 API_KEY_SECRET_KEY = "api-key"
 FETCH_CONFIG_NAME = f"{meta.APP_NAME}-fetch"
 PORT_NAME = "http"
-HEALTH_PATH = "/health"  # answers without the API key
+HEALTH_PATH = proxy_config.HEALTH_PATH  # answers without the API key
 RUN_AS_ID = 10001
 WORKLOAD_IDENTITY = "azure.workload.identity"
 
@@ -171,8 +172,12 @@ def _has_api_key(spec: Spec) -> bool:
     return spec.api_key.kind != "none"
 
 
-def _probe(**timing: int) -> dict[str, Any]:
-    return {"httpGet": {"path": HEALTH_PATH, "port": PORT_NAME}, **timing}
+def _probe(spec: Spec, **timing: int) -> dict[str, Any]:
+    """vLLM's /health on loopback, from inside its container: the kubelet's own requests come
+    from the node and reach only the proxy's port (vLLM binds 127.0.0.1)."""
+    url = f"http://127.0.0.1:{layout.vllm_port(spec)}{HEALTH_PATH}"
+    check = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=4)"
+    return {"exec": {"command": ["python3", "-c", check, url]}, **timing}
 
 
 def _vllm_container(spec: Spec) -> dict[str, Any]:
@@ -184,15 +189,16 @@ def _vllm_container(spec: Spec) -> dict[str, Any]:
         "command": [interpreter],
         "args": arguments,
         "env": _env(spec),
-        "ports": [{"name": PORT_NAME, "containerPort": spec.vllm.port, "protocol": "TCP"}],
+        # No ports: vLLM listens on the pod's loopback only; clients come through the proxy.
         "resources": pod_resources(spec),
         "startupProbe": _probe(
+            spec,
             periodSeconds=_STARTUP_PERIOD_SECONDS,
             timeoutSeconds=5,
             failureThreshold=_STARTUP_FAILURES,
         ),
-        "readinessProbe": _probe(periodSeconds=10, timeoutSeconds=5, failureThreshold=3),
-        "livenessProbe": _probe(periodSeconds=20, timeoutSeconds=10, failureThreshold=3),
+        "readinessProbe": _probe(spec, periodSeconds=10, timeoutSeconds=5, failureThreshold=3),
+        "livenessProbe": _probe(spec, periodSeconds=20, timeoutSeconds=10, failureThreshold=3),
         "securityContext": _container_security(),
         "volumeMounts": [
             *_state_mounts(read_only=True),
@@ -210,11 +216,12 @@ def _deployment_skips(spec: Spec) -> dict[str, str]:
             "every process can read; the variable comes from a Secret"
         )
     unpinned = [i for i, d in ((image(spec), spec.vllm.image_digest),
-                               (fetch.image(), fetch.AZURE_CLI_DIGEST)) if not d]
+                               (fetch.image(), fetch.AZURE_CLI_DIGEST),
+                               (proxy.image(), proxy.NGINX_DIGEST)) if not d]
     if unpinned:
         skips["CKV_K8S_43"] = (
             "pinned by version tag, no digest configured for " + ", ".join(unpinned)
-            + " (vllmImageDigest / k8s.fetch.AZURE_CLI_DIGEST)"
+            + " (vllmImageDigest / k8s.fetch.AZURE_CLI_DIGEST / k8s.proxy.NGINX_DIGEST)"
         )
     return skips
 
@@ -246,8 +253,11 @@ def deployment(spec: Spec, *, storage_account: Value) -> dict[str, Any]:
             security_context=_container_security(),
             mounts=_state_mounts(read_only=False),
         )],
-        "containers": [_vllm_container(spec)],
-        "volumes": _volumes(spec),
+        "containers": [
+            _vllm_container(spec),
+            proxy.container(spec, port_name=PORT_NAME, security_context=_container_security()),
+        ],
+        "volumes": [*_volumes(spec), *proxy.volumes()],
     }
     return {
         "apiVersion": "apps/v1",
@@ -272,7 +282,10 @@ def deployment(spec: Spec, *, storage_account: Value) -> dict[str, Any]:
             "template": {
                 "metadata": {
                     "labels": {**labels, f"{WORKLOAD_IDENTITY}/use": "true"},
-                    "annotations": {f"{meta.part_of()}/fetch-config-sha256": config_digest},
+                    "annotations": {
+                        f"{meta.part_of()}/fetch-config-sha256": config_digest,
+                        f"{meta.part_of()}/proxy-config-sha256": proxy.config_digest(spec),
+                    },
                 },
                 "spec": pod_spec,
             },
@@ -360,8 +373,8 @@ def disruption_budget(spec: Spec) -> dict[str, Any]:
 
 
 def network_policy(spec: Spec) -> dict[str, Any]:
-    """Ingress: the API port, from apiCidrs and this namespace. Egress: DNS and HTTPS only
-    (Entra ID token exchange, Blob storage, the Hugging Face Hub)."""
+    """Ingress: the API port (the proxy's), from apiCidrs and this namespace. Egress: DNS and
+    HTTPS only (Entra ID token exchange, Blob storage, the Hugging Face Hub)."""
     sources: list[dict[str, Any]] = [{"ipBlock": {"cidr": c}} for c in spec.network.api_cidrs]
     sources.append({"podSelector": {}})
     dns = [{"port": 53, "protocol": proto} for proto in ("UDP", "TCP")]
@@ -405,6 +418,7 @@ def vllm_objects(
         namespace(spec),
         service_account(spec, client_id=client_id, tenant_id=tenant_id),
         fetch_config(spec),
+        proxy.config_map(spec),
         deployment(spec, storage_account=storage_account),
         service(spec),
         disruption_budget(spec),

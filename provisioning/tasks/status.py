@@ -1,4 +1,5 @@
-"""`fab status`: one row per host: service state, vLLM version, loaded adapters, GPU memory."""
+"""`fab status`: one row per host: service and API proxy state, vLLM version, loaded adapters,
+GPU memory."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from provisioning.remote import Host, RemoteError
 from provisioning.steps.converge import Target
 from provisioning.steps.model import stack_file
 from provisioning.tasks import options as cli_options
-from serving.render import systemd_unit
+from serving.render import proxy_unit, systemd_unit
 from serving.stack import layout as layouts
 
 GPU_QUERY = ("nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader,nounits "
@@ -24,6 +25,8 @@ def host_status(t: Target) -> dict[str, str]:
     try:
         _, out, _ = t.host.run(f"systemctl is-active {systemd_unit.UNIT_NAME}", check=False)
         row["service"] = out.strip() or "absent"
+        _, out, _ = t.host.run(f"systemctl is-active {proxy_unit.UNIT_NAME}", check=False)
+        row["proxy"] = out.strip() or "absent"
         _, pins, _ = t.host.run(f"cat {layouts.VM.venv_dir}/.pins", check=False)
         vllm = next((p for p in pins.split() if p.startswith(t.spec.vllm.package + "==")), "")
         row["vllm"] = vllm.partition("==")[2] or "-"
@@ -45,7 +48,7 @@ def host_status(t: Target) -> dict[str, str]:
     return row
 
 
-COLUMNS = ("host", "service", "health", "vllm", "adapters", "gpu memory")
+COLUMNS = ("host", "service", "proxy", "health", "vllm", "adapters", "gpu memory")
 
 
 def table(rows: list[dict[str, str]], stack: str) -> Table:

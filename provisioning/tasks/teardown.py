@@ -1,6 +1,6 @@
-"""`fab teardown`: drain and stop vLLM, disable its unit; ``--purge`` also removes what the
-deploy installed. Azure itself is left to ``pulumi destroy`` (production storage is
-protected there).
+"""`fab teardown`: drain and stop vLLM and its API proxy, disable their units; ``--purge``
+also removes what the deploy installed. Azure itself is left to ``pulumi destroy``
+(production storage is protected there).
 
 Draining is systemd's stop: SIGTERM to the API server, which finishes in-flight requests
 within TimeoutStopSec before its engine shuts down.
@@ -16,35 +16,41 @@ from invoke.exceptions import Exit
 from provisioning.steps.converge import Target
 from provisioning.tasks import options as cli_options
 from provisioning.tasks.deploy import HostReport, summary
-from serving.render import systemd_unit
+from serving.render import proxy_unit, systemd_unit
 from serving.stack import layout as layouts
 
-PURGE_PATHS = (systemd_unit.UNIT_FILE, layouts.VM.config_dir, "/opt/exaone",
-               layouts.VM.state_dir, layouts.VM.cache_dir)
+# The proxy first: clients stop arriving while vLLM drains what is in flight.
+UNITS = (proxy_unit.UNIT_NAME, systemd_unit.UNIT_NAME)
+PURGE_PATHS = (proxy_unit.UNIT_FILE, systemd_unit.UNIT_FILE, layouts.VM.config_dir,
+               "/opt/exaone", layouts.VM.state_dir, layouts.VM.cache_dir)
 STOP_TIMEOUT_SECONDS = systemd_unit.STOP_TIMEOUT_SECONDS + 60
 
 
 class StopStep:
     name = "stop"
 
-    def probe(self, t: Target) -> list[str]:
-        unit = systemd_unit.UNIT_NAME
-        _, out, _ = t.host.run(f"systemctl is-active {unit}; systemctl is-enabled {unit}",
-                               check=False)
-        return ([*out.split(), "", ""])[:2]
+    def probe(self, t: Target) -> dict[str, list[str]]:
+        state = {}
+        for unit in UNITS:
+            _, out, _ = t.host.run(f"systemctl is-active {unit}; systemctl is-enabled {unit}",
+                                   check=False)
+            state[unit] = ([*out.split(), "", ""])[:2]
+        return state
 
-    def plan(self, t: Target, state: list[str]) -> list[str]:
-        active, enabled = state
+    def plan(self, t: Target, state: dict[str, list[str]]) -> list[str]:
         actions = []
-        if active in ("active", "activating", "reloading"):
-            actions.append(f"drain and stop {systemd_unit.UNIT_NAME}")
-        if enabled == "enabled":
-            actions.append(f"disable {systemd_unit.UNIT_NAME}")
+        for unit in UNITS:
+            active, enabled = state[unit]
+            if active in ("active", "activating", "reloading"):
+                actions.append(f"drain and stop {unit}")
+            if enabled == "enabled":
+                actions.append(f"disable {unit}")
         return actions
 
-    def apply(self, t: Target, actions: list[str], state: list[str]) -> None:
-        t.host.sudo(f"systemctl disable --now {systemd_unit.UNIT_NAME}",
-                    timeout_s=STOP_TIMEOUT_SECONDS)
+    def apply(self, t: Target, actions: list[str], state: dict[str, list[str]]) -> None:
+        for unit in UNITS:
+            if any(a.endswith(f" {unit}") for a in actions):
+                t.host.sudo(f"systemctl disable --now {unit}", timeout_s=STOP_TIMEOUT_SECONDS)
 
 
 class PurgeStep:

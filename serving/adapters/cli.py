@@ -49,7 +49,7 @@ def _spec(args: argparse.Namespace) -> Spec:
 
 
 def default_endpoint(spec: Spec) -> str:
-    return f"http://127.0.0.1:{spec.vllm.port}"
+    return f"http://127.0.0.1:{layouts.vllm_port(spec)}"
 
 
 def make_ops(spec: Spec, *, endpoint: str | None = None, state_dir: str | None = None,

@@ -26,7 +26,7 @@ class VllmError(Exception):
     """A vLLM call failed; ``kind`` tells callers which case it was (for decisions and tests).
 
     kinds: unreachable, unauthorized, unknown_adapter, already_loaded, bad_adapter,
-    bad_request, server, protocol.
+    bad_request, server, protocol, not_served (the API proxy answered, not vLLM).
     """
 
     def __init__(self, kind: str, message: str, *, status: int | None = None):
@@ -193,6 +193,13 @@ class VllmClient:
             return VllmError("unauthorized", (
                 f"vLLM at {self.base_url} refused the API key (401); the key from the stack's "
                 "apiKey/apiKeyRef is not the one the server was started with"
+            ), status=status)
+        if status == 403 and "not served on this port" in low:
+            # The API proxy (serving.render.proxy) answered, not vLLM: the tools belong on
+            # vLLM's own loopback port, which is their default endpoint.
+            return VllmError("not_served", (
+                f"{self.base_url} is the API proxy, which serves no adapter administration; "
+                "drop --endpoint to reach vLLM on the host's loopback"
             ), status=status)
         if path.endswith("/load_lora_adapter"):
             if "already" in low and "loaded" in low:

@@ -5,7 +5,8 @@
 Passes when, within the deadline: ``/health`` answers 200; ``/v1/models`` lists exactly the
 served base model and the stack's adapter set (each from its versioned folder); and one
 greedy completion per model answers, each adapter's differently from the base model's (vLLM
-has been seen to report an adapter loaded while the base model answers for it).
+has been seen to report an adapter loaded while the base model answers for it); and the API
+proxy on the API port answers /health and refuses the LoRA admin routes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import time
 from typing import Any
+
+import httpx
 
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.ops import OperationError, probe_answer
@@ -44,12 +47,39 @@ def _journal_tail(lines: int = JOURNAL_LINES) -> str:
     return done.stdout.strip() or done.stderr.strip()
 
 
+# A name no stack can hold (names are lowercase): were the route open, nothing would change.
+_ADMIN_PROBE_NAME = "Health-Gate-Probe"
+
+
+def check_proxy(spec: Spec, key: str | None) -> str:
+    """Through the API proxy, as a client with the key: /health answers 200 and vLLM's LoRA
+    admin route is refused with 403 (``serving.render.proxy``)."""
+    if not spec.on.api_proxy:
+        return "no proxy on this target"
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = f"http://127.0.0.1:{spec.vllm.port}"
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+            health = client.get("/health").status_code
+            admin = client.post("/v1/unload_lora_adapter",
+                                json={"lora_name": _ADMIN_PROBE_NAME}).status_code
+    except httpx.HTTPError as exc:
+        raise HostError(f"the API proxy on port {spec.vllm.port} does not answer ({exc}); see "
+                        f"`journalctl -u {layouts.PROXY_SERVICE_NAME}` on the host") from None
+    if health != 200:
+        raise HostError(f"/health through the API proxy answered {health}, not 200")
+    if admin != 403:
+        raise HostError(f"the API port lets clients reach vLLM's adapter admin routes "
+                        f"(/v1/unload_lora_adapter answered {admin}, not 403)")
+    return "inference routes only"
+
+
 def check(spec: Spec, timeout_s: float) -> dict[str, Any]:
     key = secretref.resolve(spec.api_key, root=ROOT) if spec.api_key.kind != "none" else None
     started = time.monotonic()
     deadline = started + timeout_s
     restarts = _unit()["NRestarts"]
-    with VllmClient(f"http://127.0.0.1:{spec.vllm.port}", key) as client:
+    with VllmClient(f"http://127.0.0.1:{layouts.vllm_port(spec)}", key) as client:
         while not client.health():
             unit = _unit()
             # Fail at the first crash instead of waiting out the deadline: each restart loads
@@ -92,14 +122,15 @@ def check(spec: Spec, timeout_s: float) -> dict[str, Any]:
             raise HostError(exc.message) from None
         except OperationError as exc:
             raise HostError(exc.message) from None
-    return {"ready_s": round(ready_s, 1), "answers": answers,
+    proxied = check_proxy(spec, key)
+    return {"ready_s": round(ready_s, 1), "answers": answers, "proxy": proxied,
             "seconds": round(time.monotonic() - started, 1)}
 
 
 def status(spec: Spec) -> dict[str, Any]:
     """Read-only: does it answer, and which models does it serve (for `fab status`)."""
     key = secretref.resolve(spec.api_key, root=ROOT) if spec.api_key.kind != "none" else None
-    with VllmClient(f"http://127.0.0.1:{spec.vllm.port}", key) as client:
+    with VllmClient(f"http://127.0.0.1:{layouts.vllm_port(spec)}", key) as client:
         if not client.health():
             return {"health": False, "models": [], "adapters": []}
         try:

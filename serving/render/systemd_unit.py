@@ -8,13 +8,12 @@ never enters a rendering: the deploy writes ``render_secret_env(key)`` to ``SECR
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path, PurePosixPath
 
 import jinja2
 
-from serving.render import vllm_args
+from serving.render import proxy, vllm_args
 from serving.stack import layout as layouts
 from serving.stack.layout import API_KEY_ENV, SERVICE_NAME, SERVICE_USER, Layout
 from serving.stack.spec import Spec
@@ -148,13 +147,11 @@ def render_secret_env(api_key: str) -> str:
 
 
 def _ip_allow(spec: Spec) -> list[str]:
-    nets = ["localhost", *spec.network.api_cidrs, spec.network.vnet_cidr]
-    out: list[str] = []
-    for net in nets:
-        text = net if net == "localhost" else str(ipaddress.ip_network(net))
-        if text not in out:
-            out.append(text)
-    return out
+    """Behind the API proxy vLLM answers loopback only (the proxy and the host's own tools);
+    the proxy's unit admits the client networks (``serving.render.proxy_unit``)."""
+    if spec.on.api_proxy:
+        return ["localhost"]
+    return ["localhost", *proxy.client_networks(spec)]
 
 
 def unit_context(spec: Spec, layout: Layout = layouts.VM) -> dict[str, object]:
@@ -191,7 +188,8 @@ def unit_context(spec: Spec, layout: Layout = layouts.VM) -> dict[str, object]:
     }
 
 
-def _template() -> jinja2.Template:
+def template(name: str = TEMPLATE) -> jinja2.Template:
+    """A unit template from ``systemd/``."""
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
         undefined=jinja2.StrictUndefined,
@@ -200,9 +198,9 @@ def _template() -> jinja2.Template:
         keep_trailing_newline=True,
         autoescape=False,
     )
-    return env.get_template(TEMPLATE)
+    return env.get_template(name)
 
 
 def render_unit(spec: Spec, layout: Layout = layouts.VM) -> str:
     """The unit file's text for ``UNIT_FILE``."""
-    return _template().render(**unit_context(spec, layout))
+    return template().render(**unit_context(spec, layout))

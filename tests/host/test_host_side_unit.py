@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from serving.host import adapters as host_adapters
 from serving.host import files as hostfiles
 from serving.host import model as host_model
 from serving.host.blobfetch import PARTIAL_SUFFIX, BlobSource, FetchError, fetch
+from serving.host.common import HostError
 from serving.stack import layout as layouts
 from serving.stack import stackfile
 from serving.stack.digest import folder_digest
@@ -415,3 +417,45 @@ def test_host_model_probe_stale(vm: layouts.Layout, change: str, detail: str) ->
         (folder / host_model.MARKER).write_text("{not json")
     state = host_model.probe(DEV_SPEC)
     assert state["state"] == "stale" and detail in state["detail"]
+
+
+# --- health gate: the API proxy ----------------------------------------------------------------
+
+
+class _Exposed(http.server.BaseHTTPRequestHandler):
+    """A server that answers every route with 200: what vLLM itself on the API port would do."""
+
+    def _ok(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    do_GET = do_POST = _ok
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_health_gate_fails_when_the_api_port_serves_the_admin_routes() -> None:
+    from local_server import free_port
+
+    from serving.host import health
+
+    port = free_port()
+    spec = stackfile.from_values(dev_values(vllmPort=port), stack="exposed")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), _Exposed)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(HostError, match=r"admin routes .*answered 200, not 403"):
+            health.check_proxy(spec, "key")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(HostError, match="does not answer"):
+        health.check_proxy(spec, "key")
+    local = stackfile.load("local")
+    assert health.check_proxy(local, "key") == "no proxy on this target"

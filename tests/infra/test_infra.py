@@ -310,6 +310,8 @@ def test_vm_subnet_has_the_nsg_and_denies_the_rest(stack: str) -> None:
                for r in rules if r["access"] == "Allow"}
     assert allowed == {"22": set(spec.network.ssh_cidrs),
                        str(spec.vllm.port): set(spec.network.api_cidrs)}, nsg.urn
+    # The API port is the proxy's; vLLM's own port (its LoRA admin routes) is never opened.
+    assert str(layout.vllm_port(spec)) not in allowed, nsg.urn
 
 
 def test_storage_is_private_with_soft_delete_and_versioning(stack: str) -> None:

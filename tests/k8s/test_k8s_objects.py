@@ -10,6 +10,8 @@ import pytest
 
 import k8s
 from k8s import fetch, objects
+from k8s import proxy as k8s_proxy
+from serving.render import proxy as proxy_config
 from serving.render import vllm_args
 from serving.stack import layout, stackfile
 from serving.stack.spec import SecretRef, Spec
@@ -90,7 +92,7 @@ def _init(spec: Spec) -> dict[str, Any]:
 def test_objects_come_in_apply_order_in_the_spec_namespace(spec: Spec) -> None:
     objs = objects.vllm_objects(spec)
     assert [o["kind"] for o in objs] == [
-        "Namespace", "ServiceAccount", "ConfigMap", "Deployment", "Service",
+        "Namespace", "ServiceAccount", "ConfigMap", "ConfigMap", "Deployment", "Service",
         "PodDisruptionBudget", "NetworkPolicy",
     ]
     assert objs[0]["metadata"]["name"] == spec.aks.namespace
@@ -146,16 +148,57 @@ def test_image_is_the_pinned_vllm_release(spec: Spec) -> None:
 
 
 @pytest.mark.parametrize("spec", CASES)
-def test_probes_hit_health_on_the_vllm_port(spec: Spec) -> None:
+def test_vllm_binds_loopback_and_is_probed_there(spec: Spec) -> None:
     container = _vllm(spec)
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    argv = [*container["command"], *container["args"]]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    backend = layout.vllm_port(spec)
+    assert argv[argv.index("--port") + 1] == str(backend) != str(spec.vllm.port)
+    # Nothing of vLLM is exposed: the kubelet reaches only the proxy's port.
+    assert "ports" not in container
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        get = container[probe]["httpGet"]
-        assert get["path"] == "/health", probe
-        assert ports[get["port"]] == spec.vllm.port, probe
+        command = container[probe]["exec"]["command"]
+        assert command[-1] == f"http://127.0.0.1:{backend}/health", probe
+        assert command[0] == "python3"
     startup = container["startupProbe"]
     budget_seconds = startup["periodSeconds"] * startup["failureThreshold"]
     assert budget_seconds >= 15 * 60, "model load takes minutes"
+
+
+def _proxy(spec: Spec) -> dict[str, Any]:
+    (container,) = [c for c in _pod(spec)["containers"] if c["name"] == "proxy"]
+    return container
+
+
+def _config_map(objs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (found,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name]
+    return found
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_service_and_policy_target_the_proxy_sidecar(spec: Spec) -> None:
+    objs = objects.vllm_objects(spec)
+    container = _proxy(spec)
+    (port,) = container["ports"]
+    assert port == {"name": objects.PORT_NAME, "containerPort": spec.vllm.port, "protocol": "TCP"}
+    svc = _by_kind(objs, "Service")["spec"]["ports"][0]
+    assert svc["targetPort"] == objects.PORT_NAME
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health",
+                                                      "port": objects.PORT_NAME}
+    # The proxy serves its rendered configuration, from its ConfigMap, and nothing else.
+    config = _config_map(objs, k8s_proxy.CONFIG_NAME)["data"][k8s_proxy.CONFIG_KEY]
+    assert config == proxy_config.render_config(spec, proxy_config.POD)
+    assert container["command"] == ["nginx", "-c",
+                                    f"{k8s_proxy.CONFIG_DIR}/{k8s_proxy.CONFIG_KEY}"]
+    assert f"listen 0.0.0.0:{spec.vllm.port};" in config
+    assert f"server 127.0.0.1:{layout.vllm_port(spec)};" in config
+    assert "load_lora_adapter" not in "".join(
+        line for line in config.splitlines() if "proxy_pass" in line)
+    annotations = _by_kind(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert k8s_proxy.config_digest(spec) in annotations.values()
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[k8s_proxy.CONFIG_DIR]["readOnly"] is True
+    assert proxy_config.POD.run_dir in mounts
 
 
 @pytest.mark.parametrize("spec", CASES)
@@ -313,7 +356,7 @@ def test_init_container_fetches_to_the_paths_vllm_is_given(spec: Spec) -> None:
 @pytest.mark.parametrize("spec", CASES)
 def test_init_container_runs_the_checked_in_script(spec: Spec) -> None:
     objs = objects.vllm_objects(spec, storage_account="acct123")
-    config = _by_kind(objs, "ConfigMap")
+    config = _config_map(objs, objects.FETCH_CONFIG_NAME)
     assert config["data"][fetch.SCRIPT_KEY] == fetch.SCRIPT_PATH.read_text()
     assert config["data"][fetch.MANIFEST_KEY] == fetch.manifest(spec)
     init = _init(spec)
@@ -321,7 +364,7 @@ def test_init_container_runs_the_checked_in_script(spec: Spec) -> None:
     assert init["command"][1:] == [
         f"{fetch.MOUNT_DIR}/{fetch.SCRIPT_KEY}", f"{fetch.MOUNT_DIR}/{fetch.MANIFEST_KEY}",
     ]
-    volume = next(v for v in _pod(spec)["volumes"] if "configMap" in v)
+    volume = next(v for v in _pod(spec)["volumes"] if v["name"] == "fetch")
     assert volume["configMap"]["name"] == config["metadata"]["name"]
     init = _by_kind(objs, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]
     assert {"name": "STORAGE_ACCOUNT", "value": "acct123"} in init["env"]

@@ -13,11 +13,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from deploy_env import ADAPTERS, CONN_ENV, FAB, REPO, DeployEnv, make_env
 
 from serving.adapters.client import VllmClient
 from serving.local.loramaker import make_adapter
+from serving.render import proxy_unit
+from serving.stack import layout as layouts
+from serving.stack import stackfile
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +53,22 @@ def statuses(report: dict) -> dict[str, str]:
 
 
 def client(env: DeployEnv) -> VllmClient:
+    """A client with the key, on the API port: through the API proxy."""
     return VllmClient(f"http://127.0.0.1:{env.port}", env.api_key_file.read_text().strip())
+
+
+def loopback(env: DeployEnv) -> VllmClient:
+    """vLLM itself, on the host's loopback, where only the project's tools go. (The test host
+    shares this machine's network, so the test reaches it too.)"""
+    spec = stackfile.load(config=env.work / "Pulumi.cpuhost.yaml")
+    return VllmClient(f"http://127.0.0.1:{layouts.vllm_port(spec)}",
+                      env.api_key_file.read_text().strip())
+
+
+def admin_through_the_api_port(env: DeployEnv, route: str, body: dict) -> httpx.Response:
+    key = env.api_key_file.read_text().strip()
+    return httpx.post(f"http://127.0.0.1:{env.port}/v1/{route}", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {key}"})
 
 
 def answers(env: DeployEnv, models: list[str]) -> dict[str, str]:
@@ -73,7 +92,7 @@ def test_first_deploy_serves_every_adapter(env: DeployEnv, stack: Path) -> None:
     report = report_of(env, "first.json")
     steps = statuses(report)
     assert steps["drivers"] == "skipped"  # no NVIDIA hardware in the test host
-    for step in ("runtime", "config", "model", "patch-exaone", "adapters", "service"):
+    for step in ("runtime", "config", "model", "patch-exaone", "adapters", "service", "proxy"):
         assert steps[step] == "changed", (step, report)
     assert steps["health"] == "passed"
     state = unit_state(env)
@@ -85,6 +104,12 @@ def test_first_deploy_serves_every_adapter(env: DeployEnv, stack: Path) -> None:
     got = answers(env, ["exaone-tiny", *names])
     for name in names:
         assert got[name] != got["exaone-tiny"], got
+    # The proxy runs as its own unprivileged unit; the distribution's nginx stays off.
+    proxy = env.host.ssh(f"systemctl show {proxy_unit.UNIT_NAME} -p ActiveState -p "
+                         "DynamicUser").stdout
+    assert "ActiveState=active" in proxy and "DynamicUser=yes" in proxy, proxy
+    assert env.host.ssh(f"systemctl is-enabled {proxy_unit.DISTRIBUTION_UNIT}",
+                        check=False).stdout.strip() == "masked"
 
 
 def test_second_deploy_changes_nothing(env: DeployEnv, stack: Path) -> None:
@@ -225,9 +250,20 @@ def test_fab_adapter_operations_on_the_vm(env: DeployEnv) -> None:
     fab_ok("adapters.rollback", "--name", "tone-pirate")
     assert answers(env, ["tone-pirate"])["tone-pirate"] == first
     assert resolver_points_at() == ".entries/tone-pirate/1"
+    # A client with the key, through the API port, can neither unload the adapter nor load
+    # other weights under its name; the fab tasks above did both on the host's loopback.
+    for route, body in (("unload_lora_adapter", {"lora_name": "tone-pirate"}),
+                        ("load_lora_adapter", {"lora_name": "tone-pirate", "load_inplace": True,
+                                               "lora_path": "/var/lib/exaone/adapters/"
+                                                            "tone-formal/1"})):
+        refused = admin_through_the_api_port(env, route, body)
+        assert refused.status_code == 403, (route, refused.text)
+        assert "adapter administration is not served" in refused.text
+    assert answers(env, ["tone-pirate"])["tone-pirate"] == first
     # vLLM, as the service user inside the unit's sandbox, reads the resolver entry: a name
-    # unloaded behind the tools' back is loaded from it on the next request.
-    with client(env) as c:
+    # unloaded behind the tools' back (on loopback, as only a host user can) is loaded from it
+    # on the next request.
+    with loopback(env) as c:
         c.unload("tone-pirate")
     assert answers(env, ["tone-pirate"])["tone-pirate"] == first
     assert "nothing was loaded in place" in fab_ok("adapters.settle")

@@ -12,18 +12,26 @@ from provisioning_helpers import (
 )
 
 from provisioning.tasks.teardown import PurgeStep, StopStep
+from serving.render import proxy_unit
 from serving.stack import layout as layouts
 
 # --- teardown -----------------------------------------------------------------------------------
 
 
+PROXY = proxy_unit.UNIT_NAME
+
+
 @pytest.mark.parametrize(("state", "want"), [
-    pytest.param(["active", "enabled"], [f"drain and stop {UNIT}", f"disable {UNIT}"],
-                 id="running"),
-    pytest.param(["inactive", "enabled"], [f"disable {UNIT}"], id="stopped"),
-    pytest.param(["inactive", "disabled"], [], id="already-down"),
+    pytest.param({PROXY: ["active", "enabled"], UNIT: ["active", "enabled"]},
+                 [f"drain and stop {PROXY}", f"disable {PROXY}", f"drain and stop {UNIT}",
+                  f"disable {UNIT}"], id="running"),
+    pytest.param({PROXY: ["inactive", "disabled"], UNIT: ["inactive", "enabled"]},
+                 [f"disable {UNIT}"], id="stopped"),
+    pytest.param({PROXY: ["inactive", "disabled"], UNIT: ["inactive", "disabled"]}, [],
+                 id="already-down"),
 ])
-def test_stop_plan(state: list[str], want: list[str]) -> None:
+def test_stop_plan(state: dict[str, list[str]], want: list[str]) -> None:
+    # The proxy goes first: no new client arrives while vLLM drains.
     assert StopStep().plan(target()[0], state) == want
 
 
