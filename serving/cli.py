@@ -16,6 +16,7 @@ from rich.table import Table
 
 from serving.stack import stackfile
 from serving.stack.catalog import ALLOWED_LORA_RANKS, lora_rank_problem
+from serving.stack.digest import digest_problem
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
 
@@ -105,6 +106,8 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
     from serving.stack import layout
     from serving.stack.catalog import EXAONE_MODELS
 
+    if args.sha256 is not None and digest_problem(args.sha256):
+        raise SpecError([Problem("--sha256", digest_problem(args.sha256))])
     spec = _spec(args) if (args.stack or args.config) else None
     if args.base_model:
         dims = adapter_check.base_dims(args.base_model)

@@ -137,6 +137,10 @@ def test_check_adapter_sha256_and_bad_arguments(
     assert main(["check-adapter", str(path), *base, "--sha256", good]) == 0
     assert main(["check-adapter", str(path), *base, "--sha256", "0" * 64]) == 2
     assert "folder digest" in capsys.readouterr().err
+    for not_a_digest in ("deadbeef", good.upper(), good + "0", f"sha256:{good}", ""):
+        assert main(["check-adapter", str(path), *base, "--sha256", not_a_digest]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("--sha256: ") and "64 lowercase hex" in err, err
     assert main(["check-adapter", str(path)]) == 2
     assert "--base-model" in capsys.readouterr().err
     assert main(["check-adapter", str(path), *base, "--max-lora-rank", "24"]) == 2

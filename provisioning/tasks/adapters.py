@@ -14,8 +14,6 @@ already rolled itself back where the operation allows).
 
 from __future__ import annotations
 
-import re
-
 from fabric import task
 from invoke import Collection
 from invoke.exceptions import Exit
@@ -26,6 +24,7 @@ from provisioning.settings import DeploySettings
 from provisioning.steps.converge import Target
 from provisioning.steps.model import blob_args, stack_file
 from provisioning.tasks import options as cli_options
+from serving.stack.digest import digest_problem
 from serving.stack.spec import BLOB_RE, name_problem, version_problem
 
 OP_TIMEOUT_SECONDS = 900
@@ -69,8 +68,8 @@ def check_version_args(name: str, version: str, source: str, sha256: str) -> str
         return "--source and --sha256 go together (the digest pins what is fetched)"
     if source and not BLOB_RE.match(source):
         return f"--source {source!r} is malformed; allowed: blob://container/path"
-    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        return "--sha256 is not 64 lowercase hex digits (`python -m serving digest FOLDER`)"
+    if sha256 and digest_problem(sha256):
+        return f"--sha256 {digest_problem(sha256)}"
     return ""
 
 
