@@ -8,13 +8,20 @@ from serving.stack import stackfile
 from serving.stack.errors import SpecError
 
 
-@task(help={"stack": "stack name: Pulumi.<STACK>.yaml"})
-def validate(c, stack: str = "dev") -> None:
-    """Validate the stack's spec before anything touches a host."""
+@task(help={"stack": "stack name: Pulumi.<STACK>.yaml",
+            "config": "a stack config file instead of --stack"})
+def validate(c, stack: str = "dev", config: str = "") -> None:
+    """Validate the stack as `fab deploy` and `pulumi up` will, before anything touches a host:
+    the spec, the capacity plan, no example values left."""
+    from pathlib import Path
+
     from invoke.exceptions import Exit
 
+    from serving.plan import gate
+
     try:
-        spec = stackfile.load(stack=stack)
+        spec = stackfile.load(config=Path(config)) if config else stackfile.load(stack=stack)
+        gate.require(spec, where=config or None)
     except SpecError as exc:
         raise Exit("\n".join(str(p) for p in exc.problems), code=2) from None
     print(f"{spec.stack}: valid ({spec.target}, {len(spec.adapters)} adapters)")

@@ -70,15 +70,14 @@ def _where(args: argparse.Namespace, spec: Spec) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from serving.plan import cli as plan_cli
+    from serving.plan import gate
 
     spec = _spec(args)
-    # The capacity plan is part of validity: a stack that cannot fit its GPUs is refused here,
-    # with the numbers, before `pulumi up` pays for the VMs.
-    problems = plan_cli.fit_problems(spec, where=_where(args, spec))
-    if problems:
-        raise SpecError(problems)
-    out.print(summary_table([spec], f"{spec.stack}: valid"))
+    # The same gate as `pulumi up` and `fab deploy`: a stack that cannot fit its GPUs, or a
+    # cloud stack with example values, is refused here before anything pays for VMs.
+    gate.require(spec, where=_where(args, spec), allow_examples=args.allow_examples)
+    note = " (shape only: example values allowed)" if args.allow_examples else ""
+    out.print(summary_table([spec], f"{spec.stack}: valid{note}"))
     return 0
 
 
@@ -166,6 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from serving.local import demo
     from serving.render import artifacts as render
+    from serving.stack import examples
 
     specs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,7 +174,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             files = render.artifacts(spec, stackfile.ROOT)
             render.write(files, Path(tmp, name))
             specs.append(spec)
-            out.print(f"[green]✓[/] {name}: valid, {len(files)} artifacts rendered")
+            todo = len(examples.problems(spec, f"Pulumi.{name}.yaml"))
+            note = (f" (an example: {todo} value(s) to replace before `pulumi up`, see "
+                    f"`validate --stack {name}`)" if todo else "")
+            out.print(f"[green]✓[/] {name}: valid{note}, {len(files)} artifacts rendered")
     out.print(summary_table(specs, "Example stacks"))
     if args.render_only:
         return 0
@@ -185,8 +188,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="check a stack's config; prints a summary")
+    v = sub.add_parser("validate", help="check a stack's config as `pulumi up` and `fab "
+                       "deploy` will; prints a summary")
     _stack_args(v)
+    v.add_argument("--allow-examples", action="store_true",
+                   help="accept example values (the checked-in stacks' SSH key, documentation "
+                        "CIDRs, example digests): check the shape alone")
     v.set_defaults(func=cmd_validate)
 
     r = sub.add_parser("render", help="write the stack's artifacts (unit, env, k8s, monitoring)")

@@ -25,6 +25,7 @@ from provisioning.steps.converge import Target
 from provisioning.steps.model import blob_args, stack_file
 from provisioning.tasks import options as cli_options
 from serving.stack.digest import digest_problem
+from serving.stack.errors import Problem
 from serving.stack.spec import BLOB_RE, name_problem, version_problem
 
 OP_TIMEOUT_SECONDS = 900
@@ -75,12 +76,12 @@ def check_version_args(name: str, version: str, source: str, sha256: str) -> str
 
 def _versioned(op: str):
     def body(c, name, version, source="", sha256="", stack="", config="", hosts="",
-             blob_url="", blob_connection_string_env=""):
-        s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
-                             blob_connection_string_env=blob_connection_string_env)
+             blob_url="", blob_connection_string_env="", connect_timeout=0.0):
         problem = check_version_args(name, version, source, sha256)
-        if problem:
-            raise Exit(problem, code=2)
+        s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
+                             blob_connection_string_env=blob_connection_string_env,
+                             connect_timeout=connect_timeout,
+                             also=[Problem("arguments", problem)] if problem else [])
 
         def run(t: Target) -> None:
             if source:
@@ -104,9 +105,10 @@ hotfix = _versioned("hotfix")
 
 def _named(op: str):
     def body(c, name="", stack="", config="", hosts="", deadline=60.0, blob_url="",
-             blob_connection_string_env=""):
+             blob_connection_string_env="", connect_timeout=0.0):
         s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
-                             blob_connection_string_env=blob_connection_string_env)
+                             blob_connection_string_env=blob_connection_string_env,
+                             connect_timeout=connect_timeout, gate=op != "list")
         argv = [op]
         if op in ("rollback", "remove"):
             if not name:
