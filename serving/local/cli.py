@@ -16,6 +16,7 @@ from rich.console import Console
 
 from serving.adapters.client import VllmError
 from serving.local import run as localrun
+from serving.local.progress import Phases
 from serving.stack import layout as layouts
 from serving.stack import secretref, stackfile
 from serving.stack.errors import Problem, SpecError
@@ -43,15 +44,20 @@ def cmd_setup(args: argparse.Namespace) -> int:
     for line in localrun.setup_files(server.spec, server.layout, root=stackfile.ROOT):
         out.print(f"[green]✓[/] {line}")
     if not args.skip_venv:
-        localrun.install_venv(server.spec, server.layout)
-        out.print(f"[green]✓[/] vLLM venv {server.layout.venv_dir}")
+        with Phases(out, "vLLM venv") as phases:
+            localrun.install_venv(server.spec, server.layout, on_phase=phases.update)
+        out.print(f"[green]✓[/] vLLM venv {server.layout.venv_dir} "
+                  f"({phases.elapsed_s:.0f} s)")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     server = _server(args)
-    pid = localrun.start(server, _key(server), deadline_s=args.deadline)
-    out.print(f"[green]✓[/] vLLM at {server.endpoint} (pid {pid}, log {server.log_file})")
+    with Phases(out, f"vLLM start at {server.endpoint}") as phases:
+        pid = localrun.start(server, _key(server), deadline_s=args.deadline,
+                             on_wait=phases.update)
+    out.print(f"[green]✓[/] vLLM at {server.endpoint} (pid {pid}, log {server.log_file}, "
+              f"{phases.elapsed_s:.0f} s)")
     return 0
 
 
