@@ -185,7 +185,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="EXAONE 3.5 with LoRA adapters on vLLM: validate and render a stack, check "
+                    "adapters, plan capacity, benchmark, change adapters at runtime, and serve "
+                    "the local stack on this CPU.",
+        epilog="Start here: `python -m serving demo` (or `make demo`); then `python -m serving "
+               "validate --stack dev`. Bad input exits 2 with one line per problem.")
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check a stack's config as `pulumi up` and `fab "
@@ -224,7 +230,11 @@ def parser() -> argparse.ArgumentParser:
     adapters_cli.add_parser(sub)
     local_cli.add_parser(sub)
 
-    demo = sub.add_parser("demo", help="the main job on this machine")
+    demo = sub.add_parser("demo", help="the main job on this machine", description=(
+        "Validate and render every example stack, then serve the local stack on this CPU "
+        "(its own vLLM on a free port, its own state in .local/demo) through add, hotfix, "
+        "rollback and remove, each verified by the answers. Runs any number of times; "
+        "`local reset --stack local` clears the local target without reinstalling."))
     demo.add_argument("--render-only", action="store_true",
                       help="validate and render the example stacks, do not serve")
     demo.set_defaults(func=cmd_demo)

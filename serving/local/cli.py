@@ -4,6 +4,8 @@
     local start  --stack local   run vLLM in the background, wait for /health
     local stop   --stack local   SIGTERM, then SIGKILL after a deadline
     local status --stack local   pid, health, models
+    local reset  --stack local   stop our server, forget runtime adapters and the demo's state
+                                 (keeps the model, sample adapters, key and the 5 GB venv)
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reset(args: argparse.Namespace) -> int:
+    server = _server(args)
+    done = localrun.reset(server)
+    for line in done:
+        out.print(f"[green]✓[/] {line}", markup=True, highlight=False)
+    out.print("reset: nothing to do" if not done else
+              "reset: the model, sample adapters, API key and vLLM venv are kept")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     server = _server(args)
     pid = server.pid()
@@ -94,8 +106,10 @@ def add_parser(sub) -> None:
         ("start", cmd_start, "start vLLM in the background and wait for /health"),
         ("stop", cmd_stop, "stop vLLM (SIGTERM, then SIGKILL after --deadline)"),
         ("status", cmd_status, "pid, health and served models"),
+        ("reset", cmd_reset, "stop the server this checkout started, remove runtime-added "
+         "adapters, the record and the demo's state; keeps model, key and venv"),
     ):
-        q = cmds.add_parser(name, help=text)
+        q = cmds.add_parser(name, help=text, description=text)
         group = q.add_mutually_exclusive_group(required=True)
         group.add_argument("--stack", help="a checked-in stack: Pulumi.<STACK>.yaml")
         group.add_argument("--config", help="a config file of the same shape")

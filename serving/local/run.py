@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import threading
@@ -98,6 +99,40 @@ def setup_files(spec: Spec, layout: Layout, *, root: Path) -> list[str]:
             with os.fdopen(fd, "w") as handle:
                 handle.write(secrets.token_urlsafe(32) + "\n")
             done.append(f"API key {key_file} (0600)")
+    return done
+
+
+# What `local reset` keeps: the model, the stack's sample adapters, the API key, the compile
+# cache; the vLLM venv lives outside .local and is never touched.
+_RUNTIME_STATE = ("adapters.json", "adapters.lock", "lora-resolver", "incoming", "demo",
+                  "vllm.pid", "vllm.log")
+
+
+def reset(server: LocalServer) -> list[str]:
+    """The local target back to what `local setup` made, without reinstalling anything: stop
+    the server this checkout started (a server it did not start is left alone), then remove
+    the adapter record, the resolver folder, the demo's state, the log, and every adapter
+    version that is not one of the stack's own. Returns what was done."""
+    done = ["stopped the vLLM this checkout started"] if stop(server) else []
+    state = Path(server.layout.state_dir)
+    keep = {Path(server.layout.adapter_path(server.spec, a)) for a in server.spec.adapters}
+    adapters = Path(server.layout.adapters_dir)
+    for version in sorted(adapters.glob("*/*")):
+        if version.is_dir() and version.resolve() not in {k.resolve() for k in keep}:
+            shutil.rmtree(version)
+            done.append(f"removed adapter {version.parent.name}/{version.name}")
+    for name_dir in sorted(adapters.glob("*")):
+        if name_dir.is_dir() and not any(name_dir.iterdir()):
+            name_dir.rmdir()
+    for name in _RUNTIME_STATE:
+        path = state / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        done.append(f"removed {path}")
     return done
 
 
