@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -74,10 +74,12 @@ class HostOptions:
                 section = dict(config.get("exaone") or {})
             except (AttributeError, TypeError, ValueError):
                 section = {}
-            try:  # Fabric's own `fab --connect-timeout N` (config timeouts.connect)
-                fabric_timeout = config.timeouts.connect
-            except AttributeError:
-                fabric_timeout = None
+            # Fabric's own `fab --connect-timeout N` (it lands in connect_kwargs.timeout), else
+            # its config's timeouts.connect (fabric.yaml).
+            fabric_timeout = None
+            for path in (("connect_kwargs", "timeout"), ("timeouts", "connect")):
+                with suppress(AttributeError, TypeError):
+                    fabric_timeout = fabric_timeout or config.get(path[0], {}).get(path[1])
             if fabric_timeout and not section.get("connect_timeout"):
                 section["connect_timeout"] = fabric_timeout
         values = {f.name: given.get(f.name) or section.get(f.name) or f.default
