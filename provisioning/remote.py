@@ -94,6 +94,10 @@ def connect_failure(exc: BaseException, *, where: str, timeout_s: float) -> str:
     if isinstance(exc, socket.gaierror):
         return f"the name of {where} is not known ({exc.strerror}); check the address in --hosts"
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        causes = list(getattr(exc, "errors", {}).values())
+        if causes and not all(isinstance(c, ConnectionRefusedError) for c in causes):
+            why = "; ".join(sorted({getattr(c, "strerror", None) or str(c) for c in causes}))
+            return f"cannot reach {where}: {why}; check the address and the network path"
         return (f"connection refused at {where}: nothing listens there (is the VM running, "
                 "sshd up, the port right?)")
     if isinstance(exc, ConnectionRefusedError):

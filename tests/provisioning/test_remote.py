@@ -119,3 +119,40 @@ def test_first_contact_failure_is_final_and_says_why(address, why: str, tmp_path
     assert time.monotonic() - started < FINAL_WITHIN_SECONDS
     assert (err.value.code == 255 and "check" in str(err.value)) or "is the VM" in str(err.value)
     assert heard and heard[0].startswith("connecting to ops@")
+
+
+class _FlakyConnection:
+    """Refuses ``refusals`` times, then connects (a host coming back from a reboot)."""
+
+    host, port, user = "10.0.0.4", 22, "ops"
+
+    def __init__(self, refusals: int):
+        self.refusals, self.opens, self.is_connected = refusals, 0, False
+
+    def open(self) -> None:
+        self.opens += 1
+        if self.opens <= self.refusals:
+            raise ConnectionRefusedError(111, "Connection refused")
+        self.is_connected = True
+
+    def close(self) -> None:
+        self.is_connected = False
+
+
+def test_back_off_only_after_the_project_rebooted_the_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from provisioning import remote
+
+    monkeypatch.setattr(remote, "RECONNECT_FIRST_WAIT_SECONDS", 0.01)
+    heard: list[str] = []
+    first = Host(_FlakyConnection(refusals=2), name="h1", say=heard.append)  # type: ignore[arg-type]
+    with pytest.raises(RemoteError, match="connection refused"):
+        first.ensure_connected()
+    assert first.conn.opens == 1  # first contact: one attempt, final
+
+    rebooted = Host(_FlakyConnection(refusals=2), name="h1", say=heard.append)  # type: ignore[arg-type]
+    rebooted.await_reboot(timeout_s=30)
+    assert rebooted.conn.opens == 3 and rebooted.conn.is_connected
+    waits = [m for m in heard if "to come back after the reboot" in m]
+    assert [m.split("attempt ")[1].split(",")[0] for m in waits] == ["1", "2"]
+    assert any(m.startswith("back after the reboot") for m in heard)
