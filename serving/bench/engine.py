@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -602,6 +603,23 @@ def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
     return written
 
 
+def report_from_json(doc: dict[str, Any]) -> BenchReport:
+    """A report as ``to_json`` wrote it (bench.json), to draw its figure again."""
+    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in doc["config"].items()})
+    summary_fields = {f.name for f in dataclasses.fields(Summary)}
+    request_fields = {f.name for f in dataclasses.fields(RequestResult)}
+    return BenchReport(
+        config=config, models=tuple(doc["models"]), started_at=doc["started_at"],
+        results=[RequestResult(**{k: v for k, v in r.items() if k in request_fields})
+                 for r in doc["requests"]],
+        summaries=[Summary(**s) for s in doc["summaries"]],
+        sweep=[SweepPoint(p["rate"], Summary(**{k: v for k, v in p.items()
+                                                 if k in summary_fields}), p["breached"])
+               for p in doc["sweep"]],
+        breach_rate=doc["slo"]["breach_rate"], stopped_early=doc.get("stopped_early", ""))
+
+
 # A percentile is drawn only where the rate has this many answered requests: a tail estimate
 # needs samples beyond it (with 24 requests, p99 is simply the maximum).
 MIN_SAMPLES_FOR_PERCENTILE = {50: 1, 95: 40, 99: 200}
@@ -667,7 +685,8 @@ def plot_sweep(report: BenchReport, path: Path) -> Path:
            else report.stopped_early or "")
     note = f"; not run: {', '.join(f'{r:g}' for r in not_run)} req/s ({why})" if not_run else ""
     lat.set_title(f"{metric.upper()} vs load, {cfg.max_tokens} output tokens, "
-                  f"{len(report.models)} models{note}", fontsize=8)
+                  f"{len(report.models)} models" + (f"\n{note.removeprefix('; ')}" if note
+                                                      else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
