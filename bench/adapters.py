@@ -5,7 +5,7 @@
 Starts the local stack's vLLM if it is not running (and stops it again after), then:
 - latency of add, hotfix, rollback and remove, each verified by answers as in production,
   median and max over N add->hotfix->rollback->remove cycles after one warm-up cycle (the
-  server's first LoRA requests and the process's first check; recorded apart); hotfix and
+  first time this process and this server do each operation; recorded apart); hotfix and
   rollback also split into "answers" (the new version answers, checked) and "settle" (the
   plain reload after it, including the wait for a 1 s pause in the adapter's requests);
 - single-stream tokens per second on one adapter before a hotfix, after the in-place swap
@@ -91,8 +91,8 @@ def plot(latencies: dict[str, list[float]], phases: dict[str, list[float]], path
          warmup: dict[str, float] | None = None, note: str = "") -> None:
     """Left: each operation's whole (every cycle a dot, the median a bar); hotfix and rollback
     split into their parts, stacked, so the parts add up to the whole. The run's first cycle
-    (warm-up: the server's first LoRA requests, the process's first check) is drawn apart and
-    left out of the medians. Right: tokens/s of one stream around a hotfix, every repeat."""
+    (the first time this process and this server do each operation) is drawn apart and left
+    out of the medians. Right: tokens/s of one stream around a hotfix, every repeat."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +116,7 @@ def plot(latencies: dict[str, list[float]], phases: dict[str, list[float]], path
                      label="each cycle (whole operation)" if i == 0 else None)
         if warmup and op in warmup:
             left.scatter([i + 0.25], [warmup[op]], facecolors="none", edgecolors="red", s=30,
-                         zorder=3, label="first cycle: warm-up, not in the medians"
+                         zorder=3, label="first cycle of the run (warm-up), not in the medians"
                          if i == 0 else None)
     left.set_xticks(range(len(ops)), [f"{op}\nn={len(latencies[op])}" for op in ops])
     left.set_ylabel("seconds")
