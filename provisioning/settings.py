@@ -54,8 +54,10 @@ class DeploySettings:
     hf_token: str = field(default="", repr=False)
     health_timeout_s: float = HEALTH_TIMEOUT_SECONDS
     connect_timeout_s: float = CONNECT_TIMEOUT_SECONDS
-    # A dry run: no secret was read (api_key and hf_token are empty).
     dry: bool = False
+    # Secrets a dry run went on without (their values are empty): files that hold them are
+    # planned as writes, never compared.
+    unread: tuple[str, ...] = ()
 
     def host_stack_document(self) -> str:
         """The stack as the host-side tools read it: the values the spec resolved here (every
@@ -105,8 +107,8 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
     the same gate as `serving validate` and `pulumi up` (capacity, no example values).
 
     ``gate=False`` skips that gate for what only reads or stops (status, teardown).
-    A dry run reads no secret: it probes and plans, and what it would write with the API key
-    or fetch with a connection string or HF token is planned as if they changed.
+    A dry run needs no secret: one it cannot read is left out (``unread``), and what it would
+    write with it is planned as a change.
     """
     if bool(stack) == bool(config):
         raise _problem("--stack/--config", "give exactly one: a stack name or a config file")
@@ -147,22 +149,28 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
         problems.append(Problem(f"{path.name}: sshPrivateKeyPath", (
             f"{key_file} does not exist; allowed: the private key of sshPublicKey")))
 
-    def secret(read: Callable[[], str]) -> str:
-        """A secret's value; a dry run reads none (an empty string stands in)."""
-        if dry:
-            return ""
+    unread: list[str] = []
+
+    def secret(read: Callable[[], str], what: str) -> str:
+        """A secret's value; a dry run goes on without one it cannot read (an empty string
+        stands in, and the plan says so)."""
         try:
             return read()
         except SpecError as exc:
-            problems.extend(exc.problems)
+            if dry:
+                unread.append(what)
+            else:
+                problems.extend(exc.problems)
             return ""
 
     api_key = secret(lambda: secretref.resolve(spec.api_key, root=stackfile.ROOT,
-                                               stack=spec.stack))
+                                               stack=spec.stack), f"the API key ({spec.api_key})")
     conn_str = ""
     if blob_connection_string_env:
         conn_str = os.environ.get(blob_connection_string_env, "")
-        if not conn_str and not dry:
+        if not conn_str and dry:
+            unread.append(f"the Blob connection string (${blob_connection_string_env})")
+        elif not conn_str:
             problems.append(Problem("--blob-connection-string-env", (
                 f"environment variable {blob_connection_string_env} is unset or empty")))
     account = outs.get("storageAccount") or ""
@@ -178,10 +186,10 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
             "`storageAccount` stack output); allowed: --blob-url https://ACCOUNT.blob.core."
             "windows.net")))
     hf_ref = spec.vm.hf_token_ref
-    hf_token = secret(lambda: _resolve(hf_ref)) if hf_ref else ""
+    hf_token = secret(lambda: _resolve(hf_ref), f"the HF token ({hf_ref})") if hf_ref else ""
     if problems:
         raise SpecError(problems)
     return DeploySettings(spec=spec, config_file=path, hosts=tuple(host_list),
                           ssh_key_file=key_file, api_key=api_key, blob=blob, hf_token=hf_token,
                           health_timeout_s=health_timeout_s,
-                          connect_timeout_s=connect_timeout_s, dry=dry)
+                          connect_timeout_s=connect_timeout_s, dry=dry, unread=tuple(unread))

@@ -201,8 +201,11 @@ def deploy(c, stack="", config="", hosts="", parallel=1, dry=False, only="", blo
                          connect_timeout=connect_timeout, dry=bool(dry), also=also, **extra)
     console = cli_options.console
     console.print(f"fab deploy: stack {s.spec.stack}, {len(s.hosts)} host(s)"
-                  f"{', dry run (no secret read)' if dry else ''}, {max(1, int(parallel))} at a "
-                  f"time, SSH connect timeout {s.connect_timeout_s:g} s")
+                  f"{', dry run' if dry else ''}, {max(1, int(parallel))} at a "
+                  f"time, SSH connect timeout {s.connect_timeout_s:g} s", markup=False)
+    if s.unread:
+        console.print(f"dry run without {', '.join(s.unread)}: what holds it is planned as a "
+                      "write (a real run needs it)", markup=False)
     say = lambda m: console.print(m, markup=False)  # noqa: E731
     reports = deploy_all(s, connect=cli_options.connector(s, say), parallel=int(parallel),
                          dry=bool(dry), only=only, say=say)

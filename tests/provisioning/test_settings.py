@@ -212,7 +212,7 @@ def test_load_reports_every_setup_problem_at_once(tmp_path: Path, key_files: tup
     assert any("UNIT_API_KEY" in str(p) for p in err.value.problems), wheres
 
 
-def test_dry_run_reads_no_secret(tmp_path: Path, key_files: tuple[Path, Path],
+def test_dry_run_needs_no_secret(tmp_path: Path, key_files: tuple[Path, Path],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("UNIT_API_KEY", raising=False)
     monkeypatch.delenv("UNIT_BLOB_CONN", raising=False)
@@ -224,6 +224,8 @@ def test_dry_run_reads_no_secret(tmp_path: Path, key_files: tuple[Path, Path],
     s = settings_mod.load(config=str(path), hosts="h1", outputs={}, dry=True,
                           blob_connection_string_env="UNIT_BLOB_CONN")
     assert s.dry and s.api_key == "" and s.hf_token == ""
+    assert [u.split(" (")[0] for u in s.unread] == [
+        "the API key", "the Blob connection string", "the HF token"]
 
 
 @pytest.mark.parametrize(("override", "key"), [
