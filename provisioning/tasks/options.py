@@ -106,11 +106,10 @@ def load(c: object, *, also: Sequence[Problem] = (), **kwargs: object) -> Deploy
 
 
 def _load(c: object, o: HostOptions, extra: dict[str, Any]) -> DeploySettings:
-    with problems_exit():
-        return settings_mod.load(stack=o.stack if not o.config else "", config=o.config,
-                                 hosts=fab_hosts(c, o.hosts), blob_url=o.blob_url,
-                                 blob_connection_string_env=o.blob_connection_string_env,
-                                 connect_timeout_s=o.connect_timeout, **extra)
+    return settings_mod.load(stack=o.stack if not o.config else "", config=o.config,
+                             hosts=fab_hosts(c, o.hosts), blob_url=o.blob_url,
+                             blob_connection_string_env=o.blob_connection_string_env,
+                             connect_timeout_s=o.connect_timeout, **extra)
 
 
 def connector(s: DeploySettings, say: Callable[[str], None] | None = None

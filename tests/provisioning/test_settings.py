@@ -267,3 +267,26 @@ def test_fab_validate_is_the_same_gate(tmp_path: Path, key_files: tuple[Path, Pa
         validate(MockContext(), stack="dev")
     assert err.value.code == 2 and "sshPublicKey: is the example key" in str(err.value.message)
     validate(MockContext(), config=str(write_stack(tmp_path, key_files)))
+
+
+def test_task_option_problems_come_with_the_settings_problems(
+        tmp_path: Path, key_files: tuple[Path, Path]) -> None:
+    """`fab deploy --only nope` and `fab adapters.add BAD!` on a stack whose key file is
+    missing: one run names both."""
+    from invoke import MockContext
+    from invoke.exceptions import Exit
+
+    from provisioning.tasks import adapters as adapter_tasks
+    from provisioning.tasks.deploy import deploy
+
+    path = write_stack(tmp_path, key_files, sshPrivateKeyPath=str(tmp_path / "nope"))
+    common = {"config": str(path), "hosts": "h1", "blob_url": ACCOUNT_URL}
+    with pytest.raises(Exit) as err:
+        deploy(MockContext(), only="nope", **common)
+    assert err.value.code == 2
+    assert "--only: unknown step(s) nope" in err.value.message
+    assert "sshPrivateKeyPath" in err.value.message
+    with pytest.raises(Exit) as err:
+        adapter_tasks.add(MockContext(), "BAD!", "1", **common)
+    assert err.value.code == 2
+    assert "NAME" in err.value.message and "sshPrivateKeyPath" in err.value.message
