@@ -57,31 +57,37 @@ def _fetch(t: Target, name: str, version: str, source: str, sha256: str) -> None
           f" at {done['path']}")
 
 
-def check_version_args(name: str, version: str, source: str, sha256: str) -> str:
-    """The first problem of add/hotfix's arguments (checked before any host is touched)."""
-    problem = name_problem(name)
-    if problem:
-        return f"NAME {problem}"
-    problem = version_problem(version)
-    if problem:
-        return f"VERSION {problem}"
+def version_arg_problems(name: str, version: str, source: str, sha256: str) -> list[Problem]:
+    """Every problem of add/hotfix's arguments (checked before any host is touched)."""
+    found: list[Problem] = []
+    if name_problem(name):
+        found.append(Problem("NAME", name_problem(name)))
+    if version_problem(version):
+        found.append(Problem("VERSION", version_problem(version)))
     if bool(source) != bool(sha256):
-        return "--source and --sha256 go together (the digest pins what is fetched)"
+        found.append(Problem("--source/--sha256",
+                             "go together (the digest pins what is fetched)"))
     if source and not BLOB_RE.match(source):
-        return f"--source {source!r} is malformed; allowed: blob://container/path"
+        found.append(Problem("--source", f"{source!r} is malformed; allowed: "
+                                         "blob://container/path"))
     if sha256 and digest_problem(sha256):
-        return f"--sha256 {digest_problem(sha256)}"
-    return ""
+        found.append(Problem("--sha256", digest_problem(sha256)))
+    return found
+
+
+def check_version_args(name: str, version: str, source: str, sha256: str) -> str:
+    """The first problem of add/hotfix's arguments, as one line; empty when there is none."""
+    found = version_arg_problems(name, version, source, sha256)
+    return f"{found[0].where} {found[0].message}" if found else ""
 
 
 def _versioned(op: str):
     def body(c, name, version, source="", sha256="", stack="", config="", hosts="",
              blob_url="", blob_connection_string_env="", connect_timeout=0.0):
-        problem = check_version_args(name, version, source, sha256)
         s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
                              blob_connection_string_env=blob_connection_string_env,
                              connect_timeout=connect_timeout,
-                             also=[Problem("arguments", problem)] if problem else [])
+                             also=version_arg_problems(name, version, source, sha256))
 
         def run(t: Target) -> None:
             if source:
