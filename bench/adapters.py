@@ -4,9 +4,10 @@
 
 Starts the local stack's vLLM if it is not running (and stops it again after), then:
 - latency of add, hotfix, rollback and remove, each verified by answers as in production,
-  median and max over N add->hotfix->rollback->remove cycles; hotfix and rollback also split
-  into "answers" (the new version answers, checked) and "settle" (the plain reload after it,
-  including the wait for a 1 s pause in the adapter's requests);
+  median and max over N add->hotfix->rollback->remove cycles after one warm-up cycle (the
+  first time this process and this server do each operation; recorded apart); hotfix and
+  rollback also split into "answers" (the new version answers, checked) and "settle" (the
+  plain reload after it, including the wait for a 1 s pause in the adapter's requests);
 - single-stream tokens per second on one adapter before a hotfix, after the in-place swap
   before it is settled, and after the settle (vLLM re-reads in-place loaded weights on every
   step until then);
@@ -86,28 +87,51 @@ def _settle_phases(ops: AdapterOps, client: VllmClient, versions: dict[str, Path
     return phases
 
 
-def plot(latencies: dict[str, list[float]], phases: dict[str, list[float]], path: Path) -> None:
+def plot(latencies: dict[str, list[float]], phases: dict[str, list[float]], path: Path, *,
+         warmup: dict[str, float] | None = None, note: str = "") -> None:
+    """Left: each operation's whole (every cycle a dot, the median a bar); hotfix and rollback
+    split into their parts, stacked, so the parts add up to the whole. The run's first cycle
+    (the first time this process and this server do each operation) is drawn apart and left
+    out of the medians. Right: tokens/s of one stream around a hotfix, every repeat."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = list(latencies)
-    left.bar(names, [statistics.median(latencies[n]) for n in names], color="tab:blue",
-             label="median")
-    left.scatter(names, [max(latencies[n]) for n in names], color="tab:red", zorder=3,
-                 label="max")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    ops = [op for op in latencies if ":" not in op]
+    for i, op in enumerate(ops):
+        whole = latencies[op]
+        parts = [f"{op}: answers", f"{op}: settle"]
+        if all(latencies.get(part) for part in parts):
+            bottom = 0.0
+            for part, color in zip(parts, ("tab:blue", "tab:cyan"), strict=True):
+                height = statistics.median(latencies[part])
+                left.bar(i, height, bottom=bottom, color=color, width=0.6,
+                         label=part.split(": ")[1] + " (median)" if i == 1 else None)
+                bottom += height
+        else:
+            left.bar(i, statistics.median(whole), color="tab:blue", width=0.6)
+        left.scatter([i] * len(whole), whole, color="black", s=12, zorder=3,
+                     label="each cycle (whole operation)" if i == 0 else None)
+        if warmup and op in warmup:
+            left.scatter([i + 0.25], [warmup[op]], facecolors="none", edgecolors="red", s=30,
+                         zorder=3, label="first cycle of the run (warm-up), not in the medians"
+                         if i == 0 else None)
+    left.set_xticks(range(len(ops)), [f"{op}\nn={len(latencies[op])}" for op in ops])
     left.set_ylabel("seconds")
-    left.set_title("adapter operations (verified by answers)")
-    left.tick_params(axis="x", rotation=30)
-    left.legend()
+    left.set_title(f"adapter operations, verified by answers{note}", fontsize=9)
+    left.legend(fontsize=7)
     labels = list(phases)
-    right.bar(labels, [statistics.median(phases[p]) for p in labels],
-              color=["tab:green", "tab:orange", "tab:green"])
-    right.set_ylabel("tokens/s, one stream")
-    right.set_title("one adapter around a hotfix")
-    right.tick_params(axis="x", rotation=15)
+    for i, label in enumerate(labels):
+        values = phases[label]
+        right.bar(i, statistics.median(values), width=0.6,
+                  color=["tab:green", "tab:orange", "tab:green"][i % 3])
+        right.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+    right.set_xticks(range(len(labels)), [f"{lb}\nn={len(phases[lb])}" for lb in labels],
+                     fontsize=8)
+    right.set_ylabel("tokens/s, one stream (bar: median; dots: each repeat)")
+    right.set_title("one adapter around a hotfix", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -139,16 +163,20 @@ def main(argv: list[str] | None = None) -> int:
     latencies: dict[str, list[float]] = {op: [] for op in (
         "add", "hotfix", "hotfix: answers", "hotfix: settle", "rollback", "rollback: answers",
         "rollback: settle", "remove")}
+    warmup: dict[str, float] = {}
     try:
         if NAME in client.adapters():
             ops.remove(NAME)
-        for _ in range(args.cycles):
+        for cycle in range(args.cycles + 1):
             for op, call in (("add", lambda: ops.add(NAME, "1", versions["1"])),
                              ("hotfix", lambda: ops.hotfix(NAME, "2", versions["2"])),
                              ("rollback", lambda: ops.rollback(NAME)),
                              ("remove", lambda: ops.remove(NAME))):
                 t0 = time.monotonic()
                 outcome = call()
+                if cycle == 0:  # warm-up: recorded apart, not in the medians
+                    warmup[op] = time.monotonic() - t0
+                    continue
                 latencies[op].append(time.monotonic() - t0)
                 if outcome.live_s is not None and outcome.settle_s is not None:
                     latencies[f"{op}: answers"].append(outcome.live_s)
@@ -197,13 +225,15 @@ def main(argv: list[str] | None = None) -> int:
 
     results = args.out
     results.mkdir(parents=True, exist_ok=True)
-    plot(latencies, phases, results / "adapters.png")
+    plot(latencies, phases, results / "adapters.png", warmup=warmup,
+         note=f" ({args.cycles} cycles after one warm-up, {__import__('os').cpu_count()} "
+              "CPU cores, tiny model)")
     out = results / "adapters.json"
     out.write_text(json.dumps({
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": __import__("os").cpu_count(), "python": platform.python_version()},
         "stack": spec.stack, "vllm": f"{spec.vllm.package} {spec.vllm.version}",
-        "cycles": args.cycles, "latency_s": {
+        "cycles": args.cycles, "warmup_cycle_s": warmup, "latency_s": {
             op: {"median": statistics.median(v), "max": max(v), "all": v}
             for op, v in latencies.items()},
         "single_stream_tokens_per_s": {k: {"median": statistics.median(v), "all": v}

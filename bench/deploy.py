@@ -93,23 +93,46 @@ def main() -> int:
 
 
 def plot(runs: list[dict], path: Path) -> None:
+    """Linear seconds per step: the first deploy (one run) beside every no-change re-deploy
+    (median bar, each run a dot), totals in the legend; a skipped step is a labelled gap, not
+    a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    first = runs[0]["per_host"][0]["steps"]
-    again = next(r for r in runs if r["tag"].startswith("again-1-"))["per_host"][0]["steps"]
-    names = [s["step"] for s in first]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [s["seconds"] for s in first], 0.4, label="first deploy")
-    ax.bar([x + 0.2 for x in xs], [s["seconds"] for s in again], 0.4, label="no-change re-deploy")
-    ax.set_xticks(list(xs), names, rotation=30, ha="right")
-    ax.set_ylabel("seconds (log)")
-    ax.set_yscale("log")
-    ax.set_title("fab deploy per step, one CPU-profile test host")
-    ax.legend()
+    def steps_of(run: dict) -> dict[str, dict]:
+        return {s["step"]: s for s in run["per_host"][0]["steps"]}
+
+    first = steps_of(runs[0])
+    agains = [steps_of(r) for r in runs if r["tag"].startswith("again-1-")]
+    names = list(first)
+    fig, ax = plt.subplots(figsize=(10, 4.4))
+    for x, name in enumerate(names):
+        for offset, runs_of, color in ((-0.2, [first], "tab:blue"), (0.2, agains, "tab:orange")):
+            done = [r[name] for r in runs_of if name in r and r[name]["status"] != "skipped"]
+            if not done:
+                ax.text(x + offset, 0, "skipped", rotation=90, ha="center", va="bottom",
+                        fontsize=7, color="grey")
+                continue
+            seconds = [s["seconds"] for s in done]
+            ax.bar(x + offset, statistics.median(seconds), 0.4, color=color)
+            if len(seconds) > 1:
+                ax.scatter([x + offset] * len(seconds), seconds, color="black", s=8, zorder=3)
+    total_first = runs[0]["wall_s"]
+    again_walls = [r["wall_s"] for r in runs if r["tag"].startswith("again-1-")]
+    handles = [Patch(color="tab:blue", label=f"first deploy: {total_first:.0f} s in all"),
+               Patch(color="tab:orange", label=(
+                   f"no-change re-deploy, {len(again_walls)} runs: median "
+                   f"{statistics.median(again_walls):.1f} s, "
+                   f"{min(again_walls):.1f}-{max(again_walls):.1f} s"
+                   if again_walls else "no-change re-deploy: not run"))]
+    ax.set_xticks(list(range(len(names))), names, rotation=30, ha="right")
+    ax.set_ylabel("seconds")
+    ax.set_title("fab deploy per step, one CPU-profile test host (bars: median; dots: each run; "
+                 "skipped steps were not needed)", fontsize=9)
+    ax.legend(handles=handles, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

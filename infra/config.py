@@ -16,6 +16,7 @@ from typing import Any
 import pulumi
 from pulumi.runtime.config import is_config_secret
 
+from serving.plan import gate
 from serving.stack import secretref, stackfile
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
@@ -125,7 +126,8 @@ def load() -> StackConfig:
     where = f"Pulumi.{stack}.yaml"
     config = pulumi.Config(stackfile.namespace())
     spec = stackfile.from_values(read_values(config), stack=stack, where=where)
-    problems = infra_checks(spec, where)
+    # The one gate `serving validate` and `fab deploy` pass too: capacity, no example values.
+    problems = infra_checks(spec, where) + gate.problems(spec, where=where)
     if problems:
         raise SpecError(problems)
     # Only the AKS target puts the key into a resource (a Kubernetes Secret); on VMs

@@ -9,16 +9,22 @@ from serving.stack.errors import SpecError
 
 
 @task(help={"stack": "stack name: Pulumi.<STACK>.yaml",
+            "config": "a stack config file instead of --stack",
             "subscription": "for preflight; default: ARM_SUBSCRIPTION_ID or `az account show`"})
-def validate(c, stack: str = "dev", subscription: str = "") -> None:
-    """Validate the stack's spec, then ask the subscription what `pulumi up` needs (preflight,
-    when this machine has Azure credentials), before anything touches a host."""
+def validate(c, stack: str = "dev", config: str = "", subscription: str = "") -> None:
+    """Validate the stack as `fab deploy` and `pulumi up` will (the spec, the capacity plan, no
+    example values left), then ask the subscription what `pulumi up` needs (preflight, when
+    this machine has Azure credentials), before anything touches a host."""
+    from pathlib import Path
+
     from invoke.exceptions import Exit
 
     from serving.cloud import azure, preflight
+    from serving.plan import gate
 
     try:
-        spec = stackfile.load(stack=stack)
+        spec = stackfile.load(config=Path(config)) if config else stackfile.load(stack=stack)
+        gate.require(spec, where=config or None)
     except SpecError as exc:
         raise Exit("\n".join(str(p) for p in exc.problems), code=2) from None
     print(f"{spec.stack}: valid ({spec.target}, {len(spec.adapters)} adapters)")

@@ -11,13 +11,14 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from provisioning.remote import parse_host
+from provisioning.remote import CONNECT_TIMEOUT_SECONDS, parse_host
 from serving.stack import layout as layouts
 from serving.stack import secretref, stackfile
 from serving.stack.errors import Problem, SpecError
@@ -52,6 +53,11 @@ class DeploySettings:
     blob: BlobAccess
     hf_token: str = field(default="", repr=False)
     health_timeout_s: float = HEALTH_TIMEOUT_SECONDS
+    connect_timeout_s: float = CONNECT_TIMEOUT_SECONDS
+    dry: bool = False
+    # Secrets a dry run went on without (their values are empty): files that hold them are
+    # planned as writes, never compared.
+    unread: tuple[str, ...] = ()
 
     def host_stack_document(self) -> str:
         """The stack as the host-side tools read it: the values the spec resolved here (every
@@ -95,8 +101,15 @@ def _resolve(ref_text: str) -> str:
 
 def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = "",
          blob_connection_string_env: str = "", health_timeout_s: float = HEALTH_TIMEOUT_SECONDS,
-         outputs: dict[str, Any] | None = None) -> DeploySettings:
-    """Build the settings; a SpecError naming the key/option on any bad input."""
+         connect_timeout_s: float = CONNECT_TIMEOUT_SECONDS, dry: bool = False,
+         gate: bool = True, outputs: dict[str, Any] | None = None) -> DeploySettings:
+    """Build the settings; a SpecError naming every bad key/option at once. The stack passes
+    the same gate as `serving validate` and `pulumi up` (capacity, no example values).
+
+    ``gate=False`` skips that gate for what only reads or stops (status, teardown).
+    A dry run needs no secret: one it cannot read is left out (``unread``), and what it would
+    write with it is planned as a change.
+    """
     if bool(stack) == bool(config):
         raise _problem("--stack/--config", "give exactly one: a stack name or a config file")
     path = Path(config) if config else stackfile.stack_path(stack)
@@ -105,6 +118,12 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
         raise _problem(f"{path.name}: target", (
             f"is {spec.target!r}; fab deploy rolls out VMs: allowed: vm "
             "(aks is deployed by `pulumi up`, local by `make demo`)"))
+    from serving.plan import gate as gate_mod
+
+    problems = gate_mod.problems(spec, where=path.name) if gate else []
+    if connect_timeout_s <= 0:
+        problems.append(Problem("--connect-timeout", (
+            f"{connect_timeout_s:g} s; allowed: seconds above 0 to wait for a host's SSH")))
     outs = stack_outputs(spec.stack) if outputs is None else outputs
 
     host_list = [h.strip() for h in hosts.split(",") if h.strip()]
@@ -114,42 +133,63 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
             if address:
                 host_list.append(f"{entry.get('adminUser') or spec.vm.admin_user}@{address}")
     if not host_list:
-        raise _problem("--hosts", (
+        problems.append(Problem("--hosts", (
             f"no hosts: stack {spec.stack!r} has no `hosts` output (is the pulumi CLI on PATH "
-            "and the stack up?); allowed: --hosts user@address[:port],..."))
+            "and the stack up?); allowed: --hosts user@address[:port],...")))
     for entry in host_list:
         try:
             parse_host(entry, default_user=spec.vm.admin_user)
         except ValueError as exc:
-            raise _problem("--hosts", f"{entry!r}: {exc}; allowed: user@address[:port]") from None
+            problems.append(Problem("--hosts", f"{entry!r}: {exc}; allowed: user@address[:port]"))
     if len(set(host_list)) != len(host_list):
-        raise _problem("--hosts", "lists a host twice")
+        problems.append(Problem("--hosts", "lists a host twice"))
 
     key_file = str(Path(spec.vm.ssh_private_key_path).expanduser())
     if not Path(key_file).is_file():
-        raise _problem(f"{path.name}: sshPrivateKeyPath",
-                       f"{key_file} does not exist; allowed: the private key of sshPublicKey")
+        problems.append(Problem(f"{path.name}: sshPrivateKeyPath", (
+            f"{key_file} does not exist; allowed: the private key of sshPublicKey")))
 
-    api_key = secretref.resolve(spec.api_key, root=stackfile.ROOT, stack=spec.stack)
+    unread: list[str] = []
 
+    def secret(read: Callable[[], str], what: str) -> str:
+        """A secret's value; a dry run goes on without one it cannot read (an empty string
+        stands in, and the plan says so)."""
+        try:
+            return read()
+        except SpecError as exc:
+            if dry:
+                unread.append(what)
+            else:
+                problems.extend(exc.problems)
+            return ""
+
+    api_key = secret(lambda: secretref.resolve(spec.api_key, root=stackfile.ROOT,
+                                               stack=spec.stack), f"the API key ({spec.api_key})")
     conn_str = ""
     if blob_connection_string_env:
         conn_str = os.environ.get(blob_connection_string_env, "")
-        if not conn_str:
-            raise _problem("--blob-connection-string-env",
-                           f"environment variable {blob_connection_string_env} is unset or empty")
+        if not conn_str and dry:
+            unread.append(f"the Blob connection string (${blob_connection_string_env})")
+        elif not conn_str:
+            problems.append(Problem("--blob-connection-string-env", (
+                f"environment variable {blob_connection_string_env} is unset or empty")))
     account = outs.get("storageAccount") or ""
     url = blob_url or (f"https://{account}.{BLOB_SUFFIX}" if account else "")
     blob = BlobAccess(account_url=url, client_id=str(outs.get("identityClientId") or ""),
                       connection_string=conn_str)
     uses_blob = spec.model.source_kind == "blob" or any(
         a.source_kind == "blob" for a in spec.adapters)
-    if uses_blob and not blob.configured:
-        raise _problem("--blob-url", (
+    named = dry and bool(blob_connection_string_env)  # the secret a dry run does not read
+    if uses_blob and not blob.configured and not named:
+        problems.append(Problem("--blob-url", (
             "the model or adapters come from Blob but the storage account is unknown (no "
             "`storageAccount` stack output); allowed: --blob-url https://ACCOUNT.blob.core."
-            "windows.net"))
-    hf_token = _resolve(spec.vm.hf_token_ref) if spec.vm.hf_token_ref else ""
+            "windows.net")))
+    hf_ref = spec.vm.hf_token_ref
+    hf_token = secret(lambda: _resolve(hf_ref), f"the HF token ({hf_ref})") if hf_ref else ""
+    if problems:
+        raise SpecError(problems)
     return DeploySettings(spec=spec, config_file=path, hosts=tuple(host_list),
                           ssh_key_file=key_file, api_key=api_key, blob=blob, hf_token=hf_token,
-                          health_timeout_s=health_timeout_s)
+                          health_timeout_s=health_timeout_s,
+                          connect_timeout_s=connect_timeout_s, dry=dry, unread=tuple(unread))

@@ -16,6 +16,7 @@ from rich.table import Table
 
 from serving.stack import stackfile
 from serving.stack.catalog import ALLOWED_LORA_RANKS, lora_rank_problem
+from serving.stack.digest import digest_problem
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
 
@@ -69,15 +70,14 @@ def _where(args: argparse.Namespace, spec: Spec) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from serving.plan import cli as plan_cli
+    from serving.plan import gate
 
     spec = _spec(args)
-    # The capacity plan is part of validity: a stack that cannot fit its GPUs is refused here,
-    # with the numbers, before `pulumi up` pays for the VMs.
-    problems = plan_cli.fit_problems(spec, where=_where(args, spec))
-    if problems:
-        raise SpecError(problems)
-    out.print(summary_table([spec], f"{spec.stack}: valid"))
+    # The same gate as `pulumi up` and `fab deploy`: a stack that cannot fit its GPUs, or a
+    # cloud stack with example values, is refused here before anything pays for VMs.
+    gate.require(spec, where=_where(args, spec), allow_examples=args.allow_examples)
+    note = " (shape only: example values allowed)" if args.allow_examples else ""
+    out.print(summary_table([spec], f"{spec.stack}: valid{note}"))
     return 0
 
 
@@ -105,6 +105,8 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
     from serving.stack import layout
     from serving.stack.catalog import EXAONE_MODELS
 
+    if args.sha256 is not None and digest_problem(args.sha256):
+        raise SpecError([Problem("--sha256", digest_problem(args.sha256))])
     spec = _spec(args) if (args.stack or args.config) else None
     if args.base_model:
         dims = adapter_check.base_dims(args.base_model)
@@ -163,6 +165,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from serving.local import demo
     from serving.render import artifacts as render
+    from serving.stack import examples
 
     specs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,7 +174,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             files = render.artifacts(spec, stackfile.ROOT)
             render.write(files, Path(tmp, name))
             specs.append(spec)
-            out.print(f"[green]✓[/] {name}: valid, {len(files)} artifacts rendered")
+            todo = len(examples.problems(spec, f"Pulumi.{name}.yaml"))
+            note = (f" (an example: {todo} value(s) to replace before `pulumi up`, see "
+                    f"`validate --stack {name}`)" if todo else "")
+            out.print(f"[green]✓[/] {name}: valid{note}, {len(files)} artifacts rendered")
     out.print(summary_table(specs, "Example stacks"))
     if args.render_only:
         return 0
@@ -179,11 +185,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m serving",
+        description="EXAONE 3.5 with LoRA adapters on vLLM: validate and render a stack, check "
+                    "adapters, plan capacity, benchmark, change adapters at runtime, and serve "
+                    "the local stack on this CPU.",
+        epilog="Start here: `python -m serving demo` (or `make demo`); then `python -m serving "
+               "validate --stack dev`. Bad input exits 2 with one line per problem.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="check a stack's config; prints a summary")
+    v = sub.add_parser("validate", help="check a stack's config as `pulumi up` and `fab "
+                       "deploy` will; prints a summary")
     _stack_args(v)
+    v.add_argument("--allow-examples", action="store_true",
+                   help="accept example values (the checked-in stacks' SSH key, documentation "
+                        "CIDRs, example digests): check the shape alone")
     v.set_defaults(func=cmd_validate)
 
     r = sub.add_parser("render", help="write the stack's artifacts (unit, env, k8s, monitoring)")
@@ -216,7 +232,11 @@ def parser() -> argparse.ArgumentParser:
     local_cli.add_parser(sub)
     cloud_cli.add_parser(sub)
 
-    demo = sub.add_parser("demo", help="the main job on this machine")
+    demo = sub.add_parser("demo", help="the main job on this machine", description=(
+        "Validate and render every example stack, then serve the local stack on this CPU "
+        "(its own vLLM on a free port, its own state in .local/demo) through add, hotfix, "
+        "rollback and remove, each verified by the answers. Runs any number of times; "
+        "`local reset --stack local` clears the local target without reinstalling."))
     demo.add_argument("--render-only", action="store_true",
                       help="validate and render the example stacks, do not serve")
     demo.set_defaults(func=cmd_demo)

@@ -58,3 +58,15 @@ def good_adapters(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "rank-pattern": make_adapter(root / "rank-pattern", rank=8, seed=3,
                                      rank_pattern={"q_proj": 16, "c_proj": 4}, **common),
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def peft_verdict_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PEFT's verdicts on adapter configs are cached per file (serving.adapters.peftparse):
+    the run keeps its own cache, so no verdict of another run or of this machine's user
+    decides a test (subprocesses inherit it)."""
+    from serving.adapters.peftparse import CACHE_ENV
+
+    folder = tmp_path_factory.mktemp("peft-verdicts")
+    os.environ[CACHE_ENV] = str(folder)
+    return folder

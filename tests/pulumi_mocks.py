@@ -22,6 +22,7 @@ from typing import Any
 
 import pulumi
 import yaml
+from example_values import filled_in
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime.settings import ROOT
@@ -166,12 +167,18 @@ class Run:
         return next(r for r in self.resources if r.urn == urn)
 
 
-def stack_values(stack: str) -> dict[str, Any]:
-    """The un-namespaced config of a checked-in ``Pulumi.<stack>.yaml``."""
+def example_values(stack: str) -> dict[str, Any]:
+    """The un-namespaced config of a checked-in ``Pulumi.<stack>.yaml``, as checked in."""
     document = yaml.safe_load((ROOT_DIR / f"Pulumi.{stack}.yaml").read_text()) or {}
     prefix = f"{PROJECT}:"
     return {k[len(prefix):]: v for k, v in (document.get("config") or {}).items()
             if k.startswith(prefix)}
+
+
+def stack_values(stack: str) -> dict[str, Any]:
+    """A checked-in stack as an operator fills it in (its example values replaced): the
+    program refuses example values before registering anything."""
+    return filled_in(example_values(stack))
 
 
 def _engine_value(value: Any) -> str:

@@ -39,8 +39,20 @@ def bad_config(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", stackfile.stack_names())
 def test_validate_each_stack(name: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", "--stack", name]) == 0
+    assert main(["validate", "--stack", name, "--allow-examples"]) == 0
     assert f"{name}: valid" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["dev", "prod"])
+def test_validate_refuses_cloud_stacks_with_example_values(name: str, capsys) -> None:
+    """The checked-in cloud stacks are examples: validate says what to replace, each key."""
+    assert main(["validate", "--stack", name]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    keys = {line.split(": ")[1] for line in err.strip().splitlines()}
+    assert {"exaone-serving:sshCidrs", "exaone-serving:apiCidrs",
+            "exaone-serving:adapters[0].sha256"} <= keys, err
+    assert ("exaone-serving:sshPublicKey" in keys) == (name == "dev"), err
+    assert all("replace" in line for line in err.strip().splitlines()), err
 
 
 def test_validate_bad_config_lists_every_problem(bad_config: Path, capsys) -> None:
@@ -137,6 +149,10 @@ def test_check_adapter_sha256_and_bad_arguments(
     assert main(["check-adapter", str(path), *base, "--sha256", good]) == 0
     assert main(["check-adapter", str(path), *base, "--sha256", "0" * 64]) == 2
     assert "folder digest" in capsys.readouterr().err
+    for not_a_digest in ("deadbeef", good.upper(), good + "0", f"sha256:{good}", ""):
+        assert main(["check-adapter", str(path), *base, "--sha256", not_a_digest]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("--sha256: ") and "64 lowercase hex" in err, err
     assert main(["check-adapter", str(path)]) == 2
     assert "--base-model" in capsys.readouterr().err
     assert main(["check-adapter", str(path), *base, "--max-lora-rank", "24"]) == 2
@@ -153,7 +169,7 @@ def test_digest_prints_the_folder_digest(good_adapters: dict[str, Path], capsys)
 
 def test_module_entry_point_exit_codes(bad_config: Path) -> None:
     ok = subprocess.run(
-        [sys.executable, "-m", "serving", "validate", "--stack", "dev"],
+        [sys.executable, "-m", "serving", "validate", "--stack", "local"],
         capture_output=True,
         text=True,
         cwd=stackfile.ROOT,

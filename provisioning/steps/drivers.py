@@ -62,9 +62,4 @@ def reboot(t: Target) -> None:
     t.host.run("systemctl reboot", sudo=True, check=False, timeout_s=30)
     t.host.close()
     time.sleep(REBOOT_SETTLE_SECONDS)
-    old = t.host.reconnect_timeout_s
-    t.host.reconnect_timeout_s = REBOOT_TIMEOUT_SECONDS
-    try:
-        t.host.ensure_connected()
-    finally:
-        t.host.reconnect_timeout_s = old
+    t.host.await_reboot(REBOOT_TIMEOUT_SECONDS)

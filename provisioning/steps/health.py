@@ -25,6 +25,8 @@ class HealthGate:
         if t.dry:
             return StepResult(self.name, PLANNED, 0.0, "dry run: not checked")
         timeout = t.settings.health_timeout_s
+        t.say(f"health: waiting up to {timeout:g} s for vLLM's /health on the host, then one "
+              "answer per model (a cold start loads the weights and compiles)")
         try:
             out = t.host.json(
                 host_python("serving.host.health", "--config", stack_file(t),

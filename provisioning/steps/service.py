@@ -27,7 +27,9 @@ def files(t: Target) -> dict[str, tuple[str, str]]:
     return {
         systemd_unit.UNIT_FILE: (systemd_unit.render_unit(spec), "644"),
         systemd_unit.ENV_FILE: (systemd_unit.render_env(spec), "644"),
-        systemd_unit.SECRET_ENV_FILE: (systemd_unit.render_secret_env(t.settings.api_key), "600"),
+        # A dry run that could not read the key plans the file as a write (never compared).
+        systemd_unit.SECRET_ENV_FILE: (systemd_unit.render_secret_env(t.settings.api_key)
+                                       if t.settings.api_key else "", "600"),
     }
 
 

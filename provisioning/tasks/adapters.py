@@ -14,8 +14,6 @@ already rolled itself back where the operation allows).
 
 from __future__ import annotations
 
-import re
-
 from fabric import task
 from invoke import Collection
 from invoke.exceptions import Exit
@@ -26,6 +24,8 @@ from provisioning.settings import DeploySettings
 from provisioning.steps.converge import Target
 from provisioning.steps.model import blob_args, stack_file
 from provisioning.tasks import options as cli_options
+from serving.stack.digest import digest_problem
+from serving.stack.errors import Problem
 from serving.stack.spec import BLOB_RE, name_problem, version_problem
 
 OP_TIMEOUT_SECONDS = 900
@@ -57,31 +57,37 @@ def _fetch(t: Target, name: str, version: str, source: str, sha256: str) -> None
           f" at {done['path']}")
 
 
-def check_version_args(name: str, version: str, source: str, sha256: str) -> str:
-    """The first problem of add/hotfix's arguments (checked before any host is touched)."""
-    problem = name_problem(name)
-    if problem:
-        return f"NAME {problem}"
-    problem = version_problem(version)
-    if problem:
-        return f"VERSION {problem}"
+def version_arg_problems(name: str, version: str, source: str, sha256: str) -> list[Problem]:
+    """Every problem of add/hotfix's arguments (checked before any host is touched)."""
+    found: list[Problem] = []
+    if name_problem(name):
+        found.append(Problem("NAME", name_problem(name)))
+    if version_problem(version):
+        found.append(Problem("VERSION", version_problem(version)))
     if bool(source) != bool(sha256):
-        return "--source and --sha256 go together (the digest pins what is fetched)"
+        found.append(Problem("--source/--sha256",
+                             "go together (the digest pins what is fetched)"))
     if source and not BLOB_RE.match(source):
-        return f"--source {source!r} is malformed; allowed: blob://container/path"
-    if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
-        return "--sha256 is not 64 lowercase hex digits (`python -m serving digest FOLDER`)"
-    return ""
+        found.append(Problem("--source", f"{source!r} is malformed; allowed: "
+                                         "blob://container/path"))
+    if sha256 and digest_problem(sha256):
+        found.append(Problem("--sha256", digest_problem(sha256)))
+    return found
+
+
+def check_version_args(name: str, version: str, source: str, sha256: str) -> str:
+    """The first problem of add/hotfix's arguments, as one line; empty when there is none."""
+    found = version_arg_problems(name, version, source, sha256)
+    return f"{found[0].where} {found[0].message}" if found else ""
 
 
 def _versioned(op: str):
     def body(c, name, version, source="", sha256="", stack="", config="", hosts="",
-             blob_url="", blob_connection_string_env=""):
+             blob_url="", blob_connection_string_env="", connect_timeout=0.0):
         s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
-                             blob_connection_string_env=blob_connection_string_env)
-        problem = check_version_args(name, version, source, sha256)
-        if problem:
-            raise Exit(problem, code=2)
+                             blob_connection_string_env=blob_connection_string_env,
+                             connect_timeout=connect_timeout,
+                             also=version_arg_problems(name, version, source, sha256))
 
         def run(t: Target) -> None:
             if source:
@@ -105,9 +111,10 @@ hotfix = _versioned("hotfix")
 
 def _named(op: str):
     def body(c, name="", stack="", config="", hosts="", deadline=60.0, blob_url="",
-             blob_connection_string_env=""):
+             blob_connection_string_env="", connect_timeout=0.0):
         s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
-                             blob_connection_string_env=blob_connection_string_env)
+                             blob_connection_string_env=blob_connection_string_env,
+                             connect_timeout=connect_timeout, gate=op != "list")
         argv = [op]
         if op in ("rollback", "remove"):
             if not name:

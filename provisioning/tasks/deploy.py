@@ -176,6 +176,7 @@ from fabric import task  # noqa: E402
 from invoke.exceptions import Exit  # noqa: E402
 
 from provisioning.tasks import options as cli_options  # noqa: E402
+from serving.stack.errors import Problem  # noqa: E402
 
 
 @task(help={
@@ -188,18 +189,27 @@ from provisioning.tasks import options as cli_options  # noqa: E402
     "report": "also write the per-host, per-step results to this JSON file",
 })
 def deploy(c, stack="", config="", hosts="", parallel=1, dry=False, only="", blob_url="",
-           blob_connection_string_env="", health_timeout_s=0.0, report=""):
+           blob_connection_string_env="", health_timeout_s=0.0, report="", connect_timeout=0.0):
     """Roll the stack's VMs forward: drivers, runtime, model, patch, adapters, unit, health."""
     extra = {"health_timeout_s": float(health_timeout_s)} if health_timeout_s else {}
-    s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
-                         blob_connection_string_env=blob_connection_string_env, **extra)
-    with cli_options.problems_exit():
+    also: list[Problem] = []
+    try:
         select(only)
+    except ValueError as exc:
+        also.append(Problem("--only", str(exc).removeprefix("--only: ")))
+    s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
+                         blob_connection_string_env=blob_connection_string_env,
+                         connect_timeout=connect_timeout, dry=bool(dry), also=also, **extra)
     console = cli_options.console
     console.print(f"fab deploy: stack {s.spec.stack}, {len(s.hosts)} host(s)"
-                  f"{', dry run' if dry else ''}, {max(1, int(parallel))} at a time")
-    reports = deploy_all(s, connect=cli_options.connector(s), parallel=int(parallel), dry=bool(dry),
-                     only=only, say=lambda m: console.print(m, markup=False))
+                  f"{', dry run' if dry else ''}, {max(1, int(parallel))} at a "
+                  f"time, SSH connect timeout {s.connect_timeout_s:g} s", markup=False)
+    if s.unread:
+        console.print(f"dry run without {', '.join(s.unread)}: what holds it is planned as a "
+                      "write (a real run needs it)", markup=False)
+    say = lambda m: console.print(m, markup=False)  # noqa: E731
+    reports = deploy_all(s, connect=cli_options.connector(s, say), parallel=int(parallel),
+                         dry=bool(dry), only=only, say=say)
     console.print(summary(reports))
     if report:
         write_report(Path(report), reports, dry=bool(dry), parallel=int(parallel))

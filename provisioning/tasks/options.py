@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -14,7 +14,7 @@ from provisioning import settings as settings_mod
 from provisioning.remote import Host, RemoteError
 from provisioning.settings import DeploySettings
 from provisioning.steps.converge import StepError, StepResult, Target, converge
-from serving.stack.errors import SpecError
+from serving.stack.errors import Problem, SpecError
 
 console = Console(highlight=False)
 
@@ -25,6 +25,9 @@ HELP = {
     "blob_url": "Blob account URL (default: from the stack's storageAccount output)",
     "blob_connection_string_env": "environment variable holding a Blob connection string "
     "(instead of the VMs' managed identity; e.g. Azurite)",
+    "connect_timeout": "seconds to wait for a host's SSH on first contact (default "
+    f"{settings_mod.CONNECT_TIMEOUT_SECONDS:g}; a refused connection or unknown name fails at "
+    "once)",
 }
 
 
@@ -60,6 +63,7 @@ class HostOptions:
     hosts: str = ""
     blob_url: str = ""
     blob_connection_string_env: str = ""
+    connect_timeout: float = settings_mod.CONNECT_TIMEOUT_SECONDS
 
     @classmethod
     def of(cls, c: object, **given: Any) -> HostOptions:
@@ -67,30 +71,55 @@ class HostOptions:
         config = getattr(c, "config", None)
         if config is not None:
             try:
-                section = config.get("exaone") or {}
-            except (AttributeError, TypeError):
+                section = dict(config.get("exaone") or {})
+            except (AttributeError, TypeError, ValueError):
                 section = {}
+            # Fabric's own `fab --connect-timeout N` (it lands in connect_kwargs.timeout), else
+            # its config's timeouts.connect (fabric.yaml).
+            fabric_timeout = None
+            for path in (("connect_kwargs", "timeout"), ("timeouts", "connect")):
+                with suppress(AttributeError, TypeError):
+                    fabric_timeout = fabric_timeout or config.get(path[0], {}).get(path[1])
+            if fabric_timeout and not section.get("connect_timeout"):
+                section["connect_timeout"] = fabric_timeout
         values = {f.name: given.get(f.name) or section.get(f.name) or f.default
                   for f in fields(cls)}
+        values["connect_timeout"] = float(values["connect_timeout"])
         return cls(**values)
 
 
-def load(c: object, **kwargs: object) -> DeploySettings:
+def load(c: object, *, also: Sequence[Problem] = (), **kwargs: object) -> DeploySettings:
     """The deploy settings of a task's arguments (validated before any host is touched): its
-    host options (``HostOptions``, with their precedence) and its own extra settings."""
+    host options (``HostOptions``, with their precedence) and its own extra settings. ``also``:
+    the task's own option problems, reported together with the settings' ones."""
     names = {f.name for f in fields(HostOptions)}
     o = HostOptions.of(c, **{k: v for k, v in kwargs.items() if k in names})
     extra = {k: v for k, v in kwargs.items() if k not in names}
     with problems_exit():
-        return settings_mod.load(stack=o.stack if not o.config else "", config=o.config,
-                                 hosts=fab_hosts(c, o.hosts), blob_url=o.blob_url,
-                                 blob_connection_string_env=o.blob_connection_string_env,
-                                 **extra)
+        try:
+            s = _load(c, o, extra)
+        except SpecError as exc:
+            raise SpecError([*also, *exc.problems]) from None
+        if also:
+            raise SpecError(list(also))
+        return s
 
 
-def connector(s: DeploySettings) -> Callable[[str], Host]:
+def _load(c: object, o: HostOptions, extra: dict[str, Any]) -> DeploySettings:
+    return settings_mod.load(stack=o.stack if not o.config else "", config=o.config,
+                             hosts=fab_hosts(c, o.hosts), blob_url=o.blob_url,
+                             blob_connection_string_env=o.blob_connection_string_env,
+                             connect_timeout_s=o.connect_timeout, **extra)
+
+
+def connector(s: DeploySettings, say: Callable[[str], None] | None = None
+              ) -> Callable[[str], Host]:
+    """Hosts of ``s``; ``say`` hears what a connection waits for (prefixed with the host)."""
     def connect(text: str) -> Host:
-        return Host.connect(text, user=s.spec.vm.admin_user, key_file=s.ssh_key_file)
+        tell = (lambda m: say(f"[{text}] {m}")) if say else (
+            lambda m: console.print(f"[{text}] {m}", markup=False))
+        return Host.connect(text, user=s.spec.vm.admin_user, key_file=s.ssh_key_file,
+                            connect_timeout_s=s.connect_timeout_s, say=tell)
 
     return connect
 

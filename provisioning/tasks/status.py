@@ -61,10 +61,12 @@ def table(rows: list[dict[str, str]], stack: str) -> Table:
 
 
 @task(help=cli_options.HELP)
-def status(c, stack="", config="", hosts="", blob_url="", blob_connection_string_env=""):
+def status(c, stack="", config="", hosts="", blob_url="", blob_connection_string_env="",
+           connect_timeout=0.0):
     """A table of the stack's hosts: service state, vLLM version, adapters, GPU memory."""
     s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
-                         blob_connection_string_env=blob_connection_string_env)
+                         blob_connection_string_env=blob_connection_string_env,
+                         connect_timeout=connect_timeout, gate=False)
     connect = cli_options.connector(s)
 
     def one(name: str) -> dict[str, str]:

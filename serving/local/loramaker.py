@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from serving.adapters.peftparse import verdict as peft_verdict
 from serving.atomic import replace_folder
 from serving.stack.catalog import (
     EXAONE_ATTN_MODULES,
@@ -179,15 +180,19 @@ def make_adapter(
         "adapter_config.json": _canonical_config(config),
         "adapter_model.safetensors": save_safetensors(tensors, metadata={"format": "pt"}),
     }
-    if dest.is_dir() and all(
+    if not (dest.is_dir() and all(
         (dest / name).is_file() and (dest / name).read_bytes() == data
         for name, data in contents.items()
-    ):
-        return dest
-    if dest.exists() and not set(p.name for p in dest.iterdir()) <= set(ADAPTER_FILES):
-        raise FileExistsError(f"{dest} holds files other than {', '.join(ADAPTER_FILES)}")
-    def fill(staging: Path) -> None:
-        for name, data in contents.items():
-            (staging / name).write_bytes(data)
+    )):
+        if dest.exists() and not set(p.name for p in dest.iterdir()) <= set(ADAPTER_FILES):
+            raise FileExistsError(f"{dest} holds files other than {', '.join(ADAPTER_FILES)}")
 
-    return replace_folder(dest, fill)
+        def fill(staging: Path) -> None:
+            for name, data in contents.items():
+                (staging / name).write_bytes(data)
+
+        replace_folder(dest, fill)
+    # PEFT is loaded here anyway: its verdict on this config is kept, so the adapter commands
+    # that check the folder later need not import it (serving.adapters.peftparse).
+    peft_verdict(dest / "adapter_config.json")
+    return dest

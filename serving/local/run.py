@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import shutil
 import signal
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +35,8 @@ ADAPTER_SEED_BASE = 101  # sample adapter i gets seed 101 + i: each answers diff
 ENTRYPOINT_MARK = "vllm.entrypoints.openai.api_server"
 # Passed through from the caller's environment; everything else vLLM sees comes from the spec.
 _PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER")
+# "INFO 12-02 10:21:07 [api_server.py:1234] " and "(APIServer pid=123) " before a log message.
+_LOG_PREFIX = re.compile(r"^(\(\w+ pid=\d+\)\s*)?([A-Z]+ \d\d-\d\d [\d:]+ \[[^\]]*\]\s*)?")
 
 
 @dataclass(frozen=True)
@@ -96,14 +102,61 @@ def setup_files(spec: Spec, layout: Layout, *, root: Path) -> list[str]:
     return done
 
 
-def install_venv(spec: Spec, layout: Layout) -> None:
-    """The vLLM venv through the install script (a no-op when its marker holds the pins)."""
-    done = subprocess.run(
+# What `local reset` keeps: the model, the stack's sample adapters, the API key, the compile
+# cache; the vLLM venv lives outside .local and is never touched.
+_RUNTIME_STATE = ("adapters.json", "adapters.lock", "lora-resolver", "incoming", "demo",
+                  "vllm.pid", "vllm.log")
+
+
+def reset(server: LocalServer) -> list[str]:
+    """The local target back to what `local setup` made, without reinstalling anything: stop
+    the server this checkout started (a server it did not start is left alone), then remove
+    the adapter record, the resolver folder, the demo's state, the log, and every adapter
+    version that is not one of the stack's own. Returns what was done."""
+    done = ["stopped the vLLM this checkout started"] if stop(server) else []
+    state = Path(server.layout.state_dir)
+    keep = {Path(server.layout.adapter_path(server.spec, a)) for a in server.spec.adapters}
+    adapters = Path(server.layout.adapters_dir)
+    for version in sorted(adapters.glob("*/*")):
+        if version.is_dir() and version.resolve() not in {k.resolve() for k in keep}:
+            shutil.rmtree(version)
+            done.append(f"removed adapter {version.parent.name}/{version.name}")
+    for name_dir in sorted(adapters.glob("*")):
+        if name_dir.is_dir() and not any(name_dir.iterdir()):
+            name_dir.rmdir()
+    for name in _RUNTIME_STATE:
+        path = state / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        done.append(f"removed {path}")
+    return done
+
+
+def install_venv(spec: Spec, layout: Layout, *,
+                 on_phase: Callable[[str], None] | None = None) -> None:
+    """The vLLM venv through the install script (a no-op when its marker holds the pins).
+    ``on_phase`` hears each phase the script announces (its stdout lines); pip's errors go
+    to stderr as they come."""
+    proc = subprocess.Popen(
         ["bash", str(INSTALL_SCRIPT), layout.venv_dir, CPU_TORCH_VERSION, spec.vllm.version],
-        check=False, timeout=INSTALL_DEADLINE_SECONDS,
+        stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )
-    if done.returncode:
-        raise SpecError([Problem(str(INSTALL_SCRIPT), f"failed with exit {done.returncode}")])
+    watchdog = threading.Timer(INSTALL_DEADLINE_SECONDS, proc.kill)
+    watchdog.start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if on_phase is not None and line.strip():
+                on_phase(line.strip())
+        code = proc.wait()
+    finally:
+        watchdog.cancel()
+    if code:
+        raise SpecError([Problem(str(INSTALL_SCRIPT), f"failed with exit {code}")])
 
 
 def _log_tail(path: Path, lines: int = 15) -> str:
@@ -113,11 +166,28 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+def last_log_line(path: Path, offset: int = 0) -> str:
+    """The newest line vLLM logged after ``offset``, without its level/time/file prefix."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(offset, path.stat().st_size - 4096))
+            lines = handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        text = _LOG_PREFIX.sub("", line).strip()
+        if text and not text.startswith("---"):
+            return text
+    return ""
+
+
 def start(server: LocalServer, api_key: str, *,
           deadline_s: float = START_DEADLINE_SECONDS,
-          extra_env: dict[str, str] | None = None) -> int:
+          extra_env: dict[str, str] | None = None,
+          on_wait: Callable[[str], None] | None = None) -> int:
     """Start vLLM in the background and wait for /health; returns its pid. ``extra_env``
-    adds to what vLLM sees (the GPU tier's PYTHONPATH to an offline vLLM install)."""
+    adds to what vLLM sees (the GPU tier's PYTHONPATH to an offline vLLM install);
+    ``on_wait`` hears, about once a second, the newest line of its log while it starts."""
     existing = server.pid()
     with server.client(api_key) as client:
         if existing is not None and client.health():
@@ -140,6 +210,7 @@ def start(server: LocalServer, api_key: str, *,
     with open(server.log_file, "ab") as log:
         log.write(f"\n--- start {time.strftime('%Y-%m-%dT%H:%M:%S')} ---\n".encode())
         log.flush()
+        offset = log.tell()
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             cwd=layout.state_dir,
@@ -157,6 +228,9 @@ def start(server: LocalServer, api_key: str, *,
                 ))])
             if client.health():
                 return proc.pid
+            if on_wait is not None:
+                on_wait(f"pid {proc.pid}, waiting for /health; log: "
+                        f"{last_log_line(server.log_file, offset) or '(nothing yet)'}")
             time.sleep(1.0)
     stop(server)
     raise SpecError([Problem(server.endpoint, (

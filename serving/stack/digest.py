@@ -15,10 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from pathlib import Path
 
 _CHUNK_BYTES = 1 << 20
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGEST_ALLOWED = "64 lowercase hex digits (`python -m serving digest FOLDER`)"
+
+
+def digest_problem(value: str) -> str:
+    """Why ``value`` is not a folder digest as ``folder_digest`` prints it; empty when it is."""
+    if DIGEST_RE.match(value):
+        return ""
+    shown = value if len(value) <= 80 else value[:77] + "..."
+    return f"{shown!r} is not a sha256 digest ({len(value)} characters); allowed: {DIGEST_ALLOWED}"
 
 
 class DigestError(ValueError):

@@ -23,6 +23,7 @@ from serving.stack.catalog import (
     lora_rank_problem,
     version_tuple,
 )
+from serving.stack.digest import DIGEST_RE
 from serving.stack.errors import Problem
 from serving.stack.targets import TARGETS, Target
 
@@ -274,7 +275,7 @@ class AdapterSpec(_Frozen):
     version: Annotated[str, _pattern(VERSION_RE, VERSION_ALLOWED)]
     source: str = Field(min_length=1)
     sha256: Annotated[
-        str, _pattern(re.compile(r"^$|^[0-9a-f]{64}$"), "64 lowercase hex digits")
+        str, _pattern(re.compile(f"^$|{DIGEST_RE.pattern}"), "64 lowercase hex digits")
     ] = ""
     rank: int = Field(ge=1)
 

@@ -314,3 +314,32 @@ def test_lora_parameters_of_exaone_24b() -> None:
                                     tree)
     by_peft = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
     assert by_peft == 43_991_040
+
+
+def _layers_pattern_alone(folder: Path) -> None:
+    """A config every JSON rule accepts and PEFT itself refuses."""
+    path = folder / "adapter_config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps({**raw, "layers_pattern": "h", "layers_to_transform": None}))
+
+
+def test_peft_verdict_is_kept_per_config_and_still_refuses(
+        good_adapters: dict[str, Path], tiny_model: Path, tmp_path: Path) -> None:
+    """PEFT parses a config once; its refusal is reported again from the cache, and a check
+    of a folder whose config PEFT has seen imports neither PEFT nor torch."""
+    import sys
+
+    bad = Path(shutil.copytree(good_adapters["all-modules"], tmp_path / "bad"))
+    _layers_pattern_alone(bad)
+    for _ in range(2):
+        assert any("PEFT cannot read it" in p and "layers_to_transform" in p
+                   for p in check(bad, tiny_model)), check(bad, tiny_model)
+    script = (
+        "import sys; from pathlib import Path; "
+        "from serving.adapters.checks import base_dims, check_adapter; "
+        f"p = check_adapter(Path({str(bad)!r}), dims=base_dims({str(tiny_model)!r}), "
+        "base_model_id=None, max_lora_rank=16); "
+        "print(len(p), 'peft' in sys.modules, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, cwd=stackfile.ROOT)
+    assert done.stdout.split() == ["1", "False", "False"], done.stdout + done.stderr

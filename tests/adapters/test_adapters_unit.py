@@ -67,6 +67,26 @@ def test_record_history_roll_back_and_remove() -> None:
     ]
 
 
+def test_record_history_holds_distinct_steps_through_remove_and_re_add() -> None:
+    """Remove and re-add of the same version, three times over, is one step, not 'earlier:
+    1, 1, 1'; the history never offers the serving version as the one to roll back to."""
+    record = Record().set_current("x", _served("1"), op="add")
+    for _ in range(3):
+        record = record.remove("x").set_current("x", _served("1"), op="add")
+    assert record.entries["x"].history == ()
+    record = record.set_current("x", _served("2"), op="hotfix").remove("x")
+    assert [h.version for h in record.entries["x"].history] == ["1", "2"]
+    record = record.set_current("x", _served("2"), op="add")
+    assert [h.version for h in record.entries["x"].history] == ["1"]
+    assert record.roll_back("x").entries["x"].current.version == "1"
+
+
+def test_record_written_with_repeated_steps_reads_as_distinct_steps() -> None:
+    one = to_json(Record().set_current("x", _served("1"), op="add"))
+    one["adapters"]["x"]["history"] = [one["adapters"]["x"]["current"]] * 3
+    assert from_json(one).entries["x"].history == ()
+
+
 def test_record_file_round_trip_is_atomic_and_versioned(tmp_path: Path) -> None:
     store = RecordStore(tmp_path)
     assert store.load() == Record()
@@ -483,6 +503,27 @@ def test_rollback_goes_to_the_previous_version(world) -> None:
     assert outcome.version == "1" and fake.loaded["tone"].endswith("tone1")
     with pytest.raises(OperationError, match="no earlier version"):
         ops.rollback("tone")
+
+
+def test_rollback_after_remove_and_re_add_names_the_real_cause(world) -> None:
+    ops, _fake, _version = world
+    ops.reconcile()
+    for _ in range(2):
+        ops.remove("tone", deadline_s=10)
+        ops.add("tone", "1")
+    assert ops.rows()[0]["history"] == []
+    with pytest.raises(OperationError, match="no earlier version") as info:
+        ops.rollback("tone")
+    assert "answers like" not in info.value.message
+
+
+def test_hotfix_to_the_same_files_is_refused_by_digest_not_by_answers(world, tmp_path) -> None:
+    ops, _fake, _version = world
+    ops.reconcile()
+    with pytest.raises(OperationError, match="same files as the serving version 1") as info:
+        ops.hotfix("tone", "2", tmp_path / "tone1")
+    assert "nothing changed" in info.value.message and "answers like" not in info.value.message
+    assert not (Path(ops.layout.adapters_dir) / "tone" / "2").exists()
 
 
 def test_remove_waits_for_requests_then_confirms_404(world) -> None:

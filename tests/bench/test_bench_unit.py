@@ -327,3 +327,19 @@ def test_fabric_task_needs_hosts() -> None:
 
     with pytest.raises(Exit, match="--hosts"):
         bench_task(Context())
+
+
+def test_sweep_plot_redraws_from_bench_json(tmp_path) -> None:
+    """The checked-in run's bench.json reads back as a report and draws its sweep figure."""
+    import json
+    from pathlib import Path
+
+    from serving.bench import engine
+    from serving.stack import stackfile
+
+    doc = json.loads(Path(stackfile.ROOT, "docs/bench-local/bench.json").read_text())
+    report = engine.report_from_json(doc)
+    assert [p.rate for p in report.sweep] == [s["rate"] for s in doc["sweep"]]
+    assert report.to_json()["sweep"] == doc["sweep"]
+    out = engine.plot_sweep(report, tmp_path / "sweep.png")
+    assert out.stat().st_size > 10_000

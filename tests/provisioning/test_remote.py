@@ -87,3 +87,72 @@ def test_host_script_feeds_the_script_on_stdin_and_refuses_other_stdin(tmp_path:
     assert sent(mc) == [("sudo -n bash -s -- probe 'a b'", "echo from-script\n")]
     with pytest.raises(ValueError, match="stdin"):
         host.script(script, "x", stdin="secret")
+
+
+# --- first contact ------------------------------------------------------------------------------
+
+# Far above any real refusal (milliseconds) and far below the reboot back-off (600 s).
+FINAL_WITHIN_SECONDS = 30
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens once it is closed
+
+
+@pytest.mark.parametrize(("address", "why"), [
+    pytest.param(lambda: f"ops@127.0.0.1:{_closed_port()}", "connection refused", id="refused"),
+    pytest.param(lambda: "ops@no-such-host.invalid:22", "is not known", id="unknown-name"),
+])
+def test_first_contact_failure_is_final_and_says_why(address, why: str, tmp_path: Path) -> None:
+    import time
+
+    heard: list[str] = []
+    host = Host.connect(address(), user="ops", key_file=None, say=heard.append,
+                        connect_timeout_s=5)
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match=why) as err:
+        host.ensure_connected()
+    assert time.monotonic() - started < FINAL_WITHIN_SECONDS
+    assert (err.value.code == 255 and "check" in str(err.value)) or "is the VM" in str(err.value)
+    assert heard and heard[0].startswith("connecting to ops@")
+
+
+class _FlakyConnection:
+    """Refuses ``refusals`` times, then connects (a host coming back from a reboot)."""
+
+    host, port, user = "10.0.0.4", 22, "ops"
+
+    def __init__(self, refusals: int):
+        self.refusals, self.opens, self.is_connected = refusals, 0, False
+
+    def open(self) -> None:
+        self.opens += 1
+        if self.opens <= self.refusals:
+            raise ConnectionRefusedError(111, "Connection refused")
+        self.is_connected = True
+
+    def close(self) -> None:
+        self.is_connected = False
+
+
+def test_back_off_only_after_the_project_rebooted_the_host(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from provisioning import remote
+
+    monkeypatch.setattr(remote, "RECONNECT_FIRST_WAIT_SECONDS", 0.01)
+    heard: list[str] = []
+    first = Host(_FlakyConnection(refusals=2), name="h1", say=heard.append)  # type: ignore[arg-type]
+    with pytest.raises(RemoteError, match="connection refused"):
+        first.ensure_connected()
+    assert first.conn.opens == 1  # first contact: one attempt, final
+
+    rebooted = Host(_FlakyConnection(refusals=2), name="h1", say=heard.append)  # type: ignore[arg-type]
+    rebooted.await_reboot(timeout_s=30)
+    assert rebooted.conn.opens == 3 and rebooted.conn.is_connected
+    waits = [m for m in heard if "to come back after the reboot" in m]
+    assert [m.split("attempt ")[1].split(",")[0] for m in waits] == ["1", "2"]
+    assert any(m.startswith("back after the reboot") for m in heard)

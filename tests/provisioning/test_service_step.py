@@ -194,3 +194,16 @@ def test_secrets_travel_only_on_stdin() -> None:
     assert len(fetches) == 2
     assert all(json.loads(s) == {"connection_string": CONN_STR, "hf_token": HF_TOKEN}
                for s in fetches)
+
+
+def test_a_dry_run_without_the_api_key_plans_its_files_as_writes() -> None:
+    """A dry run that could not read the key still plans: the files that hold it are writes
+    (never compared), nothing else changes, and no empty key is rendered."""
+    s = dataclasses.replace(settings_for(), api_key="", dry=True, unread=("the API key",))
+    t, _mc, _said = target(settings=s, dry=True)
+    converged = _service_state(target()[0])
+    plan = service.ServiceStep().plan(t, converged)
+    assert f"write {systemd_unit.SECRET_ENV_FILE}" in plan
+    assert f"write {systemd_unit.UNIT_FILE}" not in plan
+    config_plan = ConfigStep().plan(t, config_digests(t))
+    assert config_plan == [f"write {layouts.VM_API_KEY_FILE}"]

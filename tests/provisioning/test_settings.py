@@ -75,7 +75,7 @@ def test_load_without_hosts_names_the_option(tmp_path: Path,
                                              key_files: tuple[Path, Path]) -> None:
     path = write_stack(tmp_path, key_files)
     with pytest.raises(SpecError) as err:
-        settings_mod.load(config=str(path), outputs={})
+        settings_mod.load(config=str(path), blob_url=ACCOUNT_URL, outputs={})
     assert _problem(err) == "--hosts"
     assert "--hosts user@address" in str(err.value)
 
@@ -145,7 +145,7 @@ def test_load_connection_string_from_the_named_env(tmp_path: Path, key_files: tu
     path = write_stack(tmp_path, key_files)
     monkeypatch.delenv("UNIT_BLOB_CONN", raising=False)
     with pytest.raises(SpecError) as err:
-        settings_mod.load(config=str(path), hosts="h1", outputs={},
+        settings_mod.load(config=str(path), hosts="h1", outputs={}, blob_url=ACCOUNT_URL,
                           blob_connection_string_env="UNIT_BLOB_CONN")
     assert _problem(err) == "--blob-connection-string-env"
     monkeypatch.setenv("UNIT_BLOB_CONN", CONN_STR)
@@ -196,3 +196,97 @@ def test_host_stack_document_of_the_dev_stack_sets_the_root_only_key_file() -> N
     assert text.startswith("# Written by fab deploy from Pulumi.dev.yaml")
     assert f"apiKeyRef: file:{layouts.VM_API_KEY_FILE}" in text
     assert "EXAONE_API_KEY" not in text
+
+
+def test_load_reports_every_setup_problem_at_once(tmp_path: Path, key_files: tuple[Path, Path],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No hosts, a missing key file, an unset API key and an unknown Blob account: one run."""
+    monkeypatch.delenv("UNIT_API_KEY", raising=False)
+    path = write_stack(tmp_path, key_files, sshPrivateKeyPath=str(tmp_path / "nope"),
+                       apiKeyRef="env:UNIT_API_KEY")
+    with pytest.raises(SpecError) as err:
+        settings_mod.load(config=str(path), outputs={})
+    wheres = [p.where for p in err.value.problems]
+    assert wheres[0] == "--hosts" and "Pulumi.unit.yaml: sshPrivateKeyPath" in wheres
+    assert "--blob-url" in wheres
+    assert any("UNIT_API_KEY" in str(p) for p in err.value.problems), wheres
+
+
+def test_dry_run_needs_no_secret(tmp_path: Path, key_files: tuple[Path, Path],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UNIT_API_KEY", raising=False)
+    monkeypatch.delenv("UNIT_BLOB_CONN", raising=False)
+    path = write_stack(tmp_path, key_files, apiKeyRef="env:UNIT_API_KEY",
+                       hfTokenRef="env:UNIT_HF_TOKEN")
+    with pytest.raises(SpecError):
+        settings_mod.load(config=str(path), hosts="h1", outputs={},
+                          blob_connection_string_env="UNIT_BLOB_CONN")
+    s = settings_mod.load(config=str(path), hosts="h1", outputs={}, dry=True,
+                          blob_connection_string_env="UNIT_BLOB_CONN")
+    assert s.dry and s.api_key == "" and s.hf_token == ""
+    assert [u.split(" (")[0] for u in s.unread] == [
+        "the API key", "the Blob connection string", "the HF token"]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    pytest.param({"sshPublicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINXo7c6mmuiEzfaQmNPrvojpWu"
+                                  "vUC+5orc9YbzEpYccu replace-with-your-key"}, "sshPublicKey",
+                 id="example-ssh-key"),
+    pytest.param({"sshCidrs": ["192.0.2.0/24"]}, "sshCidrs", id="documentation-cidr"),
+    pytest.param({"adapters": [{"name": "a", "version": "1", "source": "blob://adapters/a/1",
+                                "sha256": "deadbeef" * 8, "rank": 16}]}, "adapters[0].sha256",
+                 id="filler-digest"),
+    pytest.param({"modelId": "LGAI-EXAONE/EXAONE-3.5-32B-Instruct",
+                  "gpuMemoryUtilization": "0.5"}, "gpuMemoryUtilization", id="does-not-fit"),
+])
+def test_load_passes_the_one_gate_before_any_host_is_touched(
+        tmp_path: Path, key_files: tuple[Path, Path], override: dict[str, Any], key: str) -> None:
+    """The same gate as `serving validate` and the Pulumi program: example values, capacity."""
+    path = write_stack(tmp_path, key_files, **override)
+    with pytest.raises(SpecError) as err:
+        settings_mod.load(config=str(path), hosts="h1", blob_url=ACCOUNT_URL, outputs={},
+                          dry=True)
+    wheres = [p.where for p in err.value.problems]
+    assert f"Pulumi.unit.yaml: {stackfile.namespace()}:{key}" in wheres, wheres
+
+
+def test_fab_validate_is_the_same_gate(tmp_path: Path, key_files: tuple[Path, Path]) -> None:
+    """`fab validate` refuses what `serving validate` refuses: a stack that does not fit its
+    GPUs (32B at gpuMemoryUtilization 0.5) and the checked-in example values."""
+    from invoke import MockContext
+    from invoke.exceptions import Exit
+
+    from provisioning import validate
+
+    path = write_stack(tmp_path, key_files, modelId="LGAI-EXAONE/EXAONE-3.5-32B-Instruct",
+                       gpuMemoryUtilization="0.5")
+    with pytest.raises(Exit) as err:
+        validate(MockContext(), config=str(path))
+    assert err.value.code == 2 and "gpuMemoryUtilization" in str(err.value.message)
+    with pytest.raises(Exit) as err:
+        validate(MockContext(), stack="dev")
+    assert err.value.code == 2 and "sshPublicKey: is the example key" in str(err.value.message)
+    validate(MockContext(), config=str(write_stack(tmp_path, key_files)))
+
+
+def test_task_option_problems_come_with_the_settings_problems(
+        tmp_path: Path, key_files: tuple[Path, Path]) -> None:
+    """`fab deploy --only nope` and `fab adapters.add BAD!` on a stack whose key file is
+    missing: one run names both."""
+    from invoke import MockContext
+    from invoke.exceptions import Exit
+
+    from provisioning.tasks import adapters as adapter_tasks
+    from provisioning.tasks.deploy import deploy
+
+    path = write_stack(tmp_path, key_files, sshPrivateKeyPath=str(tmp_path / "nope"))
+    common = {"config": str(path), "hosts": "h1", "blob_url": ACCOUNT_URL}
+    with pytest.raises(Exit) as err:
+        deploy(MockContext(), only="nope", **common)
+    assert err.value.code == 2
+    assert "--only: unknown step(s) nope" in err.value.message
+    assert "sshPrivateKeyPath" in err.value.message
+    with pytest.raises(Exit) as err:
+        adapter_tasks.add(MockContext(), "BAD!", "1", **common)
+    assert err.value.code == 2
+    assert "NAME" in err.value.message and "sshPrivateKeyPath" in err.value.message

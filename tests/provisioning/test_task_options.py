@@ -55,3 +55,19 @@ def test_each_host_goes_one_at_a_time_and_stops_at_the_first_failure(
                                                         ("u@10.0.0.2", True)]
     assert log == ["work u@10.0.0.1", "close u@10.0.0.1", "work u@10.0.0.2",
                    "close u@10.0.0.2"]
+
+
+@pytest.mark.parametrize("given, overrides, want", [
+    pytest.param({}, {}, options.HostOptions().connect_timeout, id="built-in"),
+    pytest.param({}, {"timeouts": {"connect": 7}}, 7.0, id="fabric-timeouts-connect"),
+    pytest.param({}, {"timeouts": {"connect": 7}, "connect_kwargs": {"timeout": 4}}, 4.0,
+                 id="fab---connect-timeout"),
+    pytest.param({}, {"connect_kwargs": {"timeout": 4}, "exaone": {"connect_timeout": 9}}, 9.0,
+                 id="exaone-section"),
+    pytest.param({"connect_timeout": 2.5}, {"exaone": {"connect_timeout": 9}}, 2.5,
+                 id="argument-wins"),
+])
+def test_connect_timeout_precedence(given: dict[str, Any], overrides: dict[str, Any],
+                                    want: float) -> None:
+    c = SimpleNamespace(config=Config(overrides=overrides))
+    assert options.HostOptions.of(c, **given).connect_timeout == want

