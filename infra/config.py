@@ -119,13 +119,33 @@ def api_key(spec: Spec, config: pulumi.Config, where: str) -> pulumi.Output[str]
                          for p in exc.problems]) from None
 
 
+def file_checks(stack: str, where: str) -> list[Problem]:
+    """What ``python -m serving validate`` checks of the stack file beyond its values: every
+    key the engine hands over in the project's namespace (or a provider's), and the file
+    itself, where it is, read within bounds with no key twice (the engine keeps one value
+    of a duplicated key; which one decides whether production is protected)."""
+    problems: list[Problem] = []
+    every_key = {key: None for key in pulumi.runtime.config.CONFIG.get()}
+    try:
+        stackfile.config_values({"config": every_key}, where)
+    except SpecError as exc:
+        problems += exc.problems
+    path = stackfile.stack_path(stack)
+    if path.is_file():
+        try:
+            stackfile.read_config(path, where)
+        except SpecError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    return problems
+
+
 def load() -> StackConfig:
     """Read and validate the current stack's config; raise before anything is created."""
     stack = pulumi.get_stack()
     where = f"Pulumi.{stack}.yaml"
     config = pulumi.Config(stackfile.namespace())
     spec = stackfile.from_values(read_values(config), stack=stack, where=where)
-    problems = infra_checks(spec, where)
+    problems = file_checks(stack, where) + infra_checks(spec, where)
     if problems:
         raise SpecError(problems)
     # Only the AKS target puts the key into a resource (a Kubernetes Secret); on VMs

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from serving.console import console, literal, marked
 from serving.stack import stackfile
 from serving.stack.catalog import ALLOWED_LORA_RANKS, lora_rank_problem
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
 
-# Wide enough for the summary table when the output is a file or a CI log.
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = console()
 
 
 def _spec(args: argparse.Namespace) -> Spec:
@@ -88,7 +86,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     files = render.artifacts(spec, stackfile.ROOT)
     written = render.write(files, Path(args.out))
     for path in written:
-        out.print(f"wrote {path}")
+        out.print(literal(f"wrote {path}"))
     return 0
 
 
@@ -139,7 +137,7 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
         )
         problems += found
         if not found:
-            out.print(f"[green]ok[/] {path}")
+            out.print(marked("ok", "green", path))
     if problems:
         raise SpecError(problems)
     return 0
@@ -171,7 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             files = render.artifacts(spec, stackfile.ROOT)
             render.write(files, Path(tmp, name))
             specs.append(spec)
-            out.print(f"[green]✓[/] {name}: valid, {len(files)} artifacts rendered")
+            out.print(marked("✓", "green", f"{name}: valid, {len(files)} artifacts rendered"))
     out.print(summary_table(specs, "Example stacks"))
     if args.render_only:
         return 0

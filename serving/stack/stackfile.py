@@ -60,7 +60,7 @@ STACK_FILE_KEYS = ("config", "secretsprovider", "encryptedkey", "encryptionsalt"
 # Config namespaces other than the project's that a stack may set: the providers the Pulumi
 # program uses. Anything else is a misspelling (``exaone-servng:production``) that Pulumi
 # would accept and the program would never read.
-PROVIDER_NAMESPACES = ("azure-native", "kubernetes")
+PROVIDER_NAMESPACES = ("azure-native", "kubernetes", "pulumi")
 _SHAPE = "a 'config:' mapping of exaone-serving:KEY values, like Pulumi.dev.yaml"
 
 
@@ -98,7 +98,8 @@ def read_config(path: Path, where: str) -> dict[str, Any]:
 
 
 def config_values(document: object, where: str) -> dict[str, Any]:
-    """``config_values`` of a parsed stack file (see ``read_config``)."""
+    """The project's values in a parsed stack file, un-namespaced; the shape and namespace
+    checks of ``read_config``."""
     if document is None:
         raise SpecError([Problem(where, f"is empty; allowed: {_SHAPE}")])
     if not isinstance(document, dict):
