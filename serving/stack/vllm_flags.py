@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import re
 
-# vLLM dest -> (its option strings, the config key that sets it). Boolean options have a
-# `--no-` twin (argparse.BooleanOptionalAction).
+# vLLM dest -> (its option strings, the config key that sets it), read from the parser of
+# vLLM 0.32 (tests/stack/test_vllm_flags.py compares with the real one where it is installed).
+# Boolean options have a `--no-` twin (argparse.BooleanOptionalAction); aliases share a dest
+# (`-tp`, `--device-memory-utilization`). Besides what the spec renders: flags that would open
+# another listener, put a secret on the command line, or read flags from a file.
 OWNED: dict[str, tuple[tuple[str, ...], str]] = {
     "model": (("--model",), "modelId / modelSource"),
     "served_model_name": (("--served-model-name",), "servedModelName"),
@@ -31,11 +34,16 @@ OWNED: dict[str, tuple[tuple[str, ...], str]] = {
     "trust_remote_code": (("--trust-remote-code", "--no-trust-remote-code"), "modelRevision"),
     "host": (("--host",), "target (the bind address is the target's)"),
     "port": (("--port",), "vllmPort"),
-    "uds": (("--uds",), "vllmPort (the server listens on host and port)"),
+    "uds": (("--uds",), "vllmPort (the server listens on host and port only)"),
+    "grpc": (("--grpc",), "vllmPort (the server listens on host and port only)"),
+    "grpc_port": (("--grpc-port",), "vllmPort (the server listens on host and port only)"),
     "dtype": (("--dtype",), "dtype"),
     "max_model_len": (("--max-model-len",), "maxModelLen"),
     "max_num_seqs": (("--max-num-seqs",), "maxNumSeqs"),
-    "gpu_memory_utilization": (("--gpu-memory-utilization",), "gpuMemoryUtilization"),
+    "gpu_memory_utilization": (
+        ("--gpu-memory-utilization", "--device-memory-utilization"),
+        "gpuMemoryUtilization",
+    ),
     "tensor_parallel_size": (("--tensor-parallel-size", "-tp"), "tensorParallelSize"),
     "enable_lora": (("--enable-lora", "--no-enable-lora"), "adapters (LoRA is always on)"),
     "max_loras": (("--max-loras",), "maxLoras"),
@@ -46,6 +54,7 @@ OWNED: dict[str, tuple[tuple[str, ...], str]] = {
         ("--api-key",),
         "apiKey / apiKeyRef (the key goes to vLLM's environment, never argv)",
     ),
+    "hf_token": (("--hf-token",), "hfTokenRef (a token never goes on the command line)"),
     "config": (("--config",), "the stack itself (a config file holds flags the spec cannot see)"),
 }
 OWNED_OPTIONS: dict[str, str] = {opt: dest for dest, (opts, _) in OWNED.items() for opt in opts}
