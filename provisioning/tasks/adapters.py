@@ -67,7 +67,7 @@ def check_version_args(name: str, version: str, source: str, sha256: str) -> str
         return f"VERSION {problem}"
     if bool(source) != bool(sha256):
         return "--source and --sha256 go together (the digest pins what is fetched)"
-    if source and not BLOB_RE.match(source):
+    if source and not BLOB_RE.fullmatch(source):
         return f"--source {source!r} is malformed; allowed: blob://container/path"
     if sha256 and not re.fullmatch(r"[0-9a-f]{64}", sha256):
         return "--sha256 is not 64 lowercase hex digits (`python -m serving digest FOLDER`)"

@@ -28,17 +28,17 @@ from serving.stack.catalog import (
 from serving.stack.errors import Problem
 from serving.stack.targets import TARGETS, Target
 
-ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
-HEX40_RE = re.compile(r"^[0-9a-f]{40}$")
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-BLOB_RE = re.compile(r"^blob://([a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?)/(\S+)$")
-HF_RE = re.compile(r"^hf://([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)@([0-9a-f]{40})$")
-DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
-SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(\.post\d+)?$")
+ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
+HEX40_RE = re.compile(r"^[0-9a-f]{40}\Z")
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+BLOB_RE = re.compile(r"^blob://([a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?)/(\S+)\Z")
+HF_RE = re.compile(r"^hf://([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)@([0-9a-f]{40})\Z")
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]\Z")
+SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(\.post\d+)?\Z")
 SSH_KEY_RE = re.compile(
-    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?$"
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?\Z"
 )
 # Every pattern here is applied with fullmatch: `$` alone also matches before a trailing
 # newline, and a newline in a name reaches folders, unit files and shell lines.
@@ -185,7 +185,7 @@ class Network(_Frozen):
     api_cidrs: tuple[Cidr, ...] = Field(alias="apiCidrs")
 
 
-INDEX_URL_RE = re.compile(r"^(https?|file)://\S+$")
+INDEX_URL_RE = re.compile(r"^(https?|file)://\S+\Z")
 _URL = "an http(s):// or file:// URL"
 
 
@@ -196,7 +196,7 @@ class VmSpec(_Frozen):
     count: Int = Field(alias="vmCount", ge=1, le=100)
     admin_user: Annotated[
         str,
-        _pattern(re.compile(r"^[a-z_][a-z0-9_-]{0,31}$"), "a Linux user name"),
+        _pattern(re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z"), "a Linux user name"),
         AfterValidator(_admin_user),
     ] = Field(alias="adminUser")
     ssh_public_key: str = Field(alias="sshPublicKey")
@@ -208,25 +208,25 @@ class VmSpec(_Frozen):
     public_ip: Annotated[str, _choice("none", "dynamic", "static")] = Field(alias="publicIp")
     encryption_at_host: Bool = Field(alias="encryptionAtHost")
     auto_shutdown_time: Annotated[
-        str, _pattern(re.compile(r"^$|" + HHMM_RE.pattern), "HH:MM (UTC) or empty")
+        str, _pattern(re.compile(r"^\Z|" + HHMM_RE.pattern), "HH:MM (UTC) or empty")
     ] = Field(alias="autoShutdownTime")
     use_local_nvme: Bool = Field(alias="useLocalNvme")
     driver_branch: Annotated[
-        str, _pattern(re.compile(r"^[0-9]{3}$"), "a 3-digit NVIDIA branch like 570")
+        str, _pattern(re.compile(r"^[0-9]{3}\Z"), "a 3-digit NVIDIA branch like 570")
     ] = Field(alias="nvidiaDriverBranch")
-    pip_index_url: Annotated[str, _pattern(re.compile(r"^$|" + INDEX_URL_RE.pattern), _URL)] = (
+    pip_index_url: Annotated[str, _pattern(re.compile(r"^\Z|" + INDEX_URL_RE.pattern), _URL)] = (
         Field(alias="pipIndexUrl")
     )
     pip_extra_index_urls: tuple[Annotated[str, _pattern(INDEX_URL_RE, _URL)], ...] = Field(
         alias="pipExtraIndexUrls"
     )
     pip_find_links: tuple[
-        Annotated[str, _pattern(re.compile(r"^\S+$"), "a folder or URL without spaces")], ...
+        Annotated[str, _pattern(re.compile(r"^\S+\Z"), "a folder or URL without spaces")], ...
     ] = Field(alias="pipFindLinks")
     hf_token_ref: Annotated[
         str,
         _pattern(
-            re.compile(r"^$|^(env|file):\S+$"), "env:NAME, file:PATH or empty", secret=True
+            re.compile(r"^\Z|^(env|file):\S+\Z"), "env:NAME, file:PATH or empty", secret=True
         ),
     ] = Field(alias="hfTokenRef")
 
@@ -237,7 +237,7 @@ class VmSpec(_Frozen):
 
 class AksSpec(_Frozen):
     system_vm_size: Annotated[
-        str, _pattern(re.compile(r"^Standard_[A-Za-z0-9_]+$"), "an Azure VM size")
+        str, _pattern(re.compile(r"^Standard_[A-Za-z0-9_]+\Z"), "an Azure VM size")
     ] = Field(alias="aksSystemVmSize")
     gpu_driver: Annotated[str, _choice("aks", "none")] = Field(alias="aksGpuDriver")
     replicas: Int = Field(alias="replicas", ge=1, le=100)
@@ -253,7 +253,7 @@ class ModelSpec(_Frozen):
     revision: Annotated[str, _pattern(NO_CONTROL_RE, _NO_CONTROL)] = Field(alias="modelRevision")
     source: Annotated[str, _pattern(NO_CONTROL_RE, _NO_CONTROL)] = Field(alias="modelSource")
     served_name: Annotated[
-        str, _pattern(re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"), "letters, digits, . _ -")
+        str, _pattern(re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"), "letters, digits, . _ -")
     ] = Field(alias="servedModelName")
     dtype: Annotated[str, _choice("bfloat16", "float16", "float32", "auto")] = Field(alias="dtype")
 
@@ -271,7 +271,7 @@ class VllmSpec(_Frozen):
         Field(alias="vllmImage")
     )
     image_digest: Annotated[
-        str, _pattern(re.compile(r"^$|^sha256:[0-9a-f]{64}$"), "sha256:<64 hex> or empty")
+        str, _pattern(re.compile(r"^\Z|^sha256:[0-9a-f]{64}\Z"), "sha256:<64 hex> or empty")
     ] = Field(alias="vllmImageDigest")
     port: Int = Field(alias="vllmPort", ge=1024, le=65535)
     max_loras: Int = Field(alias="maxLoras", ge=1, le=256)
@@ -298,7 +298,7 @@ class AdapterSpec(_Frozen):
     version: Annotated[str, _pattern(VERSION_RE, VERSION_ALLOWED)]
     source: Annotated[str, _pattern(NO_CONTROL_RE, _NO_CONTROL)] = Field(min_length=1)
     sha256: Annotated[
-        str, _pattern(re.compile(r"^$|^[0-9a-f]{64}$"), "64 lowercase hex digits")
+        str, _pattern(re.compile(r"^\Z|^[0-9a-f]{64}\Z"), "64 lowercase hex digits")
     ] = ""
     rank: Int = Field(ge=1, le=1 << 20)
 
@@ -335,7 +335,7 @@ class Spec(_Frozen):
     target: Annotated[str, _choice(*TARGETS)]
     production: Bool
     location: Annotated[
-        str, _pattern(re.compile(r"^[a-z0-9]+$"), "an Azure region name like swedencentral")
+        str, _pattern(re.compile(r"^[a-z0-9]+\Z"), "an Azure region name like swedencentral")
     ]
     network: Network
     vm: VmSpec

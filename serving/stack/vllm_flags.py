@@ -63,6 +63,7 @@ OWNED_OPTIONS: dict[str, str] = {opt: dest for dest, (opts, _) in OWNED.items() 
 EXACT_NOT_OWNED = frozenset({"--tokenizer"})
 
 _NAME_RE = re.compile(r"(?<=^--)[^.]*")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def option_key(item: str) -> str | None:
@@ -98,6 +99,10 @@ def extra_arg_problems(items: tuple[str, ...] | list[str]) -> list[tuple[int, st
     option, or as nothing at all."""
     found: list[tuple[int, str]] = []
     for i, item in enumerate(items):
+        if _CONTROL_RE.search(item):
+            found.append((i, "holds a line break or control character (value not shown); "
+                             "allowed: printable text, one argument per item"))
+            continue
         key = option_key(item)
         if key is None:
             continue

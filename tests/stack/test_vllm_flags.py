@@ -99,7 +99,7 @@ def test_a_refused_flag_never_shows_its_value(item: str) -> None:
     assert "live" not in text, text
 
 
-@pytest.mark.parametrize("item", ["--max-num-batched-tokens 8192", "--enforce-eager\t"])
+@pytest.mark.parametrize("item", ["--max-num-batched-tokens 8192", "--enforce-eager fp8"])
 def test_a_flag_and_value_in_one_item_is_refused(item: str) -> None:
     assert "holds a space" in problems([item])[0]
 
@@ -154,3 +154,10 @@ def test_the_rules_agree_with_vllms_own_parser(tmp_path: Path) -> None:
         reaches = "<error>" in dests or bool(owned & set(dests))
         refused = bool(vllm_flags.extra_arg_problems(variant))
         assert refused == reaches, (variant, dests)
+
+
+@pytest.mark.parametrize("items", [["--chat-template", "x\n[Service]"], ["--enforce-eager\n"],
+                                   ["--served-model-name\r"], ["--seed", "1\x1b[2J"]])
+def test_a_line_break_in_an_argument_is_refused(items: list[str]) -> None:
+    lines = problems(items)
+    assert any("line break or control character" in line for line in lines), lines
