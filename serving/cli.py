@@ -15,7 +15,7 @@ from rich.table import Table
 from serving.console import console, literal, marked
 from serving.stack import stackfile
 from serving.stack.catalog import ALLOWED_LORA_RANKS, lora_rank_problem
-from serving.stack.errors import Problem, SpecError
+from serving.stack.errors import Problem, SpecError, one_line
 from serving.stack.spec import Spec
 
 out = console()
@@ -148,7 +148,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
     for path in args.paths:
         try:
-            print(f"{folder_digest(Path(path))}  {path}")
+            print(f"{folder_digest(Path(path))}  {one_line(path)}")
         except (OSError, ValueError) as exc:
             raise SpecError([Problem(path, str(exc))]) from None
     return 0

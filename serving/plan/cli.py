@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from serving import atomic
 from serving.console import console, literal
 from serving.plan import capacity
 from serving.plan.capacity import GB, AdapterInput, GiB, Hardware, Plan, PlanInput, Recommendation
@@ -380,8 +381,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         problems += fit_problems(spec, where=where, overhead_gib=args.overhead_gib)
     if args.markdown:
         path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(docs))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_file(path, "\n".join(docs).encode(), 0o644)
+        except OSError as exc:
+            raise SpecError([Problem("--markdown", f"{path}: {exc.strerror}")]) from None
         out.print(literal(f"wrote {path}"))
     if problems:
         raise SpecError(problems)

@@ -364,3 +364,19 @@ def test_rendered_paths_print_as_written(tmp_path: Path, name: str) -> None:
     assert done.returncode == 0, done.stderr
     printed = done.stdout.splitlines()
     assert printed and all(line.startswith(f"wrote {out}/") for line in printed), printed
+
+
+def test_plan_markdown_onto_a_folder_is_refused(tmp_path: Path) -> None:
+    done = cli("plan", "--stack", "dev", "--markdown", str(tmp_path))
+    assert done.returncode == EXIT_BAD_INPUT
+    assert done.stderr.startswith("--markdown: ") and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_digest_prints_one_line_per_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "a\nb0000000000000000000000000000000000000000000000000000000000000000  x"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    done = cli("digest", str(folder))
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1
