@@ -380,3 +380,17 @@ def test_digest_prints_one_line_per_folder(tmp_path: Path) -> None:
     done = cli("digest", str(folder))
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("word", ["yes", "no", "on", "off", "y", "n"])
+def test_yaml_1_1_booleans_are_text_as_in_pulumi(tmp_path: Path, word: str) -> None:
+    lines = refused(write(tmp_path, stack_text() + f"  exaone-serving:encryptionAtHost: {word}\n"))
+    assert lines == [f"{tmp_path / 'Pulumi.t.yaml'}: exaone-serving:encryptionAtHost: is a "
+                     "string; allowed: true or false (unquoted)"]
+
+
+@pytest.mark.parametrize(("text", "value"), [("19:00", "19:00"), ("07:30", "07:30")])
+def test_a_time_is_text_not_a_base_60_number(tmp_path: Path, text: str, value: str) -> None:
+    body = stack_text().replace("config:\n", "config:\n  exaone-serving:autoShutdownTime: "
+                                + text + "\n", 1)
+    assert stackfile.load(config=write(tmp_path, body)).vm.auto_shutdown_time == value
