@@ -56,7 +56,7 @@ def _decode(raw: str, decl: dict[str, Any]) -> Any:
         return raw
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # malformed, overlong digits, nested past the stack
         return raw  # left for the spec to reject, naming the key
 
 
@@ -144,8 +144,11 @@ def load() -> StackConfig:
     stack = pulumi.get_stack()
     where = f"Pulumi.{stack}.yaml"
     config = pulumi.Config(stackfile.namespace())
+    problems = file_checks(stack, where) if not stackfile.stack_name_problem(stack) else []
+    if problems:  # the file is read first: its values may be ambiguous (a key twice)
+        raise SpecError(problems)
     spec = stackfile.from_values(read_values(config), stack=stack, where=where)
-    problems = file_checks(stack, where) + infra_checks(spec, where)
+    problems = infra_checks(spec, where)
     if problems:
         raise SpecError(problems)
     # Only the AKS target puts the key into a resource (a Kubernetes Secret); on VMs

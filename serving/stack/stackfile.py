@@ -209,7 +209,8 @@ def _type_problem(value: Any, decl: Mapping[str, Any]) -> str | None:
         return None  # a number where text is declared (gpuMemoryUtilization: 0.9): the field judges
     got = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
            list: "a list", dict: "a mapping", type(None): "empty"}.get(type(value), "a value")
-    return f"is {got}; allowed: {allowed}" + (" (unquoted)" if isinstance(value, str) else "")
+    unquoted = isinstance(value, str) and kind in ("integer", "boolean")
+    return f"is {got}; allowed: {allowed}" + (" (unquoted)" if unquoted else "")
 
 
 class _Present:

@@ -74,3 +74,13 @@ def test_config_outside_the_namespace_is_refused(key: str) -> None:
     assert [str(p) for p in problems] == [
         f"Pulumi.t.yaml: {key!r}: is outside the project's namespace; allowed: "
         f"{PROJECT}:KEY (or provider settings azure-native:KEY, kubernetes:KEY, pulumi:KEY)"]
+
+
+@pytest.mark.parametrize("raw", ["[" * 100_000 + "]" * 100_000, "9" * 5000, "[1, 2"])
+def test_a_config_value_the_engine_cannot_decode_is_refused(raw: str) -> None:
+    run, error = run_program_capture("dev", {**stack_values("dev"), "vllmExtraArgs": raw},
+                                     env=API_KEY_ENV)
+    assert isinstance(error, SpecError), repr(error)
+    assert [str(p) for p in error.problems] == [
+        "Pulumi.dev.yaml: exaone-serving:vllmExtraArgs: is a string; allowed: a list"]
+    assert run.resources == []
