@@ -50,6 +50,8 @@ OWNED: dict[str, tuple[tuple[str, ...], str]] = {
     "max_cpu_loras": (("--max-cpu-loras",), "maxCpuLoras"),
     "max_lora_rank": (("--max-lora-rank",), "maxLoraRank"),
     "lora_modules": (("--lora-modules",), "adapters"),
+    # LoRA weights from any path, applied by modality: outside the verified adapter set.
+    "default_mm_loras": (("--default-mm-loras",), "adapters"),
     "api_key": (
         ("--api-key",),
         "apiKey / apiKeyRef (the key goes to vLLM's environment, never argv)",

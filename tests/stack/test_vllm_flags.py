@@ -28,6 +28,7 @@ DISGUISED: list[list[str]] = [
     ["--max-lora-r", "512"],
     ["--lora_modules", "evil=/anywhere"],
     ["--lora-mod", "evil=/anywhere"],
+    ["--default_mm_loras", '{"image": "/anywhere"}'],
     ["--hos=10.9.9.9"],
     ["--ho", "10.9.9.9"],
     ["--por=1"],
