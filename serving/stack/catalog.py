@@ -68,10 +68,10 @@ SYSTEM_ACCOUNTS = (
     "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "_apt", "systemd-network",
     "systemd-resolve", "systemd-timesync", "messagebus", "syslog", "sshd", "polkitd",
     "tss", "uuidd", "tcpdump", "landscape", "pollinate", "fwupd-refresh", "lxd", "dnsmasq",
-    # the service user of the vLLM unit (serving.stack.layout.SERVICE_USER)
-    "exaone",
 )
-RESERVED_ADMIN_USERS = frozenset(AZURE_RESERVED_ADMIN_USERS + SYSTEM_ACCOUNTS)
+# The vLLM unit's system user on a VM (serving.stack.layout uses it).
+SERVICE_USER = "exaone"
+RESERVED_ADMIN_USERS = frozenset((*AZURE_RESERVED_ADMIN_USERS, *SYSTEM_ACCOUNTS, SERVICE_USER))
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from serving.stack.catalog import SERVICE_USER as SERVICE_USER  # re-exported
 from serving.stack.spec import AdapterSpec, Spec
 
-SERVICE_USER = "exaone"
 SERVICE_NAME = "exaone-vllm"
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM reads the key from here; never from argv (ps shows argv)
 
