@@ -394,3 +394,31 @@ def test_a_time_is_text_not_a_base_60_number(tmp_path: Path, text: str, value: s
     body = stack_text().replace("config:\n", "config:\n  exaone-serving:autoShutdownTime: "
                                 + text + "\n", 1)
     assert stackfile.load(config=write(tmp_path, body)).vm.auto_shutdown_time == value
+
+
+CLI_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "ssh-ipv4-halves": ({"sshCidrs": ["0.0.0.0/1", "128.0.0.0/1"]}, "exaone-serving:sshCidrs"),
+    "api-ipv6-halves": ({"apiCidrs": ["::/1", "8000::/1"]}, "exaone-serving:apiCidrs"),
+    "api-ipv4-mapped": ({"apiCidrs": ["::ffff:0:0/96"]}, "exaone-serving:apiCidrs"),
+    "vnet-everything": ({"vnetCidr": "0.0.0.0/0"}, "exaone-serving:vnetCidr"),
+    "api-key-underscored": ({"vllmExtraArgs": [f"--api_key={SECRET}"]}, "vllmExtraArgs[0]"),
+    "host-abbreviated": ({"vllmExtraArgs": ["--hos=10.0.0.1"]}, "vllmExtraArgs[0]"),
+    "flags-file": ({"vllmExtraArgs": ["--config", "/tmp/flags.yaml"]}, "vllmExtraArgs[0]"),
+    "rank-as-text": ({"adapters": [{**GOOD_VM["adapters"][0], "rank": "32"}]},
+                     "exaone-serving:adapters[0].rank"),
+    "vmCount-as-text": ({"vmCount": "1"}, "exaone-serving:vmCount"),
+    "admin-root": ({"adminUser": "root"}, "exaone-serving:adminUser"),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES), ids=list(CLI_CASES))
+def test_hostile_values_through_the_cli(tmp_path: Path, case: str) -> None:
+    changes, named = CLI_CASES[case]
+    assert_refused_by_cli(write(tmp_path, stack_text(**changes)), tmp_path, must_name=named)
+
+
+@pytest.mark.parametrize("text", [DUPLICATES["production"], SHAPES["misspelt-config"][0],
+                                  stack_text() + "  exaone-servng:production: true\n"])
+def test_hostile_files_through_validate_render_and_plan(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    assert_refused_by_cli(path, tmp_path, must_name=str(path))
