@@ -134,6 +134,10 @@ def config_values(document: object, where: str) -> dict[str, Any]:
                 f"settings {', '.join(p + ':KEY' for p in PROVIDER_NAMESPACES)})")))
     if problems:
         raise SpecError(problems)
+    if not values:
+        # Every default alone is no stack (target local needs its model folder): say what is
+        # missing rather than list the defaults that do not fit together.
+        raise SpecError([Problem(where, f"sets no {ns}:KEY under 'config:'; allowed: {_SHAPE}")])
     return values
 
 

@@ -107,6 +107,10 @@ SHAPES = {
     "a-list": ("- exaone-serving:target: vm\n", "is not a mapping"),
     "config-a-list": ("config:\n  - exaone-serving:target\n", "config: is not a mapping"),
     "a-scalar": ("exaone-serving:target\n", "is not a mapping"),
+    "config-empty": ("config: {}\n", "sets no exaone-serving:KEY"),
+    "config-null": ("config:\n", "sets no exaone-serving:KEY"),
+    "only-provider-keys": ("config:\n  azure-native:location: westeurope\n",
+                           "sets no exaone-serving:KEY"),
 }
 
 
@@ -115,6 +119,7 @@ def test_a_file_without_config_says_what_it_lacks(tmp_path: Path, text: str, say
     lines = refused(write(tmp_path, text))
     assert len(lines) == 1 and says in lines[0], lines
     assert "modelSource" not in lines[0]  # no messages about keys it never set
+    assert lines[0].startswith(f"{tmp_path / 'Pulumi.t.yaml'}: ")
 
 
 def test_a_stray_top_level_key_is_named(tmp_path: Path) -> None:
