@@ -107,7 +107,8 @@ def version_problem(version: object) -> str | None:
 
 def _pattern(regex: re.Pattern[str], allowed: str, *, secret: bool = False):
     # fullmatch: `$` in a pattern also matches before a trailing newline. A value that may be
-    # a secret put in the wrong key (a token instead of a reference) is never echoed.
+    # or hold a secret is never echoed: a token instead of a reference, a private key pasted
+    # for its path, an index URL with credentials in it.
     def check(value: str) -> str:
         if not regex.fullmatch(value):
             shown = "the value (not shown)" if secret else repr(value)
@@ -201,7 +202,7 @@ class VmSpec(_Frozen):
     ] = Field(alias="adminUser")
     ssh_public_key: str = Field(alias="sshPublicKey")
     ssh_private_key_path: Annotated[
-        str, _pattern(NO_CONTROL_RE, _NO_CONTROL)
+        str, _pattern(NO_CONTROL_RE, _NO_CONTROL, secret=True)
     ] = Field(alias="sshPrivateKeyPath")
     image: Annotated[str, _choice(*VM_IMAGES)] = Field(alias="vmImage")
     os_disk_gb: Int = Field(alias="osDiskGb", ge=128, le=4095)
@@ -214,14 +215,18 @@ class VmSpec(_Frozen):
     driver_branch: Annotated[
         str, _pattern(re.compile(r"^[0-9]{3}\Z"), "a 3-digit NVIDIA branch like 570")
     ] = Field(alias="nvidiaDriverBranch")
-    pip_index_url: Annotated[str, _pattern(re.compile(r"^\Z|" + INDEX_URL_RE.pattern), _URL)] = (
-        Field(alias="pipIndexUrl")
-    )
-    pip_extra_index_urls: tuple[Annotated[str, _pattern(INDEX_URL_RE, _URL)], ...] = Field(
-        alias="pipExtraIndexUrls"
-    )
+    # Index URLs may carry credentials (https://user:token@host/simple): never echoed.
+    pip_index_url: Annotated[
+        str, _pattern(re.compile(r"^\Z|" + INDEX_URL_RE.pattern), _URL, secret=True)
+    ] = Field(alias="pipIndexUrl")
+    pip_extra_index_urls: tuple[
+        Annotated[str, _pattern(INDEX_URL_RE, _URL, secret=True)], ...
+    ] = Field(alias="pipExtraIndexUrls")
     pip_find_links: tuple[
-        Annotated[str, _pattern(re.compile(r"^\S+\Z"), "a folder or URL without spaces")], ...
+        Annotated[
+            str, _pattern(re.compile(r"^\S+\Z"), "a folder or URL without spaces", secret=True)
+        ],
+        ...,
     ] = Field(alias="pipFindLinks")
     hf_token_ref: Annotated[
         str,

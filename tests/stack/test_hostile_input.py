@@ -287,6 +287,9 @@ SECRET_PLACES = {
     "apiKey-in-clear": {"apiKey": SECRET, "apiKeyRef": ""},
     "hfTokenRef-is-the-token": {"hfTokenRef": SECRET},
     "extra-arg": {"vllmExtraArgs": [f"--api_key={SECRET}"]},
+    "private-key-for-its-path": {"sshPrivateKeyPath": f"-----BEGIN KEY-----\n{SECRET}\n"},
+    "index-url-with-token": {"pipIndexUrl": f"https://user:{SECRET}@pypi.example/simple\n"},
+    "extra-index-with-token": {"pipExtraIndexUrls": [f"https://u:{SECRET}@x.example/s x"]},
 }
 
 
