@@ -123,7 +123,8 @@ def file_checks(stack: str, where: str) -> list[Problem]:
     """What ``python -m serving validate`` checks of the stack file beyond its values: every
     key the engine hands over in the project's namespace (or a provider's), and the file
     itself, where it is, read within bounds with no key twice (the engine keeps one value
-    of a duplicated key; which one decides whether production is protected)."""
+    of a duplicated key; which one decides whether production is protected) and each value
+    of its declared type."""
     problems: list[Problem] = []
     every_key = {key: None for key in pulumi.runtime.config.CONFIG.get()}
     try:
@@ -133,7 +134,9 @@ def file_checks(stack: str, where: str) -> list[Problem]:
     path = stackfile.stack_path(stack)
     if path.is_file():
         try:
-            stackfile.read_config(path, where)
+            # The engine hands every value over as text: only the file shows "1" or "true"
+            # where the schema declares an integer or a boolean.
+            problems += stackfile.type_problems(stackfile.read_config(path, where), where)
         except SpecError as exc:
             problems += [p for p in exc.problems if p not in problems]
     return problems

@@ -161,15 +161,10 @@ def from_values(values: Mapping[str, Any], *, stack: str, where: str = "config")
         problems.append(
             Problem(key(str(unknown)), "is not a known key; see the config schema in Pulumi.yaml")
         )
-    typed: dict[str, Any] = {}
-    for name, value in values.items():
-        if name not in known:
-            continue
-        problem = _type_problem(value, known[name])
-        if problem:
-            problems.append(Problem(key(name), problem))
-        else:
-            typed[name] = value
+    wrong = type_problems(values, where)
+    problems += wrong
+    refused = {p.where for p in wrong}
+    typed = {k: v for k, v in values.items() if k in known and key(k) not in refused}
     merged = {**defaults(), **typed}
 
     api_key = _secret_ref(merged, key, problems)
@@ -200,6 +195,17 @@ _SCHEMA_TYPES: dict[str, tuple[str, Any]] = {
     "string": ("a string", lambda v: isinstance(v, str)),
     "array": ("a list", lambda v: isinstance(v, list | tuple)),
 }
+
+
+def type_problems(values: Mapping[str, Any], where: str) -> list[Problem]:
+    """Values of the wrong YAML type for their key's declared type (``_SCHEMA_TYPES``)."""
+    known = schema()
+    found = []
+    for name, value in values.items():
+        problem = _type_problem(value, known[name]) if name in known else None
+        if problem:
+            found.append(Problem(f"{where}: {namespace()}:{name}", problem))
+    return found
 
 
 def _type_problem(value: Any, decl: Mapping[str, Any]) -> str | None:

@@ -84,3 +84,19 @@ def test_a_config_value_the_engine_cannot_decode_is_refused(raw: str) -> None:
     assert [str(p) for p in error.problems] == [
         "Pulumi.dev.yaml: exaone-serving:vllmExtraArgs: is a string; allowed: a list"]
     assert run.resources == []
+
+
+@pytest.mark.parametrize(("line", "key"), [("exaone-serving:production: 'true'", "production"),
+                                           ('exaone-serving:osDiskGb: "256"', "osDiskGb")])
+def test_a_quoted_scalar_in_the_stack_file_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, key: str) -> None:
+    # The engine hands "true" and true alike to the program; the file tells them apart.
+    text = stackfile.stack_path("dev").read_text()
+    text = text.replace("config:\n", f"config:\n  {line}\n", 1)
+    path = tmp_path / "Pulumi.dev.yaml"
+    path.write_text(text)
+    monkeypatch.setattr(stackfile, "stack_path", lambda stack: path)
+    run, error = run_program_capture("dev", stack_values("dev"), env=API_KEY_ENV)
+    assert isinstance(error, SpecError), repr(error)
+    assert [p.where for p in error.problems] == [f"Pulumi.dev.yaml: exaone-serving:{key}"]
+    assert run.resources == []
