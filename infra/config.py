@@ -57,7 +57,7 @@ def _decode(raw: str, decl: dict[str, Any]) -> Any:
         return raw
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # malformed, overlong digits, nested past the stack
         return raw  # left for the spec to reject, naming the key
 
 
@@ -120,11 +120,37 @@ def api_key(spec: Spec, config: pulumi.Config, where: str) -> pulumi.Output[str]
                          for p in exc.problems]) from None
 
 
+def file_checks(stack: str, where: str) -> list[Problem]:
+    """What ``python -m serving validate`` checks of the stack file beyond its values: every
+    key the engine hands over in the project's namespace (or a provider's), and the file
+    itself, where it is, read within bounds with no key twice (the engine keeps one value
+    of a duplicated key; which one decides whether production is protected) and each value
+    of its declared type."""
+    problems: list[Problem] = []
+    every_key = {key: None for key in pulumi.runtime.config.CONFIG.get()}
+    try:
+        stackfile.config_values({"config": every_key}, where)
+    except SpecError as exc:
+        problems += exc.problems
+    path = stackfile.stack_path(stack)
+    if path.is_file():
+        try:
+            # The engine hands every value over as text: only the file shows "1" or "true"
+            # where the schema declares an integer or a boolean.
+            problems += stackfile.type_problems(stackfile.read_config(path, where), where)
+        except SpecError as exc:
+            problems += [p for p in exc.problems if p not in problems]
+    return problems
+
+
 def load() -> StackConfig:
     """Read and validate the current stack's config; raise before anything is created."""
     stack = pulumi.get_stack()
     where = f"Pulumi.{stack}.yaml"
     config = pulumi.Config(stackfile.namespace())
+    problems = file_checks(stack, where) if not stackfile.stack_name_problem(stack) else []
+    if problems:  # the file is read first: its values may be ambiguous (a key twice)
+        raise SpecError(problems)
     spec = stackfile.from_values(read_values(config), stack=stack, where=where)
     # The one gate `serving validate` and `fab deploy` pass too: capacity, no example values.
     problems = infra_checks(spec, where) + gate.problems(spec, where=where)

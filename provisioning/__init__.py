@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from invoke import Collection, task
 
 from serving.stack import stackfile
@@ -15,8 +17,6 @@ def validate(c, stack: str = "dev", config: str = "", subscription: str = "") ->
     """Validate the stack as `fab deploy` and `pulumi up` will (the spec, the capacity plan, no
     example values left), then ask the subscription what `pulumi up` needs (preflight, when
     this machine has Azure credentials), before anything touches a host."""
-    from pathlib import Path
-
     from invoke.exceptions import Exit
 
     from serving.cloud import azure, preflight

@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from serving.console import console, literal, marked
 from serving.stack import stackfile
 from serving.stack.catalog import ALLOWED_LORA_RANKS, lora_rank_problem
 from serving.stack.digest import digest_problem
-from serving.stack.errors import Problem, SpecError
+from serving.stack.errors import Problem, SpecError, one_line
 from serving.stack.spec import Spec
 
-# Wide enough for the summary table when the output is a file or a CI log.
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = console()
 
 
 def _spec(args: argparse.Namespace) -> Spec:
@@ -88,7 +86,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     files = render.artifacts(spec, stackfile.ROOT)
     written = render.write(files, Path(args.out))
     for path in written:
-        out.print(f"wrote {path}")
+        out.print(literal(f"wrote {path}"))
     return 0
 
 
@@ -141,7 +139,7 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
         )
         problems += found
         if not found:
-            out.print(f"[green]ok[/] {path}")
+            out.print(marked("ok", "green", path))
     if problems:
         raise SpecError(problems)
     return 0
@@ -152,7 +150,7 @@ def cmd_digest(args: argparse.Namespace) -> int:
 
     for path in args.paths:
         try:
-            print(f"{folder_digest(Path(path))}  {path}")
+            print(f"{folder_digest(Path(path))}  {one_line(path)}")
         except (OSError, ValueError) as exc:
             raise SpecError([Problem(path, str(exc))]) from None
     return 0
@@ -177,7 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             todo = len(examples.problems(spec, f"Pulumi.{name}.yaml"))
             note = (f" (an example: {todo} value(s) to replace before `pulumi up`, see "
                     f"`validate --stack {name}`)" if todo else "")
-            out.print(f"[green]✓[/] {name}: valid{note}, {len(files)} artifacts rendered")
+            out.print(marked("✓", "green", f"{name}: valid{note}, {len(files)} artifacts rendered"))
     out.print(summary_table(specs, "Example stacks"))
     if args.render_only:
         return 0

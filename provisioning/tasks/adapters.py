@@ -67,7 +67,7 @@ def version_arg_problems(name: str, version: str, source: str, sha256: str) -> l
     if bool(source) != bool(sha256):
         found.append(Problem("--source/--sha256",
                              "go together (the digest pins what is fetched)"))
-    if source and not BLOB_RE.match(source):
+    if source and not BLOB_RE.fullmatch(source):
         found.append(Problem("--source", f"{source!r} is malformed; allowed: "
                                          "blob://container/path"))
     if sha256 and digest_problem(sha256):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.table import Table
+from rich.text import Text
 
 from provisioning.bundle import ToolsStep
 from provisioning.remote import Host, RemoteError
@@ -155,7 +156,7 @@ def summary(reports: list[HostReport], *, title: str = "fab deploy") -> Table:
         cells = []
         for name in steps:
             status = report.status(name)
-            cells.append(f"[{_STYLE.get(status, '')}]{status}[/]" if status else "")
+            cells.append(Text(status, style=_STYLE.get(status, "")))
         seconds = f"{report.seconds:.1f}" if report.results else ""
         table.add_row(report.host, *cells, seconds if report.error != NOT_STARTED else
                       NOT_STARTED)

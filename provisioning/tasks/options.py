@@ -16,7 +16,8 @@ from provisioning.settings import DeploySettings
 from provisioning.steps.converge import StepError, StepResult, Target, converge
 from serving.stack.errors import Problem, SpecError
 
-console = Console(highlight=False)
+# Host names, paths and messages are printed as written: no markup, no emoji codes.
+console = Console(highlight=False, markup=False, emoji=False)
 
 HELP = {
     "stack": "stack name: Pulumi.<STACK>.yaml (hosts from its outputs when pulumi is present)",

@@ -372,7 +372,7 @@ def _check_tensors(path: Path, problems: list[Problem], *, dims: ModelDims, lora
             continue
         if dtype not in FLOAT_DTYPES:
             bad_dtype.setdefault(dtype, []).append(name)
-        match = TENSOR_RE.match(name)
+        match = TENSOR_RE.fullmatch(name)
         if not match:
             bad_name.append(name)
             continue

@@ -28,16 +28,20 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.ops import SETTLE_WAIT_SECONDS, AdapterOps, OperationError, Outcome
 from serving.adapters.record import RecordStore
 from serving.stack import layout as layouts
 from serving.stack import secretref, stackfile
-from serving.stack.errors import Problem, SpecError
+from serving.stack.errors import Problem, SpecError, one_line
 from serving.stack.spec import Spec
 
-out = Console(width=None if sys.stdout.isatty() else 160)
+# Names, paths, messages and the model's answers are printed as written: no markup, no emoji
+# codes (an answer holding "[red]" or ":x:" must not restyle the output).
+out = Console(width=None if sys.stdout.isatty() else 160, markup=False, emoji=False,
+              highlight=False)
 EXIT_ROLLED_BACK = 3
 EXIT_CHANGED = 4
 
@@ -65,7 +69,7 @@ def make_ops(spec: Spec, *, endpoint: str | None = None, state_dir: str | None =
 def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     ops = make_ops(spec, endpoint=args.endpoint, state_dir=args.state_dir,
-                   say=lambda m: out.print(f"[dim]{m}[/]"))
+                   say=lambda m: out.print(Text(one_line(m), style="dim")))
     if getattr(args, "settle_wait", None) is not None:
         ops.settle_wait_s = args.settle_wait
     what = f"adapters {args.op}" + (f" {args.name}" if getattr(args, "name", None) else "")
@@ -85,7 +89,8 @@ def _run(args: argparse.Namespace) -> int:
         raise SpecError([Problem(what, exc.message)]) from None
     seconds = time.monotonic() - started
     answer = f" — answers {outcome.probe.text!r}" if outcome.probe else ""
-    out.print(f"[green]✓[/] {outcome.message} ({seconds:.2f} s){answer}", markup=True)
+    out.print(Text.assemble(("✓", "green"), " ",
+                            one_line(f"{outcome.message} ({seconds:.2f} s){answer}")))
     return 0
 
 
@@ -113,9 +118,9 @@ def _table(ops: AdapterOps) -> Table:
         table.add_row(
             row["name"], row["version"] or "(removed)", ", ".join(row["history"]) or "-",
             "yes" if row["loaded"] else "no",
-            "[green]yes[/]" if row["in_sync"] else "[red]no: run reconcile[/]",
-            "yes" if row["settled"] else "[yellow]no: run settle[/]",
-            "yes" if row["verified"] else "[red]no: run reconcile[/]", row["path"],
+            Text("yes", "green") if row["in_sync"] else Text("no: run reconcile", "red"),
+            "yes" if row["settled"] else Text("no: run settle", "yellow"),
+            "yes" if row["verified"] else Text("no: run reconcile", "red"), row["path"],
         )
     return table
 

@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from serving.bench import engine as bench
+from serving.console import console, literal
 from serving.stack import stackfile
 from serving.stack.errors import Problem, SpecError
 
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = console()
 
 
 def _ms(value: float | None) -> str:
@@ -135,9 +134,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             out.print(f"sweep: {bound} exceeded at {report.breach_rate:g} req/s "
                       "(the sweep stops there)")
     if report.stopped_early:
-        out.print(f"stopped early: {report.stopped_early}")
+        out.print(literal(f"stopped early: {report.stopped_early}"))
     for path in bench.write_outputs(report, Path(args.out)):
-        out.print(f"wrote {path}")
+        out.print(literal(f"wrote {path}"))
     failed = sum(1 for r in report.results if not r.ok)
     return 1 if failed and args.fail_on_error else 0
 

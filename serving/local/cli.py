@@ -11,12 +11,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from rich.console import Console
-
 from serving.adapters.client import VllmError
+from serving.console import console, literal, marked
 from serving.local import run as localrun
 from serving.local.progress import Phases
 from serving.stack import layout as layouts
@@ -24,7 +22,7 @@ from serving.stack import secretref, stackfile
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
 
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = console()
 
 
 def _server(args: argparse.Namespace) -> localrun.LocalServer:
@@ -44,12 +42,12 @@ def _key(server: localrun.LocalServer) -> str:
 def cmd_setup(args: argparse.Namespace) -> int:
     server = _server(args)
     for line in localrun.setup_files(server.spec, server.layout, root=stackfile.ROOT):
-        out.print(f"[green]✓[/] {line}")
+        out.print(marked("✓", "green", line))
     if not args.skip_venv:
         with Phases(out, "vLLM venv") as phases:
             localrun.install_venv(server.spec, server.layout, on_phase=phases.update)
-        out.print(f"[green]✓[/] vLLM venv {server.layout.venv_dir} "
-                  f"({phases.elapsed_s:.0f} s)")
+        out.print(marked("✓", "green", f"vLLM venv {server.layout.venv_dir} "
+                                       f"({phases.elapsed_s:.0f} s)"))
     return 0
 
 
@@ -58,15 +56,15 @@ def cmd_start(args: argparse.Namespace) -> int:
     with Phases(out, f"vLLM start at {server.endpoint}") as phases:
         pid = localrun.start(server, _key(server), deadline_s=args.deadline,
                              on_wait=phases.update)
-    out.print(f"[green]✓[/] vLLM at {server.endpoint} (pid {pid}, log {server.log_file}, "
-              f"{phases.elapsed_s:.0f} s)")
+    out.print(marked("✓", "green", f"vLLM at {server.endpoint} (pid {pid}, log "
+                                   f"{server.log_file}, {phases.elapsed_s:.0f} s)"))
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     server = _server(args)
     stopped = localrun.stop(server, deadline_s=args.deadline)
-    out.print("[green]✓[/] stopped" if stopped else "not running")
+    out.print(marked("✓", "green", "stopped") if stopped else "not running")
     return 0
 
 
@@ -85,13 +83,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     pid = server.pid()
     with server.client(_key(server)) as client:
         healthy = client.health()
-        out.print(f"pid {pid or '-'}, {server.endpoint} "
-                  f"{'healthy' if healthy else 'not answering'}, log {server.log_file}")
+        out.print(literal(f"pid {pid or '-'}, {server.endpoint} "
+                          f"{'healthy' if healthy else 'not answering'}, log {server.log_file}"))
         if healthy:
             try:
                 for card in client.models():
                     kind = f"adapter of {card.parent}" if card.parent else "base model"
-                    out.print(f"  {card.id}: {kind} ({card.root})")
+                    out.print(literal(f"  {card.id}: {kind} ({card.root})"))
             except VllmError as exc:
                 raise SpecError([Problem("local status", exc.message)]) from None
     return 0 if healthy else 1

@@ -22,12 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.ops import PROBE_MAX_TOKENS, PROBE_PROMPT, AdapterOps, OperationError
 from serving.adapters.record import RecordStore
+from serving.console import console as make_console
+from serving.console import marked
 from serving.local import run as localrun
 from serving.local.progress import Phases
 from serving.stack import layout as layouts
@@ -90,7 +91,7 @@ def _demo_versions(root: Path, base: Path, model_id: str, rank: int) -> dict[str
 
 
 def run(root: Path = stackfile.ROOT) -> int:
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = make_console()
     server = demo_server(root)
     spec, layout = server.spec, server.layout
     steps: list[Step] = []
@@ -174,7 +175,7 @@ def run(root: Path = stackfile.ROOT) -> int:
             except SpecError as exc:
                 result, ok = str(exc), False
             steps.append(Step(name, ok, time.monotonic() - started, result))
-            console.print(f"{'[green]✓' if ok else '[red]✗'}[/] {name}")
+            console.print(marked("✓", "green", name) if ok else marked("✗", "red", name))
             if not ok:
                 break
     finally:
@@ -192,8 +193,9 @@ def run(root: Path = stackfile.ROOT) -> int:
     table.add_column("result")
     table.add_column("latency", justify="right")
     for step in steps:
-        mark = "[green]ok[/]" if step.ok else "[red]FAILED[/]"
-        table.add_row(step.name, f"{mark} {step.result}", f"{step.seconds:.2f} s")
+        result = marked("ok", "green", step.result) if step.ok else marked(
+            "FAILED", "red", step.result)
+        table.add_row(step.name, result, f"{step.seconds:.2f} s")
     console.print(table)
     return 0 if all(s.ok for s in steps) else 1
 

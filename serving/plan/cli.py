@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from serving import atomic
+from serving.console import console, literal
 from serving.plan import capacity
 from serving.plan.capacity import GB, AdapterInput, GiB, Hardware, Plan, PlanInput, Recommendation
-from serving.stack import stackfile
+from serving.stack import stackfile, vllm_flags
 from serving.stack.catalog import EXAONE_LORA_MODULES, EXAONE_MODELS, TINY_MODEL_DIMS, ModelDims
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
@@ -26,21 +26,10 @@ CATALOG_DTYPE = "bfloat16"
 # Above this, raising gpuMemoryUtilization is no advice: vLLM needs the rest for itself.
 MAX_SENSIBLE_UTILIZATION = 0.95
 
-out = Console(width=None if sys.stdout.isatty() else 160)
+out = console()
 
 
 # --- spec -> plan input --------------------------------------------------------------------
-
-
-def _flag(args: tuple[str, ...], name: str) -> str | None:
-    """The value of ``--name V`` or ``--name=V`` in vllmExtraArgs (the last one wins)."""
-    value = None
-    for i, item in enumerate(args):
-        if item == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif item.startswith(name + "="):
-            value = item.split("=", 1)[1]
-    return value
 
 
 def _local_model_config(spec: Spec, root: Path) -> dict | None:
@@ -103,8 +92,9 @@ def plan_input(
     dtype = capacity.resolve_dtype(
         spec.model.dtype, config_dtype=config_dtype, device=hardware.device
     )
-    kv_dtype = _flag(vllm.extra_args, "--kv-cache-dtype") or "auto"
-    block = _flag(vllm.extra_args, "--block-size")
+    # In any spelling vLLM reads as these flags (--kv_cache_dtype=fp8 too).
+    kv_dtype = vllm_flags.value_of(vllm.extra_args, "--kv-cache-dtype") or "auto"
+    block = vllm_flags.value_of(vllm.extra_args, "--block-size")
     targets = _adapter_targets(spec, root)
     adapters = tuple(
         AdapterInput(
@@ -164,18 +154,23 @@ def fit_problems(
     overhead_gib: float | None = None,
 ) -> list[Problem]:
     """Why the stack cannot run as configured, each naming the config key to change and the
-    numbers; empty when it fits (or the model is not one the planner knows).
+    numbers; empty when it fits. A model whose dimensions the planner cannot know is a
+    problem too: ``validate`` and ``plan`` refuse the same stacks.
 
     ``where`` is the stack file as ``validate`` names it (default ``Pulumi.<stack>.yaml``).
     """
     p = plan_input(spec, root=root, overhead_gib=overhead_gib)
-    if p is None:
-        return []
     ns = stackfile.namespace()
     where = where or f"Pulumi.{spec.stack}.yaml"
 
     def key(alias: str) -> str:
         return f"{where}: {ns}:{alias}"
+
+    if p is None:
+        return [Problem(key("modelId"), (
+            f"{spec.model.id!r} is not an EXAONE 3.5 model the planner knows (nor a local "
+            "model folder with an EXAONE config.json); known: " + ", ".join(EXAONE_MODELS)
+        ))]
 
     result = capacity.plan(p)
     if result.fits:
@@ -373,10 +368,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for spec, where in zip(specs, wheres, strict=True):
         p = plan_input(spec, overhead_gib=args.overhead_gib)
         if p is None:
-            problems.append(Problem(f"{where}: {stackfile.namespace()}:modelId", (
-                f"{spec.model.id!r} is not an EXAONE 3.5 model the planner knows; known: "
-                + ", ".join(EXAONE_MODELS)
-            )))
+            problems += fit_problems(spec, where=where, overhead_gib=args.overhead_gib)
             continue
         result = capacity.plan(p)
         rec = capacity.recommend(p)
@@ -384,14 +376,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
             out.print(table)
         if rec and rec.reasons:
             for reason in rec.reasons:
-                out.print(f"  - {reason}")
+                out.print(literal(f"  - {reason}"))
         docs.append(markdown(spec, result, rec))
         problems += fit_problems(spec, where=where, overhead_gib=args.overhead_gib)
     if args.markdown:
         path = Path(args.markdown)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(docs))
-        out.print(f"wrote {path}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic.write_file(path, "\n".join(docs).encode(), 0o644)
+        except OSError as exc:
+            raise SpecError([Problem("--markdown", f"{path}: {exc.strerror}")]) from None
+        out.print(literal(f"wrote {path}"))
     if problems:
         raise SpecError(problems)
     return 0

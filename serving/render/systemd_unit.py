@@ -76,7 +76,7 @@ def quote_exec_word(word: str) -> str:
     """
     if "\0" in word:
         raise ValueError("an argv item cannot contain a NUL byte")
-    if _BARE_WORD_RE.match(word):
+    if _BARE_WORD_RE.fullmatch(word):
         return word
     out = []
     for char in word:
@@ -121,7 +121,7 @@ def quote_env_value(value: str) -> str:
 def _env_lines(env: dict[str, str]) -> str:
     lines = []
     for name, value in env.items():
-        if not _ENV_NAME_RE.match(name):
+        if not _ENV_NAME_RE.fullmatch(name):
             raise ValueError(f"{name!r} is not an environment variable name")
         lines.append(f"{name}={quote_env_value(value)}\n")
     return "".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from serving.stack import vllm_flags
 from serving.stack.layout import Layout, resolver_dir, vllm_port
 from serving.stack.spec import Spec
 
@@ -62,6 +63,10 @@ def args(spec: Spec, layout: Layout) -> list[str]:
     modules = lora_modules(spec, layout)
     if modules:
         out += ["--lora-modules", *modules]
+    # The flags emitted here are the ones vllmExtraArgs may not reach: one list of them.
+    unlisted = sorted({w for w in out if w.startswith("-")} - set(vllm_flags.OWNED_OPTIONS))
+    if unlisted:
+        raise RuntimeError(f"serving.stack.vllm_flags.OWNED lacks {unlisted}")
     out += list(vllm.extra_args)
     return out
 

@@ -54,6 +54,25 @@ def inplace_load_sticks(vllm_version: str) -> bool:
 # Network sources that mean "everyone": never allowed for SSH or the API.
 OPEN_SOURCES = ("*", "internet", "any", "0.0.0.0/0", "::/0")
 
+# Admin user names Azure refuses for a Linux VM (its documented list), and the system
+# accounts an Ubuntu image already has: the VM would not be created, or sudo and SSH would
+# land on an account that exists for something else.
+AZURE_RESERVED_ADMIN_USERS = (
+    "administrator", "admin", "user", "user1", "test", "user2", "test1", "user3", "admin1",
+    "1", "123", "a", "actuser", "adm", "admin2", "aspnet", "backup", "console", "david",
+    "guest", "john", "owner", "root", "server", "sql", "support", "support_388945a0", "sys",
+    "test2", "test3", "user4", "user5",
+)
+SYSTEM_ACCOUNTS = (
+    "root", "daemon", "bin", "sys", "sync", "games", "man", "lp", "mail", "news", "uucp",
+    "proxy", "www-data", "backup", "list", "irc", "gnats", "nobody", "_apt", "systemd-network",
+    "systemd-resolve", "systemd-timesync", "messagebus", "syslog", "sshd", "polkitd",
+    "tss", "uuidd", "tcpdump", "landscape", "pollinate", "fwupd-refresh", "lxd", "dnsmasq",
+)
+# The vLLM unit's system user on a VM (serving.stack.layout uses it).
+SERVICE_USER = "exaone"
+RESERVED_ADMIN_USERS = frozenset((*AZURE_RESERVED_ADMIN_USERS, *SYSTEM_ACCOUNTS, SERVICE_USER))
+
 
 @dataclass(frozen=True)
 class GpuSku:

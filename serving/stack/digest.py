@@ -20,7 +20,7 @@ import stat
 from pathlib import Path
 
 _CHUNK_BYTES = 1 << 20
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}\Z")
 DIGEST_ALLOWED = "64 lowercase hex digits (`python -m serving digest FOLDER`)"
 
 

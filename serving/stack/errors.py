@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from typing import TextIO
 
 # Bad input: one line per problem on stderr, nothing changed.
 EXIT_BAD_INPUT = 2
+
+# Line breaks and other control characters (C0, DEL, C1, Unicode line/paragraph separators).
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: control characters (a newline in a file name, an
+    escape sequence) are written as escapes, so user text cannot start a line of its own."""
+    return _CONTROL_RE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 
 @dataclass(frozen=True)
@@ -18,7 +28,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.message}"
+        return one_line(f"{self.where}: {self.message}")
 
 
 class SpecError(Exception):

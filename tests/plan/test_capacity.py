@@ -262,10 +262,13 @@ def test_fp8_kv_cache_from_extra_args_halves_kv_per_token() -> None:
     assert capacity.plan(p).kv_bytes_per_token == 76_800 // 2
 
 
-def test_unknown_model_is_not_a_fit_problem() -> None:
-    spec = spec_like("dev", modelId="someone/other-model")
-    assert plan_cli.plan_input(spec) is None
-    assert plan_cli.fit_problems(spec) == []
+@pytest.mark.parametrize("name", ["dev", "prod"])
+def test_unknown_model_is_refused_by_the_spec_itself(name: str) -> None:
+    # One validation: `validate`, `plan` and `pulumi up` all build the spec, which refuses a
+    # model the cloud targets cannot serve (the planner would not know it either).
+    with pytest.raises(SpecError) as caught:
+        spec_like(name, modelId="someone/other-model")
+    assert [p.where for p in caught.value.problems] == ["Pulumi.x.yaml: exaone-serving:modelId"]
 
 
 # --- the plan command -----------------------------------------------------------------------
