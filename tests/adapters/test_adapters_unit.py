@@ -77,7 +77,9 @@ def test_record_file_round_trip_is_atomic_and_versioned(tmp_path: Path) -> None:
     assert data["schema"] == 1 and data["serial"] == 2
     assert data["adapters"]["x"]["current"]["version"] == "2"
     assert from_json(to_json(store.load())) == store.load()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.json"]  # no temp files
+    # No temp files; the generation before the last write is kept.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.json", "adapters.json.prev"]
+    assert store.load_previous().serial == 1
 
 
 @pytest.mark.parametrize("text, message", [
@@ -534,7 +536,7 @@ def test_reconcile_makes_loaded_equal_record(world) -> None:
     fake.loaded = {"tone": want["tone"].replace("/adapters/tone/2", "/x"),
                    "gone": "/somewhere", f"{CANDIDATE_PREFIX}tone.3": "/c"}
     fake.answers[fake.loaded["tone"]] = ("old",)
-    fake.loaded["tone"] = str(ops.layout.adapters_dir) + "/../tone1"
+    fake.loaded["tone"] = str(ops.layout.adapters_dir) + "/../../tone1"  # version 1, on disk
     outcome = ops.reconcile()
     assert fake.loaded == want
     assert {a.split(" ")[0] for a in outcome.actions} == {"unloaded", "loaded", "reloaded"}
