@@ -12,6 +12,8 @@ anything, watches every load and unload it sends, and on the way out decides:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from serving.adapters.client import VllmError
@@ -31,12 +33,27 @@ class WatchedClient:
 
     def load(self, name: str, path: str, *, inplace: bool = False) -> None:
         self.loads_sent += 1
-        self.inner.load(name, path, inplace=inplace)
+        with self._outcome_unknown_when_cut():
+            self.inner.load(name, path, inplace=inplace)
         self.changed = True
 
     def unload(self, name: str) -> None:
-        self.inner.unload(name)
+        with self._outcome_unknown_when_cut():
+            self.inner.unload(name)
         self.changed = True
+
+    @contextlib.contextmanager
+    def _outcome_unknown_when_cut(self) -> Iterator[None]:
+        """A call cut before its answer (timeout, reset) may have happened on the server."""
+        try:
+            yield
+        except VllmError as exc:
+            if is_cut(exc):
+                self.changed = True
+            raise
+        except BaseException:
+            self.changed = True
+            raise
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.inner, attr)

@@ -335,8 +335,8 @@ class AdapterOps:
 
     def _mark_all_unverified(self) -> None:
         try:
-            record = self.store.load()
-        except RecordError:
+            record = self.record()
+        except OperationError:
             return
         for name, served in record.serving().items():
             record = record.updated(name, replaced(served, verified=False))
@@ -357,12 +357,16 @@ class AdapterOps:
 
     # --- reading ------------------------------------------------------------------------
 
-    def record(self) -> Record:
-        """The record, with the spec's adapters filled in for names it has not seen."""
+    def _stored(self) -> Record:
+        """The record as stored; OperationError (nothing changed) when it is damaged."""
         try:
-            record = self.store.load()
+            return self.store.load()
         except RecordError as exc:
             raise OperationError(str(exc)) from None
+
+    def record(self) -> Record:
+        """The record, with the spec's adapters filled in for names it has not seen."""
+        record = self._stored()
         entries = dict(record.entries)
         for adapter in self.spec.adapters:
             if adapter.name not in entries:
@@ -370,7 +374,7 @@ class AdapterOps:
                     adapter.version, self.layout.adapter_path(self.spec, adapter),
                     adapter.sha256,
                 ))
-        return Record(record.serial, entries, record.log)
+        return replaced(record, entries=entries)
 
     def version_path(self, name: str, version: str) -> Path:
         """Where version ``version`` of ``name`` lives: ``<adapters_dir>/<name>/<version>``."""
@@ -1113,7 +1117,7 @@ class AdapterOps:
                 continue
             if verb:
                 actions.append(verb)
-        record = self.store.load()
+        record = self._stored()
         if self._with_base(record).base != record.base:
             self.store.save(self._with_base(record))
         if problems:
@@ -1126,7 +1130,7 @@ class AdapterOps:
         means a damaged engine: restarted where the tools can (then nothing is loaded and
         reconcile goes on from there), else OperationError saying what to do."""
         name = self.spec.model.served_name
-        recorded = self._base_reference(self.store.load())
+        recorded = self._base_reference(self._stored())
         if recorded is None:
             return []
         try:
