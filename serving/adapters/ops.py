@@ -1083,8 +1083,6 @@ class AdapterOps:
     def _reconcile_locked(self, deadline_s: float, *, check_base: bool = True) -> Outcome:
         actions: list[str] = []
         problems: list[str] = []
-        if check_base:
-            actions += self._check_base()
         record = self.record()
         want, hold, fixes, troubles = self._sane_serving(record)
         actions += fixes
@@ -1099,15 +1097,20 @@ class AdapterOps:
             # Entries first: a name unloaded or reloaded below is found there meanwhile.
             actions += lora_resolver.sync(root, want, self.layout.model_path(self.spec))
         loaded = self.client.adapters()
+        # Before any request: one that runs while vLLM re-reads a missing folder kills it.
         actions += self._keep_vllm_alive(want, hold, loaded, problems)
-        loaded = self.client.adapters()
-        for name in sorted(loaded):
+        for name in sorted(self.client.adapters()):
             if name.startswith(CANDIDATE_PREFIX):
                 self.client.unload(name)
                 actions.append(f"unloaded leftover {name}")
             elif name not in want and name not in hold:
                 self._unload_checked(name, deadline_s)
                 actions.append(f"unloaded {name} (removed in the record)")
+        # After the unknown names are gone: NaN weights loaded under one of them make every
+        # model answer 400 ("Out of range float values") until they are unloaded (seen).
+        if check_base:
+            actions += self._check_base()
+        loaded = self.client.adapters()
         base = self._learnt_base(self.reference(self.spec.model.served_name, BASE))
         for name, served in want.items():
             try:
