@@ -141,6 +141,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # before the operation changed anything (its journal says so)
         raise SpecError([Problem(what, "interrupted before it changed anything; nothing "
                                  "changed")]) from None
+    except Exception as exc:  # the journal re-raises only what changed nothing
+        raise SpecError([Problem(what, f"failed before it changed anything "
+                                 f"({type(exc).__name__}: {exc}); nothing changed")]) from None
     seconds = time.monotonic() - started
     answer = f" — answers {outcome.probe.text!r}" if outcome.probe else ""
     out.print(f"[green]✓[/] {outcome.message} ({seconds:.2f} s){answer}", markup=True)

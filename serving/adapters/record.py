@@ -27,6 +27,7 @@ from typing import Any
 
 from serving.adapters import safejson
 from serving.atomic import write_file
+from serving.stack.spec import name_problem, version_problem
 
 SCHEMA = 1
 RECORD_FILE = "adapters.json"
@@ -151,6 +152,9 @@ class Record:
 
 
 def _served(data: dict[str, Any]) -> Served:
+    problem = version_problem(str(data["version"]))
+    if problem:
+        raise ValueError(f"version {problem}")
     return Served(
         version=str(data["version"]), path=str(data["path"]), sha256=str(data.get("sha256", "")),
         probe=data.get("probe"), at=float(data.get("at", 0.0)),
@@ -192,6 +196,10 @@ def from_json(data: Any, *, where: str = RECORD_FILE) -> Record:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise RecordError(f"{where}: schema is {found!r}; this tool reads schema {SCHEMA}")
     try:
+        for name in data.get("adapters", {}):
+            problem = name_problem(name) if isinstance(name, str) else "is not a string"
+            if problem:
+                raise ValueError(f"adapter name {problem}")
         entries = {
             name: Entry(
                 name,

@@ -272,7 +272,11 @@ def test_a_cut_add_after_the_load_is_recorded_as_cut(world) -> None:
 @pytest.mark.parametrize("damage", [
     b"{", b"\x00" * 64, b"[" * 200_000, json.dumps({"schema": 1, "adapters": []}).encode(),
     b'{"schema": 1, "serial": NaN}',
-], ids=["cut-json", "zeros", "deep", "wrong-shape", "nan"])
+    json.dumps({"schema": 1, "adapters": {"../../etc": {"current": {
+        "version": "1", "path": "/etc"}, "history": []}}}).encode(),
+    json.dumps({"schema": 1, "adapters": {"new": {"current": {
+        "version": "1/../../x", "path": "/x"}, "history": []}}}).encode(),
+], ids=["cut-json", "zeros", "deep", "wrong-shape", "nan", "name-escapes", "version-escapes"])
 def test_a_damaged_record_is_refused_and_rebuilt(world, damage: bytes) -> None:
     ops, _fake, version = world
     ops.add("new", "1", version("new", "1", 5))

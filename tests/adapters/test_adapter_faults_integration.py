@@ -115,13 +115,16 @@ def test_nan_weights_swapped_in_leave_every_model_answering_as_before(env: Env) 
 
 def test_nan_loaded_by_hand_is_found_by_reconcile(env: Env) -> None:
     """A key holder loads NaN weights through the API (the tools never would). Seen on vLLM
-    CPU 0.32: while they are loaded, every model answers 400 ("Out of range float values
+    CPU 0.32: once a request used them, every model answers 400 ("Out of range float values
     are not JSON compliant"), the base model too. reconcile unloads the unknown name first,
     then finds the base model answering as recorded again (a restart only if it did not)."""
     before = _answers(env)
     folder = env.version("ifault-hand", "1", seed=31)
     _poison(folder)
     env.ops.client.load("ifault-hand", str(folder))
+    # The harm starts once a request puts the weights in a LoRA slot.
+    with pytest.raises(VllmError):
+        env.ops.client.complete("ifault-hand", "Hello!", max_tokens=4, logprobs=1)
     harmed = _answers_safe(env, before)
     assert harmed != before, "the fault did not reproduce: NaN weights harmed nothing"
     outcome = env.ops.reconcile()
