@@ -1117,6 +1117,8 @@ class AdapterOps:
                 verb = self._reconcile_one(name, served, loaded.get(name), base)
             except (OperationError, VllmError) as exc:
                 problems.append(getattr(exc, "message", str(exc)))
+                if self._base_harmed(base):
+                    problems.append(self._unload_culprit(name, served))
                 continue
             if verb:
                 actions.append(verb)
@@ -1153,6 +1155,29 @@ class AdapterOps:
         self.say(f"{harm}; restarting vLLM")
         self.restart()
         return [f"restarted vLLM ({harm})"]
+
+    def _base_harmed(self, base: Reference) -> bool:
+        """The base model no longer answers as ``base`` (taken before this operation)."""
+        try:
+            verdict = self.identify(self.spec.model.served_name, [base], floor=base.noise)
+        except (OperationError, VllmError):
+            return True
+        return not verdict.is_(BASE)
+
+    def _unload_culprit(self, name: str, served: Served) -> str:
+        """Unload ``name``, whose load just made the base model answer otherwise (NaN
+        weights do that once a request uses them); its entry goes too, so no request loads
+        it again. A sentence for the problems."""
+        self._withdraw(name)
+        try:
+            self.client.unload(name)
+        except VllmError as exc:
+            if exc.kind != "unknown_adapter":
+                raise
+        self._mark(name, served.version, verified=False)
+        return (f"{name} was unloaded: with version {served.version} loaded, the base model "
+                f"stopped answering as before; check {served.path} (`python -m serving "
+                f"check-adapter`), then `adapters hotfix`/`adapters remove {name}`")
 
     def _allowed_folder(self, name: str, version: str) -> Path:
         return self.version_path(name, version)

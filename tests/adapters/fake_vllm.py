@@ -30,7 +30,8 @@ class FakeVllm:
     ``<resolver>/<name>`` when that entry exists, as vLLM's filesystem resolver does;
     ``race_on_unload`` has such a request arrive right after every unload. Loading from a
     ``poison_paths`` folder succeeds and then every model answers empty (``damaged``), as
-    vLLM CPU did after loading NaN weights, until ``restart``.
+    vLLM did with NaN weights: until they are unloaded (vLLM CPU 0.32, seen), or with
+    ``heals_on_unload`` off until ``restart`` (what the attack run reported).
     """
 
     base_url = "http://fake"
@@ -50,6 +51,8 @@ class FakeVllm:
         self.rng = random.Random(0)
         self.poison_paths: set[str] = set()
         self.damaged = False
+        self.damaged_by: set[str] = set()
+        self.heals_on_unload = True
         self.started_with: dict[str, str] = {}  # what a restart loads (--lora-modules)
         self.restarts = 0
 
@@ -58,6 +61,7 @@ class FakeVllm:
         self.loaded = dict(self.started_with)
         self.inplace.clear()
         self.damaged = False
+        self.damaged_by.clear()
 
     def adapters(self) -> dict[str, str]:
         return dict(self.loaded)
@@ -72,6 +76,10 @@ class FakeVllm:
             return
         if str(Path(path).resolve()) in {str(Path(p).resolve()) for p in self.poison_paths}:
             self.damaged = True
+            self.damaged_by.add(name)
+        elif inplace and name in self.damaged_by and self.heals_on_unload:
+            self.damaged_by.discard(name)  # the slot's weights replaced
+            self.damaged = bool(self.damaged_by)
         self.loaded[name] = path
         if inplace:
             self.inplace.add(name)
@@ -84,6 +92,9 @@ class FakeVllm:
             raise VllmError("unknown_adapter", f"{name} not loaded", status=404)
         del self.loaded[name]
         self.inplace.discard(name)
+        if name in self.damaged_by and self.heals_on_unload:
+            self.damaged_by.discard(name)
+            self.damaged = bool(self.damaged_by)
         if self.race_on_unload:
             self._resolve(name)
 

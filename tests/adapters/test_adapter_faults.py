@@ -39,6 +39,7 @@ def test_poisoned_add_restarts_the_local_server_and_verifies(world) -> None:
     ops.add("other", "1", version("other", "1", 5))
     ops.restart = fake.restart
     fake.started_with = dict(fake.loaded)
+    fake.heals_on_unload = False  # the engine stays damaged after the unload
     bad = version("new", "1", 6)
     fake.poison_paths.add(str(_version_dir(ops, "new", "1")))
     with pytest.raises(OperationError) as failed:
@@ -60,6 +61,7 @@ def test_poisoned_add_restarts_the_local_server_and_verifies(world) -> None:
 def test_poisoned_load_without_restart_says_what_to_do(world, op: str) -> None:
     ops, fake, version = world
     ops.restart_hint = "restart it (`systemctl restart exaone-vllm.service`)"
+    fake.heals_on_unload = False  # the engine stays damaged after the unload
     ops.hotfix("tone", "2", version("tone", "2", 6))
     if op == "rollback":
         fake.poison_paths.add(str(ops.record().entries["tone"].history[-1].path))
@@ -104,6 +106,44 @@ def test_reconcile_finds_a_damaged_base_model_and_restarts(world) -> None:
     assert any(a.startswith("restarted vLLM (the base model") for a in outcome.actions)
     assert set(fake.loaded) == {"tone", "other"}
     _healthy(ops)
+
+
+def test_reconcile_unloads_a_recorded_version_that_harms_the_server(world) -> None:
+    """After a restart, reconcile loads a recorded version whose weights went bad on disk:
+    that name is unloaded again (the rest keeps answering), marked unverified, and said."""
+    ops, fake, version = world
+    ops.add("other", "1", version("other", "1", 5))
+    ops.add("new", "1", version("new", "1", 6))
+    fake.restart()
+    fake.poison_paths.add(str(_version_dir(ops, "new", "1")))
+    with pytest.raises(OperationError) as failed:
+        ops.reconcile()
+    assert "new was unloaded: with version 1 loaded, the base model stopped" in \
+        failed.value.message
+    assert "new" not in fake.loaded and "other" in fake.loaded
+    assert not Path(ops.layout.resolver_dir, "new").exists()
+    assert not fake.damaged  # healed by the unload, as vLLM CPU 0.32 did (seen)
+    assert not ops.record().entries["new"].current.verified
+    assert ops._damage(skip={"new"}) == []
+    assert ops.store.pending() is not None
+
+
+@pytest.mark.parametrize("op", ["add", "hotfix"])
+def test_poison_healed_by_the_unload_is_a_plain_refusal(world, op: str) -> None:
+    """vLLM CPU 0.32 (seen): NaN weights harm every model only while they are loaded; the
+    operation's own undo heals the server, and the check after it says so: no restart."""
+    ops, fake, version = world
+    ops.restart = fake.restart
+    ops.add("other", "1", version("other", "1", 5))
+    name = "new" if op == "add" else "tone"
+    folder = version(name, "7", 8)
+    fake.poison_paths.add(str(_version_dir(ops, name, "7")))
+    with pytest.raises(OperationError) as failed:
+        getattr(ops, op)(name, "7", folder)
+    assert not failed.value.changed and fake.restarts == 0, failed.value.message
+    assert not fake.damaged and ops.store.pending() is None
+    _healthy(ops)
+    assert not _version_dir(ops, name, "7").exists()
 
 
 def test_a_failed_load_that_harms_nothing_is_a_plain_refusal(world) -> None:

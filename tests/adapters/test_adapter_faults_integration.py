@@ -24,7 +24,7 @@ from local_server import serve_local_copy
 from safetensors.torch import load_file, save_file
 
 from serving.adapters.client import VllmClient, VllmError
-from serving.adapters.ops import AdapterOps, OperationError
+from serving.adapters.ops import PROBE_MAX_TOKENS, PROBE_PROMPT, AdapterOps, OperationError
 from serving.adapters.record import RecordStore
 from serving.local import run as localrun
 from serving.local.loramaker import make_adapter
@@ -115,16 +115,20 @@ def test_nan_weights_swapped_in_leave_every_model_answering_as_before(env: Env) 
 
 def test_nan_loaded_by_hand_is_found_by_reconcile(env: Env) -> None:
     """A key holder loads NaN weights through the API (the tools never would). Seen on vLLM
-    CPU 0.32: once a request used them, every model answers 400 ("Out of range float values
-    are not JSON compliant"), the base model too. reconcile unloads the unknown name first,
+    CPU 0.32: after a request used them, every model answers that prompt with 400 ("Out of
+    range float values are not JSON compliant"), the base model too, until they are
+    unloaded. reconcile unloads the unknown name first,
     then finds the base model answering as recorded again (a restart only if it did not)."""
     before = _answers(env)
     folder = env.version("ifault-hand", "1", seed=31)
     _poison(folder)
     env.ops.client.load("ifault-hand", str(folder))
-    # The harm starts once a request puts the weights in a LoRA slot.
+    # The harm starts with a request to them; the same prompt then fails for every model,
+    # the base model too (the prefix cache holds what the NaN weights computed, it seems;
+    # other prompts answer): the answer check's own prompt is what a client sends here.
     with pytest.raises(VllmError):
-        env.ops.client.complete("ifault-hand", "Hello!", max_tokens=4, logprobs=1)
+        env.ops.client.complete("ifault-hand", PROBE_PROMPT, max_tokens=PROBE_MAX_TOKENS,
+                                logprobs=1)
     harmed = _answers_safe(env, before)
     assert harmed != before, "the fault did not reproduce: NaN weights harmed nothing"
     outcome = env.ops.reconcile()
