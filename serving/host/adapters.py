@@ -24,7 +24,7 @@ from typing import Any
 
 from serving.adapters import resolver as lora_resolver
 from serving.adapters.checks import base_dims, check_adapter, check_spec_adapter
-from serving.adapters.record import Record, RecordStore, Served
+from serving.adapters.record import Record, RecordError, RecordStore, Served
 from serving.host.blobfetch import FetchError, mirror
 from serving.host.common import (
     HostError,
@@ -168,6 +168,13 @@ def _resolver_changes(spec: Spec, record: Record, *, dry: bool) -> list[str]:
 
 
 def record(spec: Spec, dry: bool) -> dict[str, Any]:
+    try:
+        return _record(spec, dry)
+    except RecordError as exc:  # a damaged record: nothing written, the message says what to run
+        raise HostError(f"{exc} (then deploy again)") from None
+
+
+def _record(spec: Spec, dry: bool) -> dict[str, Any]:
     store = RecordStore(layouts.VM.state_dir)
     record = store.load()
     recorded, changes = _recorded(spec, record)

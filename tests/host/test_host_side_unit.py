@@ -24,6 +24,7 @@ from serving.host import adapters as host_adapters
 from serving.host import files as hostfiles
 from serving.host import model as host_model
 from serving.host.blobfetch import PARTIAL_SUFFIX, BlobSource, FetchError, fetch
+from serving.host.common import HostError
 from serving.stack import layout as layouts
 from serving.stack import stackfile
 from serving.stack.digest import folder_digest
@@ -346,6 +347,15 @@ def test_record_plan_removes_names_that_left_and_keeps_history(vm: layouts.Layou
     assert host_adapters.record(spec, dry=False) == {"changes": [], "remove": [],
                                                      "applied": False}
     assert store.load().serial == after.serial
+
+
+def test_record_on_a_damaged_record_says_what_to_run(vm: layouts.Layout) -> None:
+    make_version(vm, "a", "1")
+    Path(vm.state_dir, "adapters.json").write_text("{")
+    spec = spec_with_adapters(adapter("a", "1", "ab" * 32))
+    with pytest.raises(HostError, match=r"adapters reconcile --rebuild.*then deploy again"):
+        host_adapters.record(spec, dry=False)
+    assert Path(vm.state_dir, "adapters.json").read_text() == "{"
 
 
 def test_record_on_a_fresh_host_records_the_set(vm: layouts.Layout) -> None:
