@@ -63,6 +63,12 @@ class FakeVllm:
         self.damaged = False
         self.damaged_by.clear()
 
+    def __enter__(self) -> FakeVllm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
     def adapters(self) -> dict[str, str]:
         return dict(self.loaded)
 

@@ -394,3 +394,60 @@ def test_record_store_keeps_the_generation_before_the_last_write(tmp_path: Path)
     store.save(second.set_current("x", Served("3", "/a/x/3"), op="hotfix"))
     # The damaged file never becomes the previous generation: the last good one stays.
     assert store.load_previous() == first
+
+
+# --- the CLI: exit codes and messages of the same faults --------------------------------------
+
+
+@pytest.fixture
+def cli_world(world, monkeypatch: pytest.MonkeyPatch):
+    from serving.adapters import cli
+
+    ops, fake, version = world
+    monkeypatch.setattr(cli, "_spec", lambda _args: ops.spec)
+    monkeypatch.setattr(cli, "make_ops", lambda *_a, **_k: ops)
+
+    def run(*argv: str) -> int:
+        return cli.main([*argv, "--config", "unused.yaml"])
+
+    return run, ops, fake, version
+
+
+def test_cli_exit_4_for_a_cut_operation_and_list_says_not_in_sync(cli_world, capsys) -> None:
+    run, _ops, fake, version = cli_world
+    source = version("tone", "2", 6)
+    _cut_in_settle(fake, VllmError("unreachable", "vLLM at http://fake: Connection reset by "
+                                                  "peer"))
+    assert run("hotfix", "tone", "2", "--from", str(source)) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("adapters hotfix tone: `adapters hotfix tone 2` stopped after")
+    assert "Connection reset by peer" in err and "run `adapters reconcile`" in err
+    assert run("list") == 4
+    assert "NOT in sync: `adapters hotfix tone 2` did not end verified" in capsys.readouterr().out
+    assert run("rollback", "tone") == 2
+    assert "run `adapters reconcile` first" in capsys.readouterr().err
+    assert run("reconcile") == 0
+    assert run("list") == 0
+    assert "NOT in sync" not in capsys.readouterr().out
+
+
+def test_cli_exit_2_for_an_interrupt_before_any_change(cli_world, capsys) -> None:
+    run, _ops, fake, version = cli_world
+
+    def interrupted(*_a: Any, **_k: Any) -> Any:
+        raise KeyboardInterrupt
+
+    fake.complete = interrupted  # type: ignore[method-assign]
+    assert run("hotfix", "tone", "2", "--from", str(version("tone", "2", 6))) == 2
+    assert "interrupted before it changed anything" in capsys.readouterr().err
+
+
+def test_cli_damaged_record_is_one_line_naming_rebuild(cli_world, capsys) -> None:
+    run, ops, _fake, version = cli_world
+    ops.add("new", "1", version("new", "1", 5))
+    ops.store.path.write_bytes(b"[" * 100_000)
+    assert run("list") == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "adapters reconcile --rebuild" in lines[0], lines
+    assert run("reconcile", "--rebuild") == 0
+    assert run("list") == 0

@@ -12,8 +12,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +21,7 @@ import pytest
 from local_server import serve_local_copy
 from safetensors.torch import load_file, save_file
 
+from serving.adapters import cli as adapters_cli
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.ops import PROBE_MAX_TOKENS, PROBE_PROMPT, AdapterOps, OperationError
 from serving.adapters.record import RecordStore
@@ -32,8 +31,6 @@ from serving.stack.spec import Spec
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @dataclasses.dataclass
 class Env:
@@ -41,7 +38,6 @@ class Env:
     server: localrun.LocalServer
     key: str
     root: Path
-    config_file: Path
     ops: AdapterOps
 
     def version(self, name: str, version: str, seed: int) -> Path:
@@ -60,7 +56,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     with serve_local_copy(root, "ifault") as served:
         client = VllmClient(served.server.endpoint, served.key)
         ops = AdapterOps(served.spec, served.layout, client, RecordStore(served.layout.state_dir))
-        env = Env(served.spec, served.server, served.key, root, root / "Pulumi.ifault.yaml", ops)
+        env = Env(served.spec, served.server, served.key, root, ops)
         ops.restart = env.restart
         try:
             yield env
@@ -171,7 +167,11 @@ def test_deleted_folder_of_an_unsettled_version_does_not_kill_vllm(env: Env) -> 
     assert env.ops.client.adapters()["ifault-gone"] == str(folder)
 
 
-def test_sigterm_after_the_record_changed_exits_4_and_says_what_to_run(env: Env) -> None:
+def test_sigterm_after_the_record_changed_says_what_is_recorded_and_what_to_run(
+        env: Env) -> None:
+    """The attack run's kill after the record was saved: a real SIGTERM to this process,
+    through the CLI's own handler, while the hotfix waits to settle (the record already
+    names version 2). The CLI maps the OperationError(changed) to exit 4."""
     env.ops.add("ifault-cut", "1", env.version("ifault-cut", "1", seed=51))
     source = env.version("ifault-cut", "2", seed=52)
     stop = threading.Event()
@@ -184,35 +184,37 @@ def test_sigterm_after_the_record_changed_exits_4_and_says_what_to_run(env: Env)
                 except VllmError:
                     time.sleep(0.05)
 
-    traffic = threading.Thread(target=busy, daemon=True)
-    traffic.start()
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "serving", "adapters", "hotfix", "ifault-cut", "2", "--from",
-         str(source), "--config", str(env.config_file), "--state-dir",
-         env.ops.store.dir.as_posix(), "--settle-wait", "120"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
+    def kill_when_recorded() -> None:
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stop.is_set():
             current = env.ops.store.load().entries["ifault-cut"].current
             if current is not None and current.version == "2":
-                break
-            assert cli.poll() is None, cli.communicate()
+                time.sleep(1.0)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             time.sleep(0.2)
-        time.sleep(1.0)
-        cli.send_signal(signal.SIGTERM)
-        out, err = cli.communicate(timeout=60)
+
+    threads = [threading.Thread(target=busy, daemon=True),
+               threading.Thread(target=kill_when_recorded, daemon=True)]
+    wait = env.ops.settle_wait_s
+    env.ops.settle_wait_s = 120.0
+    try:
+        with adapters_cli._sigterm_interrupts(), pytest.raises(OperationError) as cut:
+            for thread in threads:
+                thread.start()
+            env.ops.hotfix("ifault-cut", "2", source)
     finally:
+        env.ops.settle_wait_s = wait
         stop.set()
-        traffic.join(timeout=60)
-        if cli.poll() is None:
-            cli.kill()
-    assert cli.returncode == 4, (out, err)
-    assert "Traceback" not in err
-    assert "stopped by SIGTERM" in err
-    assert "the record says ifault-cut serves version 2 (loaded in place, not settled)" in err
-    assert "run `adapters reconcile`" in err
+        for thread in threads:
+            thread.join(timeout=60)
+    message = cut.value.message
+    assert cut.value.changed, message
+    assert "stopped by SIGTERM" in message
+    assert "the record says ifault-cut serves version 2 (loaded in place, not settled)" in message
+    assert "run `adapters reconcile`" in message
+    with pytest.raises(OperationError, match="an earlier `adapters hotfix ifault-cut 2`"):
+        env.ops.rollback("ifault-cut")
     env.ops.reconcile()
     assert env.ops.store.pending() is None
     assert env.ops.store.load().entries["ifault-cut"].current.settled
