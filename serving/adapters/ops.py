@@ -12,6 +12,17 @@ back in place and verified; when that fails too, by a plain unload and load (the
 covers requests in between); when even that cannot be verified, the record marks the version
 unverified and the message says what answers instead.
 
+A failed load can harm more than its own name: vLLM CPU 0.32, once a request had used NaN
+weights, answered 400 for every model on that prompt (the base model too) until they were
+unloaded. So after any failed load the base model and every other loaded name must answer
+as recorded (the base model's answer is kept in the record); if they do not, the server is
+restarted where the tools can (``restart``: the local target) and reconciled, else the
+message says how to restart it, and every name is marked unverified.
+
+Each operation runs under an intent written before it changes anything
+(``serving.adapters.journal``): one cut after a change says what the record holds and that
+``adapters reconcile`` comes next, and the next command refuses to run until it has.
+
 The record (``serving.adapters.record``) says which version serves under each name; the
 spec's adapters are the starting point for names the record has not seen yet.
 

@@ -37,6 +37,7 @@ LOCK_FILE = "adapters.lock"
 # A record holds a few names with their history; anything this large is not one.
 MAX_RECORD_BYTES = 16 * 1024 * 1024
 MAX_RECORD_DEPTH = 16
+MAX_INTENT_BYTES = 64 * 1024
 LOG_LIMIT = 200  # entries kept in the file's log; history per name is kept whole
 
 
@@ -57,6 +58,8 @@ class Intent:
 
     @property
     def command(self) -> str:
+        if not self.op:
+            return "adapters operation"  # an intent file that cannot be read
         return " ".join(p for p in ("adapters", self.op, self.name, self.version or "") if p)
 
 
@@ -283,13 +286,19 @@ class RecordStore:
     def pending(self) -> Intent | None:
         """The operation a cut run left behind, or None."""
         try:
-            data = json.loads(self.intent_path.read_text())
-            return Intent(str(data["op"]), str(data["name"]), data.get("version"),
+            with open(self.intent_path, "rb") as handle:
+                data = safejson.loads(handle.read(MAX_INTENT_BYTES + 1),
+                                      max_bytes=MAX_INTENT_BYTES, max_depth=2)
+            version = data.get("version")
+            if not (isinstance(data["op"], str) and isinstance(data["name"], str)):
+                raise TypeError("op and name are not strings")
+            return Intent(data["op"], data["name"],
+                          None if version is None else str(version),
                           float(data.get("at", 0.0)), str(data.get("problem", "")))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return Intent("unknown", "?", problem=f"{self.intent_path} is unreadable")
+            return Intent("", "", problem=f"{self.intent_path} is unreadable")
 
     def begin(self, intent: Intent) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

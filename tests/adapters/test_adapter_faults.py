@@ -451,3 +451,17 @@ def test_cli_damaged_record_is_one_line_naming_rebuild(cli_world, capsys) -> Non
     assert len(lines) == 1 and "adapters reconcile --rebuild" in lines[0], lines
     assert run("reconcile", "--rebuild") == 0
     assert run("list") == 0
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000, "{}", "not json", '{"op": 1, "name": []}'],
+                         ids=["deep", "empty", "garbage", "wrong-types"])
+def test_an_unreadable_intent_still_stops_operations_until_reconcile(world, text: str) -> None:
+    ops, _fake, version = world
+    ops.store.dir.mkdir(parents=True, exist_ok=True)
+    ops.store.intent_path.write_text(text)
+    with pytest.raises(OperationError, match=r"an earlier `adapters [^`]*` did not end") as no:
+        ops.add("new", "1", version("new", "1", 5))
+    assert not no.value.changed
+    assert not any(row["in_sync"] for row in ops.rows())
+    ops.reconcile()
+    assert ops.store.pending() is None
