@@ -214,7 +214,7 @@ def _check_config(
         with open(config_path, "rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        problem(f"is not readable: {exc.strerror or exc}")
+        problem(f"is not readable: {exc.strerror or exc}; allowed: a readable PEFT config")
         return unknown
     try:
         raw = safejson.loads(data, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH)

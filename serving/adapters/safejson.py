@@ -61,7 +61,8 @@ def loads(data: bytes, *, max_bytes: int, max_depth: int) -> Any:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise JsonLimitError(f"is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise JsonLimitError(f"is not UTF-8 ({exc.reason} at byte {exc.start}); allowed: "
+                             "UTF-8 JSON") from None
     try:
         return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except JsonLimitError:
@@ -69,6 +70,6 @@ def loads(data: bytes, *, max_bytes: int, max_depth: int) -> Any:
     except RecursionError:  # the depth count above makes this unreachable; kept as a bound
         raise JsonLimitError(f"nests too deep; allowed: up to {max_depth} levels") from None
     except json.JSONDecodeError as exc:
-        raise JsonLimitError(f"is not valid JSON: {exc}") from None
+        raise JsonLimitError(f"is not valid JSON: {exc}; allowed: JSON") from None
     except ValueError as exc:  # e.g. an integer with more digits than int() accepts
-        raise JsonLimitError(f"is not usable JSON: {exc}") from None
+        raise JsonLimitError(f"is not usable JSON: {exc}; allowed: numbers that fit") from None

@@ -42,6 +42,7 @@ _BITS: dict[str, tuple[str, int]] = {
     "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80),
 }
 _EXAMPLES = 3
+ALLOWED = "allowed: a safetensors file as safetensors.save_file writes it"
 
 
 @dataclass(frozen=True)
@@ -78,36 +79,36 @@ def read_layout(weights: Path, problem: Callable[[str], None]
         with open(weights, "rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                problem(f"is {size} bytes, too short for a safetensors file; allowed: a file "
-                        "that safetensors.save_file wrote")
+                problem(f"is {size} bytes, too short for a safetensors file; {ALLOWED}")
                 return None
             length = int.from_bytes(prefix, "little")
             if length > min(size - 8, MAX_HEADER_BYTES):
                 problem(f"header length {length} exceeds the file ({size} bytes) or "
-                        f"safetensors' limit ({MAX_HEADER_BYTES} bytes); not safetensors")
+                        f"safetensors' limit ({MAX_HEADER_BYTES} bytes); {ALLOWED}")
                 return None
             raw = handle.read(length)
     except OSError as exc:
-        problem(f"is not readable: {exc.strerror or exc}")
+        problem(f"is not readable: {exc.strerror or exc}; {ALLOWED}, readable by the tools")
         return None
     try:
         header = safejson.loads(raw, max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH)
     except safejson.JsonLimitError as exc:
-        problem(f"header {exc}")
+        message = str(exc)
+        problem(f"header {message}" + ("" if "allowed" in message else f"; {ALLOWED}"))
         return None
     if not isinstance(header, dict):
-        problem("header is not a JSON object; not safetensors")
+        problem(f"header is not a JSON object; {ALLOWED}")
         return None
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(
             isinstance(v, str) for v in metadata.values())):
-        problem("header __metadata__ is not a map of strings; not safetensors")
+        problem(f"header __metadata__ is not a map of strings; {ALLOWED}")
         return None
     data_size = size - 8 - length
     tensors, bad = _tensors(header)
     if bad:
         problem(f"header entries with bad dtype/shape/offsets (truncated or corrupt file): "
-                f"{_examples(bad)}")
+                f"{_examples(bad)}; {ALLOWED} (known dtypes, size = shape x dtype size)")
         return None
     layout_problem = _layout_problem(tensors, data_size)
     if layout_problem:

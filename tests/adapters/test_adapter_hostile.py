@@ -154,6 +154,7 @@ def test_config_numbers_and_bounds(fault: str, tmp_path: Path, tiny_model: Path,
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{folder / CONFIG}: "), problems
     assert expected in problems[0], problems
+    assert "allowed" in problems[0], problems
 
 
 # --- what safetensors itself refuses ---------------------------------------------------------
@@ -253,6 +254,7 @@ def test_what_safetensors_refuses_is_refused(fault: str, tmp_path: Path, tiny_mo
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{folder / WEIGHTS}: "), problems
     assert expected in problems[0], problems
+    assert "allowed: " in problems[0], problems
     if fault not in ("integer-dtype",):
         # The same file, given to safetensors itself, is refused there too: the check is
         # not stricter than the format where the format is the judge.
