@@ -243,11 +243,12 @@ def _check_config(
 
     rank = config.r if isinstance(config.r, int) and not isinstance(config.r, bool) else None
     if rank is None or rank < 1:
-        problem(f"r is {config.r!r}; allowed: a whole number from 1 to {max_lora_rank}")
+        problem(f"r is {_shown(config.r)}; allowed: a whole number from 1 to {max_lora_rank}")
         rank = None
     elif rank > max_lora_rank:
-        problem(f"r is {rank}, above the max LoRA rank {max_lora_rank}; allowed: 1..{max_lora_rank}"
-                " (or raise maxLoraRank)")
+        problem(f"r is {_shown(rank)}, above the max LoRA rank {max_lora_rank}; allowed: "
+                f"1..{max_lora_rank} (or raise maxLoraRank)")
+        rank = None  # the shapes cannot be judged against it
     rank_pattern = dict(config.rank_pattern or {})
     invalid = {k: v for k, v in rank_pattern.items()
                if not isinstance(v, int) or isinstance(v, bool) or v < 1}
@@ -281,7 +282,18 @@ def _check_config(
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float that fits a float (a 400-digit integer does not)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
 def _check_numbers(config: Any, rank: int | None, problem: Callable[[str], None]) -> None:
@@ -296,7 +308,7 @@ def _check_numbers(config: Any, rank: int | None, problem: Callable[[str], None]
     formula = "lora_alpha / sqrt(r)" if rslora else "lora_alpha / r"
     alpha = config.lora_alpha
     if not _is_number(alpha) or alpha <= 0:
-        problem(f"lora_alpha is {alpha!r}; allowed: a positive finite number")
+        problem(f"lora_alpha is {_shown(alpha)}; allowed: a positive finite number")
     elif rank is not None and scaling(alpha, rank) > MAX_LORA_SCALING:
         problem(f"lora_alpha is {alpha!r}, a LoRA scaling of {scaling(alpha, rank):.4g} "
                 f"({formula}); allowed: a scaling up to {MAX_LORA_SCALING:g}")
@@ -308,9 +320,9 @@ def _check_numbers(config: Any, rank: int | None, problem: Callable[[str], None]
                 f"{MAX_LORA_SCALING:g} ({_pairs(bad)}); allowed: like lora_alpha")
     dropout = config.lora_dropout
     if not _is_number(dropout) or not 0 <= dropout < 1:
-        problem(f"lora_dropout is {dropout!r}; allowed: a number from 0 to below 1")
+        problem(f"lora_dropout is {_shown(dropout)}; allowed: a number from 0 to below 1")
     if not isinstance(config.use_rslora, bool):
-        problem(f"use_rslora is {config.use_rslora!r}; allowed: true or false")
+        problem(f"use_rslora is {_shown(config.use_rslora)}; allowed: true or false")
 
 
 def _pairs(mapping: dict[str, Any]) -> str:
