@@ -28,7 +28,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
@@ -59,39 +59,30 @@ def default_endpoint(spec: Spec) -> str:
     return f"http://127.0.0.1:{spec.vllm.port}"
 
 
+# Given the stack, its layout and the API key: restarts the local target's server. The
+# top-level CLI passes serving.local's (the VMs' bundle carries no serving.local).
+RestartFactory = Callable[[Spec, layouts.Layout, "str | None"], Callable[[], None]]
+
+
 def make_ops(spec: Spec, *, endpoint: str | None = None, state_dir: str | None = None,
-             root: Path = stackfile.ROOT, say=None) -> AdapterOps:
-    """Operations for ``spec``: its API key, its layout's record, the server at ``endpoint``."""
+             root: Path = stackfile.ROOT, say=None,
+             restart_local: RestartFactory | None = None) -> AdapterOps:
+    """Operations for ``spec``: its API key, its layout's record, the server at ``endpoint``;
+    ``restart_local`` lets them restart a local target's server after a failed load."""
     layout = layouts.for_target(spec, root)
     key = secretref.resolve(spec.api_key, root=root, stack=spec.stack)
     client = VllmClient(endpoint or default_endpoint(spec), key)
     store = RecordStore(state_dir or layout.state_dir)
     ops = AdapterOps(spec, layout, client, store, say=say or (lambda _m: None))
     if spec.on.local_files:
-        ops.restart = _local_restart(spec, layout, key)
+        if restart_local is not None:
+            ops.restart = restart_local(spec, layout, key)
         ops.restart_hint = (f"restart it (`python -m serving local stop --stack {spec.stack}` "
                             f"and `python -m serving local start --stack {spec.stack}`)")
     else:
         ops.restart_hint = (f"restart it on the host (`sudo systemctl restart "
                             f"{layouts.SERVICE_NAME}.service`)")
     return ops
-
-
-def _local_restart(spec: Spec, layout: layouts.Layout, key: str | None):
-    """Restart the local target's server, when this checkout started it (its pid file)."""
-
-    def restart() -> None:
-        # Imported here: serving.local is the CPU target's code and does not travel to VMs.
-        from serving.local import run as localrun
-
-        server = localrun.LocalServer(spec, layout)
-        if server.pid() is None:
-            raise OperationError(f"the server at {server.endpoint} was not started from this "
-                                 "checkout; restart it by hand", changed=True)
-        localrun.stop(server)
-        localrun.start(server, key or "")
-
-    return restart
 
 
 def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
@@ -115,7 +106,8 @@ def _sigterm_interrupts() -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     ops = make_ops(spec, endpoint=args.endpoint, state_dir=args.state_dir,
-                   say=lambda m: out.print(f"[dim]{m}[/]"))
+                   say=lambda m: out.print(f"[dim]{m}[/]"),
+                   restart_local=getattr(args, "restart_local", None))
     if getattr(args, "settle_wait", None) is not None:
         ops.settle_wait_s = args.settle_wait
     what = f"adapters {args.op}" + (f" {args.name}" if getattr(args, "name", None) else "")
@@ -181,7 +173,7 @@ def _table(ops: AdapterOps) -> Table:
     return table
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, *, restart_local: RestartFactory | None = None) -> None:
     """Register ``adapters`` on the CLI's subparsers object."""
     p = sub.add_parser("adapters", help="add, hotfix, roll back, remove adapters at runtime")
     ops = p.add_subparsers(dest="op", required=True)
@@ -193,7 +185,7 @@ def add_parser(sub) -> None:
         parser.add_argument("--endpoint", help="vLLM base URL (default: 127.0.0.1:<vllmPort>)")
         parser.add_argument("--state-dir", help="folder of the adapter record "
                             "(default: the target's state folder)")
-        parser.set_defaults(func=_run)
+        parser.set_defaults(func=_run, restart_local=restart_local)
 
     def settle_wait(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(

@@ -465,3 +465,13 @@ def test_an_unreadable_intent_still_stops_operations_until_reconcile(world, text
     assert not any(row["in_sync"] for row in ops.rows())
     ops.reconcile()
     assert ops.store.pending() is None
+
+
+def test_the_local_restart_refuses_a_server_this_checkout_did_not_start(world) -> None:
+    from serving.local import run as localrun
+
+    ops, _fake, _version = world
+    restart = localrun.restarter(ops.spec, ops.layout, "key")
+    with pytest.raises(OperationError, match="not started from this checkout") as no:
+        restart()
+    assert no.value.changed

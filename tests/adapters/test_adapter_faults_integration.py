@@ -45,10 +45,6 @@ class Env:
                             base=Path(self.server.layout.model_path(self.spec)), rank=8,
                             seed=seed, base_model_id=self.spec.model.id)
 
-    def restart(self) -> None:
-        localrun.stop(self.server)
-        localrun.start(self.server, self.key)
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
@@ -57,7 +53,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         client = VllmClient(served.server.endpoint, served.key)
         ops = AdapterOps(served.spec, served.layout, client, RecordStore(served.layout.state_dir))
         env = Env(served.spec, served.server, served.key, root, ops)
-        ops.restart = env.restart
+        ops.restart = localrun.restarter(served.spec, served.layout, served.key)
         try:
             yield env
         finally:
