@@ -259,7 +259,7 @@ def _check_config(
     if too_big:
         problem(f"rank_pattern has ranks above the max LoRA rank {max_lora_rank} "
                 f"({_pairs(too_big)}); allowed: 1..{max_lora_rank} (or raise maxLoraRank)")
-    _check_numbers(config, rank, problem)
+    _check_numbers(raw, rank, problem)
 
     targets = _check_targets(raw.get("target_modules"), problem)
     if config.modules_to_save:
@@ -296,33 +296,49 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
 
 
-def _check_numbers(config: Any, rank: int | None, problem: Callable[[str], None]) -> None:
-    """lora_alpha (and alpha_pattern) positive with a sane scaling, lora_dropout in [0, 1).
+def _check_numbers(raw: dict[str, Any], rank: int | None,
+                   problem: Callable[[str], None]) -> None:
+    """lora_alpha (and alpha_pattern) positive with a sane scaling, lora_dropout in [0, 1),
+    read from the config's JSON with PEFT's defaults for absent keys.
 
     The JSON reader has already refused NaN and infinities anywhere in the file."""
-    rslora = config.use_rslora is True
+    rslora = raw.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        problem(f"use_rslora is {_shown(rslora)}; allowed: true or false")
 
     def scaling(alpha: float, r: int) -> float:
-        return alpha / math.sqrt(r) if rslora else alpha / r
+        return alpha / math.sqrt(r) if rslora is True else alpha / r
 
-    formula = "lora_alpha / sqrt(r)" if rslora else "lora_alpha / r"
-    alpha = config.lora_alpha
+    formula = "lora_alpha / sqrt(r)" if rslora is True else "lora_alpha / r"
+    alpha = raw.get("lora_alpha", 8)
     if not _is_number(alpha) or alpha <= 0:
         problem(f"lora_alpha is {_shown(alpha)}; allowed: a positive finite number")
     elif rank is not None and scaling(alpha, rank) > MAX_LORA_SCALING:
-        problem(f"lora_alpha is {alpha!r}, a LoRA scaling of {scaling(alpha, rank):.4g} "
+        problem(f"lora_alpha is {_shown(alpha)}, a LoRA scaling of {scaling(alpha, rank):.4g} "
                 f"({formula}); allowed: a scaling up to {MAX_LORA_SCALING:g}")
-    alphas = dict(config.alpha_pattern or {})
+    alphas = raw.get("alpha_pattern") or {}
+    if not isinstance(alphas, dict):
+        problem(f"alpha_pattern is {_shown(alphas)}; allowed: a map of module name to alpha")
+        alphas = {}
     bad = {k: v for k, v in alphas.items() if not _is_number(v) or v <= 0
            or (rank is not None and scaling(v, rank) > MAX_LORA_SCALING)}
     if bad:
         problem(f"alpha_pattern has values that are not positive numbers with a scaling up to "
-                f"{MAX_LORA_SCALING:g} ({_pairs(bad)}); allowed: like lora_alpha")
-    dropout = config.lora_dropout
+                f"{MAX_LORA_SCALING:g} ({_pairs({k: _Shown(v) for k, v in bad.items()})}); "
+                "allowed: like lora_alpha")
+    dropout = raw.get("lora_dropout", 0.0)
     if not _is_number(dropout) or not 0 <= dropout < 1:
         problem(f"lora_dropout is {_shown(dropout)}; allowed: a number from 0 to below 1")
-    if not isinstance(config.use_rslora, bool):
-        problem(f"use_rslora is {_shown(config.use_rslora)}; allowed: true or false")
+
+
+class _Shown:
+    """A value that prints short (``_shown``) inside a message."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return _shown(self.value)
 
 
 def _pairs(mapping: dict[str, Any]) -> str:
