@@ -222,11 +222,12 @@ def parser() -> argparse.ArgumentParser:
     from serving.bench import cli as bench_cli
     from serving.cloud import cli as cloud_cli
     from serving.local import cli as local_cli
+    from serving.local import run as localrun
     from serving.plan import cli as plan_cli
 
     plan_cli.add_parser(sub)
     bench_cli.add_parser(sub)
-    adapters_cli.add_parser(sub)
+    adapters_cli.add_parser(sub, restart_local=localrun.restarter)
     local_cli.add_parser(sub)
     cloud_cli.add_parser(sub)
 

@@ -111,7 +111,7 @@ hotfix = _versioned("hotfix")
 
 def _named(op: str):
     def body(c, name="", stack="", config="", hosts="", deadline=60.0, blob_url="",
-             blob_connection_string_env="", connect_timeout=0.0):
+             blob_connection_string_env="", connect_timeout=0.0, rebuild=False):
         s = cli_options.load(c, stack=stack, config=config, hosts=hosts, blob_url=blob_url,
                              blob_connection_string_env=blob_connection_string_env,
                              connect_timeout=connect_timeout, gate=op != "list")
@@ -124,6 +124,10 @@ def _named(op: str):
             argv.append(name)
         if op in ("remove", "reconcile"):
             argv += ["--deadline", str(float(deadline))]
+        if rebuild:
+            if op != "reconcile":
+                raise Exit(f"--rebuild belongs to adapters.reconcile, not adapters.{op}", code=2)
+            argv.append("--rebuild")
         _each_host(s, lambda t: _op(t, *argv))
 
     body.__name__ = op
@@ -134,7 +138,9 @@ def _named(op: str):
                               "(vLLM re-reads in-place loaded weights on every step).",
                     "list": "The record versus what vLLM has loaded, per VM."}[op]
     return task(help={**cli_options.HELP, "name": "adapter name",
-                      "deadline": "seconds to wait for running requests"})(body)
+                      "deadline": "seconds to wait for running requests",
+                      "rebuild": "reconcile: rebuild a damaged adapter record from what vLLM "
+                                 "serves and the adapter folders first"})(body)
 
 
 rollback = _named("rollback")

@@ -9,6 +9,7 @@ safetensors header is read as JSON, and pickles or code files are refused outrig
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -16,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from serving.adapters import safejson
 from serving.adapters.peftparse import verdict as peft_verdict
+from serving.adapters.weights import FLOAT_DTYPES, read_layout, value_problems
 from serving.stack.catalog import (
     EXAONE_ATTN_MODULES,
     EXAONE_LORA_MODULES,
@@ -44,12 +47,12 @@ FORBIDDEN_SUFFIXES = frozenset({
 TENSOR_RE = re.compile(
     r"^base_model\.model\.transformer\.h\.(\d+)\.(attn\.attention|mlp)\.(\w+)\.lora_([AB])\.weight$"
 )
-FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-OTHER_DTYPE_SIZES = {
-    "I64": 8, "U64": 8, "I32": 4, "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1,
-}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+# adapter_config.json: a PEFT config is a flat object with a few small maps and lists.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_CONFIG_DEPTH = 8
+# The LoRA scaling vLLM applies (lora_alpha / r, or / sqrt(r) with use_rslora): trained
+# adapters use 0.25..4; beyond this bound the adapter's output swamps the base model's.
+MAX_LORA_SCALING = 1024.0
 _EXAMPLES = 3
 
 
@@ -144,8 +147,9 @@ def check_spec_adapter(
 
 def _declared_ranks(config_path: Path) -> list[int]:
     try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raw = safejson.loads(config_path.read_bytes(), max_bytes=MAX_CONFIG_BYTES,
+                             max_depth=MAX_CONFIG_DEPTH)
+    except (OSError, safejson.JsonLimitError):
         return []
     if not isinstance(raw, dict):
         return []
@@ -208,12 +212,15 @@ def _check_config(
         problem("is missing; allowed: a PEFT LoRA config (LoraConfig.save_pretrained)")
         return unknown
     try:
-        raw = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        problem(f"is not readable: {exc}")
+        with open(config_path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        problem(f"is not readable: {exc.strerror or exc}; allowed: a readable PEFT config")
         return unknown
-    except json.JSONDecodeError as exc:
-        problem(f"is not valid JSON: {exc}")
+    try:
+        raw = safejson.loads(data, max_bytes=MAX_CONFIG_BYTES, max_depth=MAX_CONFIG_DEPTH)
+    except safejson.JsonLimitError as exc:
+        problem(str(exc))
         return unknown
     if not isinstance(raw, dict):
         problem(f"is a JSON {type(raw).__name__}; allowed: an object (a PEFT config)")
@@ -232,11 +239,12 @@ def _check_config(
     r = raw.get("r", 8)
     rank = r if isinstance(r, int) and not isinstance(r, bool) else None
     if rank is None or rank < 1:
-        problem(f"r is {r!r}; allowed: a whole number from 1 to {max_lora_rank}")
+        problem(f"r is {_shown(r)}; allowed: a whole number from 1 to {max_lora_rank}")
         rank = None
     elif rank > max_lora_rank:
-        problem(f"r is {rank}, above the max LoRA rank {max_lora_rank}; allowed: 1..{max_lora_rank}"
-                " (or raise maxLoraRank)")
+        problem(f"r is {_shown(rank)}, above the max LoRA rank {max_lora_rank}; allowed: "
+                f"1..{max_lora_rank} (or raise maxLoraRank)")
+        rank = None  # the shapes cannot be judged against it
     rank_pattern = dict(raw.get("rank_pattern") or {})
     invalid = {k: v for k, v in rank_pattern.items()
                if not isinstance(v, int) or isinstance(v, bool) or v < 1}
@@ -247,9 +255,7 @@ def _check_config(
     if too_big:
         problem(f"rank_pattern has ranks above the max LoRA rank {max_lora_rank} "
                 f"({_pairs(too_big)}); allowed: 1..{max_lora_rank} (or raise maxLoraRank)")
-    alpha = raw.get("lora_alpha", 8)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
-        problem(f"lora_alpha is {alpha!r}; allowed: a positive number")
+    _check_numbers(raw, rank, problem)
 
     targets = _check_targets(raw.get("target_modules"), problem)
     if raw.get("modules_to_save"):
@@ -269,6 +275,66 @@ def _check_config(
         problem(f"base_model_name_or_path is {raw.get('base_model_name_or_path')!r}; allowed: "
                 f"{base_model_id!r} (the adapter was trained for another base model)")
     return _Lora(rank, targets, rank_pattern)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite int or float that fits a float (a 400-digit integer does not)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _check_numbers(raw: dict[str, Any], rank: int | None,
+                   problem: Callable[[str], None]) -> None:
+    """lora_alpha (and alpha_pattern) positive with a sane scaling, lora_dropout in [0, 1),
+    read from the config's JSON with PEFT's defaults for absent keys.
+
+    The JSON reader has already refused NaN and infinities anywhere in the file."""
+    rslora = raw.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        problem(f"use_rslora is {_shown(rslora)}; allowed: true or false")
+
+    def scaling(alpha: float, r: int) -> float:
+        return alpha / math.sqrt(r) if rslora is True else alpha / r
+
+    formula = "lora_alpha / sqrt(r)" if rslora is True else "lora_alpha / r"
+    alpha = raw.get("lora_alpha", 8)
+    if not _is_number(alpha) or alpha <= 0:
+        problem(f"lora_alpha is {_shown(alpha)}; allowed: a positive finite number")
+    elif rank is not None and scaling(alpha, rank) > MAX_LORA_SCALING:
+        problem(f"lora_alpha is {_shown(alpha)}, a LoRA scaling of {scaling(alpha, rank):.4g} "
+                f"({formula}); allowed: a scaling up to {MAX_LORA_SCALING:g}")
+    alphas = raw.get("alpha_pattern") or {}
+    if not isinstance(alphas, dict):
+        problem(f"alpha_pattern is {_shown(alphas)}; allowed: a map of module name to alpha")
+        alphas = {}
+    bad = {k: v for k, v in alphas.items() if not _is_number(v) or v <= 0
+           or (rank is not None and scaling(v, rank) > MAX_LORA_SCALING)}
+    if bad:
+        problem(f"alpha_pattern has values that are not positive numbers with a scaling up to "
+                f"{MAX_LORA_SCALING:g} ({_pairs({k: _Shown(v) for k, v in bad.items()})}); "
+                "allowed: like lora_alpha")
+    dropout = raw.get("lora_dropout", 0.0)
+    if not _is_number(dropout) or not 0 <= dropout < 1:
+        problem(f"lora_dropout is {_shown(dropout)}; allowed: a number from 0 to below 1")
+
+
+class _Shown:
+    """A value that prints short (``_shown``) inside a message."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return _shown(self.value)
 
 
 def _pairs(mapping: dict[str, Any]) -> str:
@@ -292,35 +358,6 @@ def _check_targets(value: Any, problem: Callable[[str], None]) -> set[str] | Non
     return set(value) & set(EXAONE_LORA_MODULES)
 
 
-def _read_header(
-    weights: Path, problem: Callable[[str], None]
-) -> tuple[dict[str, Any], int] | None:
-    """The safetensors header (8-byte little-endian length, then JSON) and the data size."""
-    try:
-        size = weights.stat().st_size
-        with open(weights, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                problem(f"is {size} bytes, too short for a safetensors file")
-                return None
-            length = int.from_bytes(prefix, "little")
-            if length > min(size - 8, MAX_HEADER_BYTES):
-                problem(f"header length {length} exceeds the file ({size} bytes); not safetensors")
-                return None
-            header = json.loads(handle.read(length))
-    except OSError as exc:
-        problem(f"is not readable: {exc}")
-        return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        problem(f"header is not valid JSON: {exc}")
-        return None
-    if not isinstance(header, dict):
-        problem("header is not a JSON object; not safetensors")
-        return None
-    header.pop("__metadata__", None)
-    return header, size - 8 - length
-
-
 def _examples(items: list[str]) -> str:
     shown = "; ".join(items[:_EXAMPLES])
     return shown + (f" and {len(items) - _EXAMPLES} more" if len(items) > _EXAMPLES else "")
@@ -339,37 +376,22 @@ def _check_tensors(path: Path, problems: list[Problem], *, dims: ModelDims, lora
         problem("is missing; allowed: the adapter's LoRA weights in safetensors format "
                 "(PeftModel.save_pretrained writes it)")
         return
-    read = _read_header(weights, problem)
-    if read is None:
+    layout = read_layout(weights, problem)
+    if layout is None:
         return
-    header, data_size = read
-    if not header:
+    tensors, start = layout
+    if not tensors:
         problem("holds no tensors; allowed: lora_A/lora_B weights of EXAONE modules")
         return
 
-    bad_entry: list[str] = []
     bad_name: list[str] = []
     bad_dtype: dict[str, list[str]] = {}
     beyond: set[int] = set()
     untargeted: set[str] = set()
     bad_shape: list[str] = []
     halves: dict[tuple[int, str], set[str]] = {}
-    for name, entry in sorted(header.items()):
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        dtype = entry.get("dtype") if isinstance(entry, dict) else None
-        if not (isinstance(shape, list) and all(_is_count(n) for n in shape)
-                and isinstance(offsets, list) and len(offsets) == 2
-                and all(_is_count(n) for n in offsets) and isinstance(dtype, str)):
-            bad_entry.append(name)
-            continue
-        itemsize = FLOAT_DTYPES.get(dtype, OTHER_DTYPE_SIZES.get(dtype))
-        begin, end = offsets
-        if not (begin <= end <= data_size) or (
-            itemsize is not None and end - begin != _product(shape) * itemsize
-        ):
-            bad_entry.append(name)
-            continue
+    for tensor in tensors:
+        name, dtype, shape = tensor.name, tensor.dtype, list(tensor.shape)
         if dtype not in FLOAT_DTYPES:
             bad_dtype.setdefault(dtype, []).append(name)
         match = TENSOR_RE.fullmatch(name)
@@ -395,9 +417,6 @@ def _check_tensors(path: Path, problems: list[Problem], *, dims: ModelDims, lora
             bad_shape.append(f"{name.removeprefix('base_model.model.')} is {shape}, "
                              f"expected {shown}")
 
-    if bad_entry:
-        problem(f"header entries with bad dtype/shape/offsets (truncated or corrupt file): "
-                f"{_examples(bad_entry)}")
     for dtype, names in sorted(bad_dtype.items()):
         problem(f"tensors of dtype {dtype}: {_examples(names)}; allowed: F32, F16, BF16, F64")
     if bad_name:
@@ -413,13 +432,17 @@ def _check_tensors(path: Path, problems: list[Problem], *, dims: ModelDims, lora
     if bad_shape:
         problem(f"{len(bad_shape)} tensor(s) do not fit the base model (lora_A is [r, in], "
                 f"lora_B is [out, r]): {_examples(bad_shape)}; made for another model size?")
-    # A corrupt entry was skipped above, so a missing half is no news then.
-    unpaired = [] if bad_entry else sorted(
+    unpaired = sorted(
         f"transformer.h.{layer}.{module}" for (layer, module), seen in halves.items()
         if seen != {"A", "B"}
     )
     if unpaired:
         problem(f"lora_A without lora_B or the reverse: {_examples(unpaired)}")
+    # Values last, and only of tensors that fit the base model: what is read is bounded by
+    # the model's dimensions and the max rank, not by what the file claims.
+    if not (bad_name or beyond or bad_shape):
+        for message in value_problems(weights, tensors, start):
+            problem(message)
 
 
 def _expected_shape(dims: ModelDims, module: str, half: str, rank: int | None

@@ -5,7 +5,7 @@
     adapters hotfix    NAME VERSION [--from FOLDER] [--settle-wait SECONDS]
     adapters rollback  NAME [--settle-wait SECONDS]
     adapters remove    NAME [--deadline SECONDS]
-    adapters reconcile [--deadline SECONDS] [--settle-wait SECONDS]
+    adapters reconcile [--deadline SECONDS] [--settle-wait SECONDS] [--rebuild]
     adapters settle    [NAME ...] [--settle-wait SECONDS]
 
 Every change is verified by which weights answer (``serving.adapters.answer``); a failed hotfix
@@ -16,21 +16,28 @@ because that vLLM re-reads in-place loaded weights on every step; `settle` does 
 Exit codes: 0 done and verified; 2 refused, nothing changed (one line naming what); 3 failed,
 rolled back to the recorded version and verified; 4 failed, and the state is recorded as the
 message says (a version marked unverified, or a change left in place): run the command it
-names.
+names. An operation cut by a lost connection, a timeout, Ctrl-C or SIGTERM after it changed
+something exits 4 too, saying what the record holds; the next command names the cut one
+until `adapters reconcile` has verified the server.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from serving.adapters.client import VllmClient, VllmError
+from serving.adapters.journal import Terminated
 from serving.adapters.ops import SETTLE_WAIT_SECONDS, AdapterOps, OperationError, Outcome
 from serving.adapters.record import RecordStore
 from serving.stack import layout as layouts
@@ -56,28 +63,68 @@ def default_endpoint(spec: Spec) -> str:
     return f"http://127.0.0.1:{layouts.vllm_port(spec)}"
 
 
+# Given the stack, its layout and the API key: restarts the local target's server. The
+# top-level CLI passes serving.local's (the VMs' bundle carries no serving.local).
+RestartFactory = Callable[[Spec, layouts.Layout, "str | None"], Callable[[], None]]
+
+
 def make_ops(spec: Spec, *, endpoint: str | None = None, state_dir: str | None = None,
-             root: Path = stackfile.ROOT, say=None) -> AdapterOps:
-    """Operations for ``spec``: its API key, its layout's record, the server at ``endpoint``."""
+             root: Path = stackfile.ROOT, say=None,
+             restart_local: RestartFactory | None = None) -> AdapterOps:
+    """Operations for ``spec``: its API key, its layout's record, the server at ``endpoint``;
+    ``restart_local`` lets them restart a local target's server after a failed load."""
     layout = layouts.for_target(spec, root)
     key = secretref.resolve(spec.api_key, root=root, stack=spec.stack)
     client = VllmClient(endpoint or default_endpoint(spec), key)
     store = RecordStore(state_dir or layout.state_dir)
-    return AdapterOps(spec, layout, client, store, say=say or (lambda _m: None))
+    ops = AdapterOps(spec, layout, client, store, say=say or (lambda _m: None))
+    if spec.on.local_files:
+        if restart_local is not None:
+            ops.restart = restart_local(spec, layout, key)
+        ops.restart_hint = (f"restart it (`python -m serving local stop --stack {spec.stack}` "
+                            f"and `python -m serving local start --stack {spec.stack}`)")
+    else:
+        ops.restart_hint = (f"restart it on the host (`sudo systemctl restart "
+                            f"{layouts.SERVICE_NAME}.service`)")
+    return ops
+
+
+def _raise_terminated(_signum: int, _frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends an operation the way Ctrl-C does: through its journal, with a message."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _run(args: argparse.Namespace) -> int:
     spec = _spec(args)
     ops = make_ops(spec, endpoint=args.endpoint, state_dir=args.state_dir,
-                   say=lambda m: out.print(Text(one_line(m), style="dim")))
+                   say=lambda m: out.print(Text(one_line(m), style="dim")),
+                   restart_local=getattr(args, "restart_local", None))
     if getattr(args, "settle_wait", None) is not None:
         ops.settle_wait_s = args.settle_wait
     what = f"adapters {args.op}" + (f" {args.name}" if getattr(args, "name", None) else "")
     started = time.monotonic()
     try:
-        with ops.client:
+        with ops.client, _sigterm_interrupts():
             if args.op == "list":
                 out.print(_table(ops))
+                pending = ops.store.pending()
+                if pending is not None:
+                    print(f"NOT in sync: `{pending.command}` did not end verified "
+                          f"({pending.problem or 'it was cut off'}); run `adapters reconcile`")
+                    return EXIT_CHANGED
                 return 0
             outcome = _dispatch(ops, args)
     except OperationError as exc:
@@ -87,6 +134,12 @@ def _run(args: argparse.Namespace) -> int:
         raise SpecError([Problem(what, exc.message)]) from None
     except VllmError as exc:
         raise SpecError([Problem(what, exc.message)]) from None
+    except KeyboardInterrupt:  # before the operation changed anything (its journal says so)
+        raise SpecError([Problem(what, "interrupted before it changed anything; nothing "
+                                 "changed")]) from None
+    except Exception as exc:  # the journal re-raises only what changed nothing
+        raise SpecError([Problem(what, f"failed before it changed anything "
+                                 f"({type(exc).__name__}: {exc}); nothing changed")]) from None
     seconds = time.monotonic() - started
     answer = f" — answers {outcome.probe.text!r}" if outcome.probe else ""
     out.print(Text.assemble(("✓", "green"), " ",
@@ -106,7 +159,7 @@ def _dispatch(ops: AdapterOps, args: argparse.Namespace) -> Outcome:
         return ops.remove(args.name, deadline_s=args.deadline)
     if args.op == "settle":
         return ops.settle(args.names or None, force=True if args.force else None)
-    return ops.reconcile(deadline_s=args.deadline)
+    return ops.reconcile(deadline_s=args.deadline, rebuild=args.rebuild)
 
 
 def _table(ops: AdapterOps) -> Table:
@@ -125,7 +178,7 @@ def _table(ops: AdapterOps) -> Table:
     return table
 
 
-def add_parser(sub) -> None:
+def add_parser(sub, *, restart_local: RestartFactory | None = None) -> None:
     """Register ``adapters`` on the CLI's subparsers object."""
     p = sub.add_parser("adapters", help="add, hotfix, roll back, remove adapters at runtime")
     ops = p.add_subparsers(dest="op", required=True)
@@ -137,7 +190,7 @@ def add_parser(sub) -> None:
         parser.add_argument("--endpoint", help="vLLM base URL (default: 127.0.0.1:<vllmPort>)")
         parser.add_argument("--state-dir", help="folder of the adapter record "
                             "(default: the target's state folder)")
-        parser.set_defaults(func=_run)
+        parser.set_defaults(func=_run, restart_local=restart_local)
 
     def settle_wait(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
@@ -167,6 +220,9 @@ def add_parser(sub) -> None:
             q.add_argument("name")
         else:
             settle_wait(q)
+            q.add_argument("--rebuild", action="store_true",
+                           help="rebuild a damaged adapter record from what vLLM serves and "
+                                "the adapter folders first (the damaged file is kept aside)")
         q.add_argument("--deadline", type=float, default=60.0,
                        help="seconds to wait for an adapter's requests to finish (default 60)")
         common(q)

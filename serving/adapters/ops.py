@@ -12,6 +12,17 @@ back in place and verified; when that fails too, by a plain unload and load (the
 covers requests in between); when even that cannot be verified, the record marks the version
 unverified and the message says what answers instead.
 
+A failed load can harm more than its own name: vLLM CPU 0.32, once a request had used NaN
+weights, answered 400 for every model on that prompt (the base model too) until they were
+unloaded. So after any failed load the base model and every other loaded name must answer
+as recorded (the base model's answer is kept in the record); if they do not, the server is
+restarted where the tools can (``restart``: the local target) and reconciled, else the
+message says how to restart it, and every name is marked unverified.
+
+Each operation runs under an intent written before it changes anything
+(``serving.adapters.journal``): one cut after a change says what the record holds and that
+``adapters reconcile`` comes next, and the next command refuses to run until it has.
+
 The record (``serving.adapters.record``) says which version serves under each name; the
 spec's adapters are the starting point for names the record has not seen yet.
 
@@ -26,10 +37,11 @@ for ``adapters settle``. From vLLM 0.33.0 on, nothing needs settling.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from dataclasses import replace as replaced
 from pathlib import Path
@@ -53,7 +65,8 @@ from serving.adapters.answer import (
 )
 from serving.adapters.checks import base_dims, check_adapter
 from serving.adapters.client import VllmClient, VllmError
-from serving.adapters.record import Entry, Record, RecordError, RecordStore, Served
+from serving.adapters.journal import WatchedClient, cut_reason, is_cut
+from serving.adapters.record import Entry, Intent, Record, RecordError, RecordStore, Served
 from serving.atomic import replace_folder
 from serving.stack.catalog import EXAONE_MODELS, inplace_load_sticks
 from serving.stack.digest import DigestError, folder_digest
@@ -151,15 +164,220 @@ class AdapterOps:
     say: Callable[[str], None] = field(default=lambda _msg: None)
     settle_wait_s: float = SETTLE_WAIT_SECONDS
     settle_policy: str | None = None  # "force" or "pause"; None: the stack's adapterSettle
+    # Restarts the server, where the tools can (the local target): after a failed load left
+    # the engine answering wrongly. Elsewhere ``restart_hint`` says how, for the message.
+    restart: Callable[[], None] | None = None
+    restart_hint: str = "restart the vLLM service"
+    _base_before: Reference | None = field(default=None, init=False, repr=False)
+
+    # --- the journal of an operation (serving.adapters.journal) ----------------------------
+
+    def _serial(self) -> int | None:
+        try:
+            return self.store.load().serial
+        except RecordError:
+            return None
+
+    def _refuse_pending(self, op: str) -> None:
+        pending = self.store.pending()
+        if pending is None or op == "reconcile":
+            return
+        why = pending.problem or "it was cut off"
+        raise OperationError(f"an earlier `{pending.command}` did not end verified ({why}); "
+                             "run `adapters reconcile` first: it brings vLLM to the record, "
+                             "verifies it and clears this; nothing changed")
+
+    def recorded_state(self, name: str) -> str:
+        """What the record says about ``name``, for messages after a cut."""
+        try:
+            entry = self.store.load().entry(name)
+        except RecordError as exc:
+            return f"the record is unreadable ({exc})"
+        current = entry.current if entry else None
+        if current is None:
+            return f"the record has no version serving under {name}"
+        facts = [f for f, on in (("loaded in place, not settled", not current.settled),
+                                 ("unverified", not current.verified)) if on]
+        more = f" ({', '.join(facts)})" if facts else ""
+        return f"the record says {name} serves version {current.version}{more}"
+
+    @contextlib.contextmanager
+    def _operation(self, op: str, name: str, version: str | None = None) -> Iterator[None]:
+        """Run one operation under its intent (held with the lock): see the journal module."""
+        self._refuse_pending(op)
+        self._base_before = None
+        intent = Intent(op, name, version, time.time())
+        serial = self._serial()
+        self.store.begin(intent)
+        watched = WatchedClient(self.client)
+        self.client = watched  # type: ignore[assignment]
+        try:
+            yield
+        except OperationError as exc:
+            self.client = watched.inner
+            final = exc
+            if watched.loads_sent and not exc.changed:
+                final = self._checked_after(exc)
+            if final.changed:
+                self.store.begin(replaced(intent, problem=final.message))
+            else:
+                self.store.end()
+            if final is exc:
+                raise
+            raise final from None
+        except BaseException as exc:
+            self.client = watched.inner
+            changed = watched.changed or self._serial() != serial
+            if not is_cut(exc):  # vLLM answered with a refusal
+                worse = self._checked_after(exc) if watched.loads_sent else exc
+                if worse is not exc:
+                    if worse.changed:
+                        self.store.begin(replaced(intent, problem=worse.message))
+                    else:
+                        self.store.end()
+                    raise worse from None
+                if not changed:
+                    self.store.end()
+                    raise
+            elif not changed:
+                self.store.end()
+                raise
+            why = cut_reason(exc)
+            self.store.begin(replaced(intent, problem=why))
+            raise OperationError(
+                f"`{intent.command}` stopped after it had changed the server ({why}); "
+                f"{self.recorded_state(name)}; run `adapters reconcile` (once vLLM answers): "
+                "it brings vLLM to the record and verifies every name", changed=True,
+            ) from None
+        else:
+            self.store.end()
+        finally:
+            self.client = watched.inner
+
+    # --- after a failed load: is the rest of the server still answering as before? ---------
+
+    def _damage(self, skip: set[str]) -> list[str]:
+        """Names (the base model first) that no longer answer as recorded; [] when all do.
+
+        A load that fails inside vLLM, or weights that load and then compute NaN, have been
+        seen to leave every model on the server answering empty strings until a restart
+        (vLLM CPU 0.32: the engine's shared LoRA buffers hold the bad values)."""
+        damaged: list[str] = []
+        record = self.record()
+        base_name = self.spec.model.served_name
+        checks: list[tuple[str, str, Reference | None]] = [
+            (base_name, BASE, self._base_reference(record))]
+        loaded = self.client.adapters()  # unreachable: no judgement, the caller's error stands
+        for name, served in record.serving().items():
+            if name in skip or name not in loaded:
+                continue
+            label = version_label(served.version)
+            checks.append((name, f"{name} {label}", Reference.from_json(label, served.probe)))
+        for model, what, ref in checks:
+            try:
+                if ref is None:
+                    self.scores(model)  # at least a real answer
+                    continue
+                verdict = self.identify(model, [ref], floor=ref.noise)
+            except VllmError as exc:
+                if exc.kind == "unreachable":
+                    raise
+                damaged.append(f"{what} does not answer ({exc.message})")
+                continue
+            except OperationError as exc:
+                damaged.append(f"{what} does not answer ({exc.message})")
+                continue
+            if not verdict.is_(ref.label):
+                damaged.append(f"{what} no longer answers as recorded ({verdict.describe()})")
+        return damaged
+
+    def _checked_after(self, exc: BaseException) -> Any:
+        """``exc``, or the OperationError that replaces it when the failed load harmed the
+        server (``_after_failed_load``)."""
+        try:
+            self._after_failed_load(exc)
+        except OperationError as worse:
+            return worse
+        except VllmError:
+            pass  # vLLM cannot be asked now: the operation's own error says what to run
+        return exc
+
+    def _base_key(self) -> str:
+        """What the base model's recorded answer holds for: the model and the vLLM."""
+        model = self.spec.model
+        return f"{model.id}@{model.revision or '-'} on vLLM {self.spec.vllm.version}"
+
+    def _base_reference(self, record: Record) -> Reference | None:
+        if self._base_before is not None:
+            return self._base_before
+        data = record.base or {}
+        if data.get("for") != self._base_key():
+            return None  # another model or vLLM: that answer says nothing about this one
+        return Reference.from_json(BASE, data.get("reference"))
+
+    def _after_failed_load(self, exc: BaseException) -> None:
+        """After a failed load: nothing else may have changed. Restart the server where the
+        tools can and verify again; else say exactly what to do. Returns when all is well."""
+        failed = getattr(exc, "message", str(exc))
+        damaged = self._damage(skip=set())
+        if not damaged:
+            return
+        harm = "; ".join(damaged)
+        self.say(f"after the failed load: {harm}")
+        if self.restart is not None:
+            self.say("restarting vLLM, then loading the record's adapters again")
+            try:
+                self.restart()
+                self._reconcile_locked(REMOVE_DEADLINE_SECONDS, check_base=False)
+                still = self._damage(skip=set())
+            except (OperationError, VllmError) as again:
+                still = [getattr(again, "message", str(again))]
+            if not still:
+                raise OperationError(
+                    f"{failed}; that load left the server damaged ({harm}): vLLM was "
+                    "restarted, the record's adapters loaded again and every name verified",
+                    rolled_back=True) from None
+            harm = "; ".join(still)
+        self._mark_all_unverified()
+        raise OperationError(
+            f"{failed}; after that failed load {harm}. vLLM's engine is damaged: "
+            f"{self.restart_hint}, then run `adapters reconcile` (every name is marked "
+            "unverified until then)", changed=True) from None
+
+    def _mark_all_unverified(self) -> None:
+        try:
+            record = self.record()
+        except OperationError:
+            return
+        for name, served in record.serving().items():
+            record = record.updated(name, replaced(served, verified=False))
+        self.store.save(record)
+
+    def _learnt_base(self, base: Reference) -> Reference:
+        """Note ``base`` (taken before this operation loads anything) as the base model's
+        answer to compare with after a failed load; returns it."""
+        self._base_before = base
+        return base
+
+    def _with_base(self, record: Record) -> Record:
+        """``record`` carrying the base model's answer learnt by this operation."""
+        if self._base_before is None:
+            return record
+        return replaced(record, base={"for": self._base_key(),
+                                      "reference": self._base_before.to_json()})
 
     # --- reading ------------------------------------------------------------------------
 
-    def record(self) -> Record:
-        """The record, with the spec's adapters filled in for names it has not seen."""
+    def _stored(self) -> Record:
+        """The record as stored; OperationError (nothing changed) when it is damaged."""
         try:
-            record = self.store.load()
+            return self.store.load()
         except RecordError as exc:
             raise OperationError(str(exc)) from None
+
+    def record(self) -> Record:
+        """The record, with the spec's adapters filled in for names it has not seen."""
+        record = self._stored()
         entries = dict(record.entries)
         for adapter in self.spec.adapters:
             if adapter.name not in entries:
@@ -167,7 +385,7 @@ class AdapterOps:
                     adapter.version, self.layout.adapter_path(self.spec, adapter),
                     adapter.sha256,
                 ))
-        return Record(record.serial, entries, record.log)
+        return replaced(record, entries=entries)
 
     def version_path(self, name: str, version: str) -> Path:
         """Where version ``version`` of ``name`` lives: ``<adapters_dir>/<name>/<version>``."""
@@ -183,19 +401,23 @@ class AdapterOps:
         """One row per known or loaded name: record version, history, what vLLM has loaded."""
         record = self.record()
         loaded = self.client.adapters()
+        pending = self.store.pending()
         names = sorted(set(record.entries) | set(loaded))
         rows = []
         for name in names:
             entry = record.entries.get(name)
             current = entry.current if entry else None
+            cut = pending is not None and pending.name in ("", name)
             rows.append({
                 "name": name,
                 "version": current.version if current else None,
                 "history": [h.version for h in entry.history] if entry else [],
                 "loaded": name in loaded,
                 "path": loaded.get(name) or (current.path if current else ""),
-                "in_sync": (name in loaded) == (current is not None)
-                and (current is None or self._loaded_as(name, loaded.get(name), current)),
+                # In sync: loaded as recorded, verified, and no operation on it was cut.
+                "in_sync": (name in loaded) == (current is not None) and not cut
+                and (current is None or (current.verified
+                                         and self._loaded_as(name, loaded.get(name), current))),
                 "settled": current.settled if current else True,
                 "verified": current.verified if current else True,
             })
@@ -504,7 +726,7 @@ class AdapterOps:
         decides between it, the old version and the base model.
         """
         old_ref = self.reference(name, version_label(old.version))
-        base_ref = self.reference(self.spec.model.served_name, BASE)
+        base_ref = self._learnt_base(self.reference(self.spec.model.served_name, BASE))
         expected = self._expected(name, new_version, new_path)
         floor = noise_floor([old_ref, expected])
         self._require_apart(expected, old_ref, floor,
@@ -541,7 +763,7 @@ class AdapterOps:
     def add(self, name: str, version: str, source: Path | None = None) -> Outcome:
         self._check_name(name)
         self._check_version(version)
-        with self.store.locked():
+        with self.store.locked(), self._operation("add", name, version):
             record = self.record()
             entry = record.entry(name)
             if entry and entry.current:
@@ -554,7 +776,7 @@ class AdapterOps:
                                      "though the record has it removed; run `adapters reconcile`")
             path, created = self._install(name, version, source)
             try:
-                base = self.reference(self.spec.model.served_name, BASE)
+                base = self._learnt_base(self.reference(self.spec.model.served_name, BASE))
                 self.client.load(name, str(path))
             except (VllmError, OperationError):
                 self._discard(path, created)
@@ -579,15 +801,34 @@ class AdapterOps:
             except OperationError:
                 self._undo_load(name)
                 raise
-            self.store.save(record.set_current(name, served, op="add"))
+            self.store.save(self._with_base(record).set_current(name, served, op="add"))
         return Outcome("add", name, f"{name} now serves version {version}, verified against "
                        "the base model", version, probe)
 
     def _discard(self, path: Path, created: bool) -> None:
         """A version folder this operation created and then refused leaves nothing behind,
-        so its version number can be used again."""
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
+        so its version number can be used again; unless vLLM may still read it (loaded
+        under any name, or recorded as serving): then it stays, and the operation's state
+        says so through the record."""
+        if not created or self._may_be_read(path):
+            return
+        shutil.rmtree(path, ignore_errors=True)
+
+    def _may_be_read(self, path: Path) -> bool:
+        """vLLM may read ``path`` again: a name is loaded from it (an unsettled one re-reads
+        it on every step), or the record serves it; unknown (vLLM unreachable) counts."""
+        target = Path(path).resolve()
+        try:
+            loaded = self.client.adapters().values()
+        except VllmError:
+            return True
+        if any(Path(p).resolve() == target for p in loaded):
+            return True
+        try:
+            serving = self.store.load().serving().values()
+        except RecordError:
+            return True
+        return any(Path(s.path).resolve() == target for s in serving)
 
     def _undo_load(self, name: str) -> None:
         try:
@@ -618,7 +859,7 @@ class AdapterOps:
         """
         self._check_name(name)
         self._check_version(version)
-        with self.store.locked():
+        with self.store.locked(), self._operation("hotfix", name, version):
             record, _entry, old = self._live_entry(name)
             if version == old.version:
                 raise OperationError(f"{name} already serves version {version}; nothing changed")
@@ -640,7 +881,7 @@ class AdapterOps:
             live = time.monotonic()
             served = Served(version, str(path), self._sha(path), ref.to_json(), time.time(),
                             settled=False)
-            self.store.save(record.set_current(name, served, op="hotfix"))
+            self.store.save(self._with_base(record).set_current(name, served, op="hotfix"))
             note = self._after_inplace(name, served, ref)
             probe = self.probe(name)
         return Outcome("hotfix", name, f"{name} now serves version {version} (was "
@@ -649,7 +890,7 @@ class AdapterOps:
 
     def rollback(self, name: str, *, on_staged: Callable[[], None] | None = None) -> Outcome:
         self._check_name(name)
-        with self.store.locked():
+        with self.store.locked(), self._operation("rollback", name):
             record, entry, current = self._live_entry(name)
             prev = entry.previous()
             if prev is None:
@@ -672,7 +913,7 @@ class AdapterOps:
             live = time.monotonic()
             refreshed = Served(prev.version, prev.path, prev.sha256, ref.to_json(), time.time(),
                                settled=False)
-            self.store.save(record.roll_back(name).updated(name, refreshed))
+            self.store.save(self._with_base(record).roll_back(name).updated(name, refreshed))
             note = self._after_inplace(name, refreshed, ref)
             probe = self.probe(name)
         return Outcome("rollback", name, f"{name} back on version {prev.version} (was "
@@ -736,11 +977,14 @@ class AdapterOps:
 
     def remove(self, name: str, *, deadline_s: float = REMOVE_DEADLINE_SECONDS) -> Outcome:
         self._check_name(name)
-        with self.store.locked():
+        with self.store.locked(), self._operation("remove", name):
             record = self.record()
             entry = record.entry(name)
             loaded = name in self.client.adapters()
-            if (entry is None or entry.current is None) and not loaded:
+            root = self._resolver()
+            listed = root is not None and (lora_resolver.link(root, name).is_symlink()
+                                           or lora_resolver.link(root, name).exists())
+            if (entry is None or entry.current is None) and not loaded and not listed:
                 raise OperationError(f"{name} is neither recorded nor loaded; nothing changed")
             if loaded:
                 self._unload_checked(name, deadline_s)
@@ -759,7 +1003,7 @@ class AdapterOps:
         wait = self.settle_wait_s if wait_s is None else wait_s
         forced = self.force_settle if force is None else force
         actions: list[str] = []
-        with self.store.locked():
+        with self.store.locked(), self._operation("settle", " ".join(names or [])):
             record = self.record()
             serving = record.serving()
             for name in names or []:
@@ -788,40 +1032,247 @@ class AdapterOps:
         message = "; ".join(actions) if actions else "nothing was loaded in place"
         return Outcome("settle", ",".join(todo) or "*", message, actions=tuple(actions))
 
-    def reconcile(self, *, deadline_s: float = REMOVE_DEADLINE_SECONDS) -> Outcome:
+    def reconcile(self, *, deadline_s: float = REMOVE_DEADLINE_SECONDS,
+                  rebuild: bool = False) -> Outcome:
         """Make the loaded set equal the record (spec adapters where the record is silent),
         the resolver folder equal the record, verify what answers under each name, and settle
-        what was loaded in place."""
+        what was loaded in place. ``rebuild``: first rebuild a damaged record from what vLLM
+        serves and the folders on disk (``rebuild_record``)."""
+        with self.store.locked(), self._operation("reconcile", ""):
+            rebuilt: list[str] = self._rebuild_record() if rebuild else []
+            outcome = self._reconcile_locked(deadline_s)
+        if rebuilt:
+            actions = (*rebuilt, *outcome.actions)
+            return Outcome("reconcile", "*", "; ".join(actions), actions=actions)
+        return outcome
+
+    def _rebuild_record(self) -> list[str]:
+        """Rebuild a damaged record: each name vLLM serves from a version folder becomes that
+        version (the resolver entry tells which version a resolver-loaded name is); names
+        the previous generation served whose folders exist stay; history and recorded
+        answers come from the previous generation where the version matches. Everything
+        rebuilt is marked unverified, so the reconcile after it verifies each name by its
+        answers. [] when the record is readable."""
+        try:
+            self.store.load()
+            return []
+        except RecordError as exc:
+            damage = str(exc)
+        previous = self.store.load_previous() or Record()
+        root = self._resolver()
+        notes: list[str] = []
+        entries: dict[str, Entry] = {}
+        for name, path in sorted(self.client.adapters().items()):
+            if name.startswith(CANDIDATE_PREFIX):
+                continue
+            version = self._version_loaded(name, path, root)
+            if version is None or not self.version_path(name, version).is_dir():
+                notes.append(f"{name} is loaded from {path}, not a version folder: left out "
+                             "of the record (reconcile unloads it)")
+                continue
+            entries[name] = self._rebuilt(name, version, previous.entry(name))
+        for name, entry in sorted(previous.entries.items()):
+            if name in entries:
+                continue
+            current = entry.current
+            if current is not None and self.version_path(name, current.version).is_dir():
+                entries[name] = self._rebuilt(name, current.version, entry)
+            else:
+                entries[name] = Entry(name, None, entry.history)
+        record = Record(previous.serial, entries, (*previous.log, {
+            "at": time.time(), "op": "rebuild", "name": "*", "from": None, "to": None}),
+            previous.base)
+        _saved, aside = self.store.replace_damaged(record)
+        serving = ", ".join(f"{n} {e.current.version}" for n, e in entries.items() if e.current)
+        return [f"rebuilt the record ({damage.split(';')[0]}; the damaged file is kept at "
+                f"{aside}): serving {serving or 'no adapters'}", *notes]
+
+    def _version_loaded(self, name: str, path: str, root: Path | None) -> str | None:
+        """The version vLLM has loaded under ``name`` from ``path``, when it is one."""
+        if root is not None and Path(path) == lora_resolver.link(root, name):
+            return lora_resolver.published(root, name)
+        resolved = Path(path).resolve()
+        for adapter in self.spec.adapters:
+            if adapter.name == name and Path(self.layout.adapter_path(
+                    self.spec, adapter)).resolve() == resolved:
+                return adapter.version
+        own = Path(self.layout.adapters_dir, name).resolve()
+        if resolved.parent == own and version_problem(resolved.name) is None:
+            return resolved.name
+        return None
+
+    def _rebuilt(self, name: str, version: str, old: Entry | None) -> Entry:
+        """``name`` serving ``version`` from its folder, unverified, with what ``old`` (the
+        previous generation's entry) knew of that version."""
+        path = self.version_path(name, version)
+        sha = self._sha(path)
+        known = [s for s in ((old.current,) if old and old.current else ()) + (
+            old.history if old else ()) if s.version == version and s.sha256 == sha]
+        probe = known[0].probe if known else None
+        served = Served(version, str(path), sha, probe, time.time(),
+                        settled=not self.settle_needed, verified=False)
+        history = tuple(h for h in (old.history if old else ()) if h.version != version)
+        return Entry(name, served, history)
+
+    def _reconcile_locked(self, deadline_s: float, *, check_base: bool = True) -> Outcome:
         actions: list[str] = []
         problems: list[str] = []
-        with self.store.locked():
-            want = self.record().serving()
-            root = self._resolver()
-            if root is not None:
-                # Entries first: a name unloaded or reloaded below is found there meanwhile.
-                actions += lora_resolver.sync(root, want, self.layout.model_path(self.spec))
-            loaded = self.client.adapters()
-            for name in sorted(loaded):
-                if name.startswith(CANDIDATE_PREFIX):
-                    self.client.unload(name)
-                    actions.append(f"unloaded leftover {name}")
-                elif name not in want:
-                    self._unload_checked(name, deadline_s)
-                    actions.append(f"unloaded {name} (removed in the record)")
-            base = self.reference(self.spec.model.served_name, BASE) if want else None
+        record = self.record()
+        want, hold, fixes, troubles = self._sane_serving(record)
+        actions += fixes
+        problems += troubles
+        if fixes:
             for name, served in want.items():
-                assert base is not None
-                try:
-                    verb = self._reconcile_one(name, served, loaded.get(name), base)
-                except (OperationError, VllmError) as exc:
-                    problems.append(getattr(exc, "message", str(exc)))
-                    continue
-                if verb:
-                    actions.append(verb)
+                if record.entries[name].current != served:
+                    record = record.updated(name, served)
+            self.store.save(record)
+        root = self._resolver()
+        if root is not None:
+            # Entries first: a name unloaded or reloaded below is found there meanwhile.
+            actions += lora_resolver.sync(root, want, self.layout.model_path(self.spec))
+        loaded = self.client.adapters()
+        # Before any request: one that runs while vLLM re-reads a missing folder kills it.
+        actions += self._keep_vllm_alive(want, hold, loaded, problems)
+        for name in sorted(self.client.adapters()):
+            if name.startswith(CANDIDATE_PREFIX):
+                self.client.unload(name)
+                actions.append(f"unloaded leftover {name}")
+            elif name not in want and name not in hold:
+                self._unload_checked(name, deadline_s)
+                actions.append(f"unloaded {name} (removed in the record)")
+        # After the unknown names are gone: NaN weights loaded under one of them make every
+        # model answer 400 ("Out of range float values") until they are unloaded (seen).
+        if check_base:
+            actions += self._check_base()
+        loaded = self.client.adapters()
+        base = self._learnt_base(self.reference(self.spec.model.served_name, BASE))
+        for name, served in want.items():
+            try:
+                verb = self._reconcile_one(name, served, loaded.get(name), base)
+            except (OperationError, VllmError) as exc:
+                problems.append(getattr(exc, "message", str(exc)))
+                if self._base_harmed(base):
+                    problems.append(self._unload_culprit(name, served))
+                continue
+            if verb:
+                actions.append(verb)
+        record = self._stored()
+        if self._with_base(record).base != record.base:
+            self.store.save(self._with_base(record))
         if problems:
             raise OperationError("reconcile: " + "; ".join(problems), changed=bool(actions))
         message = "; ".join(actions) if actions else "already in sync"
         return Outcome("reconcile", "*", message, actions=tuple(actions))
+
+    def _check_base(self) -> list[str]:
+        """Check the base model's answer against the recorded one. One that answers otherwise
+        means a damaged engine: restarted where the tools can (then nothing is loaded and
+        reconcile goes on from there), else OperationError saying what to do."""
+        name = self.spec.model.served_name
+        recorded = self._base_reference(self._stored())
+        if recorded is None:
+            return []
+        try:
+            verdict = self.identify(name, [recorded], floor=recorded.noise)
+        except OperationError as exc:  # e.g. no tokens at all
+            harm = f"the base model does not answer ({exc.message})"
+        else:
+            if verdict.is_(BASE):
+                return []
+            harm = f"the base model no longer answers as recorded ({verdict.describe()})"
+        if self.restart is None:
+            self._mark_all_unverified()
+            raise OperationError(
+                f"reconcile: {harm}. vLLM's engine is damaged: {self.restart_hint}, then run "
+                "`adapters reconcile` again (every name is marked unverified until then)",
+                changed=True)
+        self.say(f"{harm}; restarting vLLM")
+        self.restart()
+        return [f"restarted vLLM ({harm})"]
+
+    def _base_harmed(self, base: Reference) -> bool:
+        """The base model no longer answers as ``base`` (taken before this operation)."""
+        try:
+            verdict = self.identify(self.spec.model.served_name, [base], floor=base.noise)
+        except (OperationError, VllmError):
+            return True
+        return not verdict.is_(BASE)
+
+    def _unload_culprit(self, name: str, served: Served) -> str:
+        """Unload ``name``, whose load just made the base model answer otherwise (NaN
+        weights do that once a request uses them); its entry goes too, so no request loads
+        it again. A sentence for the problems."""
+        self._withdraw(name)
+        try:
+            self.client.unload(name)
+        except VllmError as exc:
+            if exc.kind != "unknown_adapter":
+                raise
+        self._mark(name, served.version, verified=False)
+        return (f"{name} was unloaded: with version {served.version} loaded, the base model "
+                f"stopped answering as before; check {served.path} (`python -m serving "
+                f"check-adapter`), then `adapters hotfix`/`adapters remove {name}`")
+
+    def _allowed_folder(self, name: str, version: str) -> Path:
+        return self.version_path(name, version)
+
+    def _sane_serving(self, record: Record
+                      ) -> tuple[dict[str, Served], set[str], list[str], list[str]]:
+        """The record's serving set as far as it can be loaded: (loadable names, names to
+        leave as they are, record fixes made, problems in words).
+
+        A recorded path must be the version's own folder (``<adapters>/<name>/<version>``, or
+        the spec's folder for a spec version): a record edited to point elsewhere is put back
+        when the version's folder exists, else the name is held. A version whose folder is
+        missing cannot be loaded: held, with what to do."""
+        want: dict[str, Served] = {}
+        hold: set[str] = set()
+        fixes: list[str] = []
+        problems: list[str] = []
+        for name, served in record.serving().items():
+            own = self._allowed_folder(name, served.version)
+            if Path(served.path).resolve() != own.resolve():
+                if own.is_dir():
+                    fixes.append(f"record: {name} {served.version} pointed at {served.path}, "
+                                 f"not its folder; now {own}")
+                    served = replaced(served, path=str(own), verified=False)
+                else:
+                    hold.add(name)
+                    problems.append(
+                        f"the record points {name} {served.version} at {served.path}, which "
+                        f"is not its folder ({own}, missing); nothing was loaded from there. "
+                        f"Put version {served.version} at {own} and run `adapters reconcile`, "
+                        f"or run `adapters remove {name}`")
+                    continue
+            if not Path(served.path).is_dir():
+                hold.add(name)
+                problems.append(
+                    f"{name} {served.version}: its folder {served.path} is missing; put the "
+                    f"same files back (sha256 {served.sha256 or 'as recorded'}) and run "
+                    f"`adapters reconcile`, or run `adapters remove {name}`")
+                continue
+            want[name] = served
+        return want, hold, fixes, problems
+
+    def _keep_vllm_alive(self, want: dict[str, Served], hold: set[str],
+                         loaded: dict[str, str], problems: list[str]) -> list[str]:
+        """Unload names that vLLM re-reads from a folder that is gone.
+
+        vLLM before 0.33 re-reads an adapter loaded in place on every engine step; when that
+        folder is gone the next request kills the engine (``EngineDeadError``, seen). A name
+        loaded from a missing folder is therefore unloaded (its resolver entry was withdrawn
+        by the sync before), so that the server keeps answering for every other name."""
+        actions = []
+        for name, path in sorted(loaded.items()):
+            if name.startswith(CANDIDATE_PREFIX) or Path(path).exists():
+                continue
+            if name in want and self._loaded_as(name, path, want[name]):
+                continue
+            self.client.unload(name)
+            actions.append(f"unloaded {name}: vLLM was reading it from {path}, which is gone")
+            if name in hold:
+                problems.append(f"{name} answers 404 until its folder is back")
+        return actions
 
     def _reconcile_one(self, name: str, served: Served, loaded_path: str | None,
                        base: Reference) -> str | None:

@@ -4,6 +4,14 @@ A small JSON file on the serving host beside the adapters (``<state_dir>/adapter
 written atomically (temp file, fsync, rename). Every operation appends to the log and keeps
 the versions a name served before, so each one can be undone. The file carries a schema
 number and a serial that grows with every write.
+
+Two more files sit beside it. ``adapters.json.prev`` is the generation before the last
+write: a record damaged by hand or by a disk fault is refused, and ``adapters reconcile
+--rebuild`` rebuilds it from what vLLM serves and the folders on disk, taking the history
+and recorded answers from that generation. ``adapters.intent.json`` is written before an
+operation changes anything and removed when it ends in a verified state: when a kill, a
+dropped connection or a crash cuts an operation, the next command finds it and says which
+operation was cut and what to run (``adapters reconcile``, which clears it).
 """
 
 from __future__ import annotations
@@ -17,16 +25,42 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from serving.adapters import safejson
 from serving.atomic import write_file
+from serving.stack.spec import name_problem, version_problem
 
 SCHEMA = 1
 RECORD_FILE = "adapters.json"
+PREVIOUS_SUFFIX = ".prev"
+INTENT_FILE = "adapters.intent.json"
 LOCK_FILE = "adapters.lock"
+# A record holds a few names with their history; anything this large is not one.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+MAX_RECORD_DEPTH = 16
+MAX_INTENT_BYTES = 64 * 1024
 LOG_LIMIT = 200  # entries kept in the file's log; history per name is kept whole
 
 
 class RecordError(ValueError):
     """The record file exists but cannot be used (unreadable, another schema)."""
+
+
+@dataclass(frozen=True)
+class Intent:
+    """An operation that has begun changing things and has not ended in a verified state."""
+
+    op: str
+    name: str
+    version: str | None = None
+    at: float = 0.0
+    # Set when the operation ended with the server in a state the tools could not verify.
+    problem: str = ""
+
+    @property
+    def command(self) -> str:
+        if not self.op:
+            return "adapters operation"  # an intent file that cannot be read
+        return " ".join(p for p in ("adapters", self.op, self.name, self.version or "") if p)
 
 
 @dataclass(frozen=True)
@@ -83,6 +117,9 @@ class Record:
     serial: int = 0
     entries: dict[str, Entry] = field(default_factory=dict)
     log: tuple[dict[str, Any], ...] = ()
+    # The base model's recorded answer (``serving.adapters.answer.Reference.to_json``), to
+    # check after a failed load that it still answers as before.
+    base: dict[str, Any] | None = None
 
     def entry(self, name: str) -> Entry | None:
         return self.entries.get(name)
@@ -139,6 +176,9 @@ class Record:
 
 
 def _served(data: dict[str, Any]) -> Served:
+    problem = version_problem(str(data["version"]))
+    if problem:
+        raise ValueError(f"version {problem}")
     return Served(
         version=str(data["version"]), path=str(data["path"]), sha256=str(data.get("sha256", "")),
         probe=data.get("probe"), at=float(data.get("at", 0.0)),
@@ -171,6 +211,7 @@ def to_json(record: Record) -> dict[str, Any]:
             for name, e in sorted(record.entries.items())
         },
         "log": list(record.log),
+        **({"base": record.base} if record.base is not None else {}),
     }
 
 
@@ -184,12 +225,19 @@ def from_json(data: Any, *, where: str = RECORD_FILE) -> Record:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise RecordError(f"{where}: schema is {found!r}; this tool reads schema {SCHEMA}")
     try:
+        for name in data.get("adapters", {}):
+            problem = name_problem(name) if isinstance(name, str) else "is not a string"
+            if problem:
+                raise ValueError(f"adapter name {problem}")
         entries = {
             name: _entry(name, _served(e["current"]) if e.get("current") else None,
                          tuple(_served(h) for h in e.get("history", [])))
             for name, e in data.get("adapters", {}).items()
         }
-        return Record(int(data.get("serial", 0)), entries, tuple(data.get("log", [])))
+        base = data.get("base")
+        if base is not None and not isinstance(base, dict):
+            raise TypeError("base is not an object")
+        return Record(int(data.get("serial", 0)), entries, tuple(data.get("log", [])), base)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RecordError(f"{where}: malformed entry ({type(exc).__name__}: {exc})") from None
 
@@ -200,26 +248,89 @@ class RecordStore:
     def __init__(self, state_dir: Path | str):
         self.dir = Path(state_dir)
         self.path = self.dir / RECORD_FILE
+        self.previous_path = self.dir / (RECORD_FILE + PREVIOUS_SUFFIX)
+        self.intent_path = self.dir / INTENT_FILE
 
     def load(self) -> Record:
         try:
-            text = self.path.read_text()
+            return self._read(self.path)
+        except RecordError as exc:
+            raise RecordError(f"{exc}; run `adapters reconcile --rebuild` to rebuild it from "
+                              "what vLLM serves and the adapter folders") from None
+
+    def load_previous(self) -> Record | None:
+        """The generation before the last write, or None when there is none usable."""
+        try:
+            return self._read(self.previous_path) if self.previous_path.exists() else None
+        except RecordError:
+            return None
+
+    def _read(self, path: Path) -> Record:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_RECORD_BYTES + 1)
         except FileNotFoundError:
             return Record()
         except OSError as exc:
-            raise RecordError(f"{self.path}: cannot read: {exc.strerror}") from None
+            raise RecordError(f"{path}: cannot read: {exc.strerror}") from None
         try:
-            return from_json(json.loads(text), where=str(self.path))
-        except json.JSONDecodeError as exc:
-            raise RecordError(f"{self.path}: not valid JSON: {exc}") from None
+            raw = safejson.loads(data, max_bytes=MAX_RECORD_BYTES, max_depth=MAX_RECORD_DEPTH)
+        except safejson.JsonLimitError as exc:
+            raise RecordError(f"{path}: {exc}") from None
+        return from_json(raw, where=str(path))
 
     def save(self, record: Record) -> Record:
-        """Write ``record`` with the next serial, atomically; returns what was written."""
+        """Write ``record`` with the next serial, atomically; returns what was written. The
+        file it replaces becomes the previous generation when it is a readable record."""
         self.dir.mkdir(parents=True, exist_ok=True)
         saved = replace(record, serial=record.serial + 1)
         text = json.dumps(to_json(saved), indent=2, sort_keys=True) + "\n"
+        try:
+            self._read(self.path)
+            old = self.path.read_bytes() if self.path.exists() else None
+        except (RecordError, OSError):
+            old = None  # a damaged file never replaces a good previous generation
+        if old is not None:
+            write_file(self.previous_path, old, 0o644)
         write_file(self.path, text.encode(), 0o644)
         return saved
+
+    def replace_damaged(self, record: Record) -> tuple[Record, Path | None]:
+        """Write a rebuilt ``record`` over a damaged file, which is kept aside; returns what
+        was written and where the damaged file went."""
+        aside = None
+        if self.path.exists():
+            aside = self.dir / f"{RECORD_FILE}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+            self.path.rename(aside)
+        return self.save(record), aside
+
+    # --- the intent of an operation in progress --------------------------------------------
+
+    def pending(self) -> Intent | None:
+        """The operation a cut run left behind, or None."""
+        try:
+            with open(self.intent_path, "rb") as handle:
+                data = safejson.loads(handle.read(MAX_INTENT_BYTES + 1),
+                                      max_bytes=MAX_INTENT_BYTES, max_depth=2)
+            version = data.get("version")
+            if not (isinstance(data["op"], str) and isinstance(data["name"], str)):
+                raise TypeError("op and name are not strings")
+            return Intent(data["op"], data["name"],
+                          None if version is None else str(version),
+                          float(data.get("at", 0.0)), str(data.get("problem", "")))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return Intent("", "", problem=f"{self.intent_path} is unreadable")
+
+    def begin(self, intent: Intent) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = {"op": intent.op, "name": intent.name, "version": intent.version,
+                "at": intent.at or time.time(), "problem": intent.problem}
+        write_file(self.intent_path, (json.dumps(data) + "\n").encode(), 0o644)
+
+    def end(self) -> None:
+        self.intent_path.unlink(missing_ok=True)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

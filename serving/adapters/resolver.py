@@ -65,12 +65,18 @@ def published(resolver_dir: Path | str, name: str) -> str | None:
 def _fill(entry: Path, version_dir: Path, base_model: str) -> None:
     try:
         config = json.loads((version_dir / CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise ResolverError(f"{version_dir / CONFIG}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ResolverError(f"{version_dir / CONFIG}: {getattr(exc, 'strerror', None) or exc}"
+                            ) from None
+    if not isinstance(config, dict):
+        raise ResolverError(f"{version_dir / CONFIG}: not a JSON object")
     config["base_model_name_or_path"] = base_model
-    for item in sorted(version_dir.iterdir()):
-        if item.name != CONFIG:
-            (entry / item.name).symlink_to(item.resolve())
+    try:
+        for item in sorted(version_dir.iterdir()):
+            if item.name != CONFIG:
+                (entry / item.name).symlink_to(item.resolve())
+    except OSError as exc:
+        raise ResolverError(f"{version_dir}: {exc.strerror or exc}") from None
     (entry / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     (entry / CONFIG).chmod(0o644)
 
@@ -125,6 +131,8 @@ def withdraw(resolver_dir: Path | str, name: str) -> bool:
     existed = target.is_symlink() or target.exists() or (root / ENTRIES / name).exists()
     if target.is_symlink() or target.is_file():
         target.unlink()
+    elif target.is_dir():  # not one of ours (entries are symlinks): still no entry
+        shutil.rmtree(target, ignore_errors=True)
     shutil.rmtree(root / ENTRIES / name, ignore_errors=True)
     return existed
 
@@ -156,12 +164,22 @@ def sync(resolver_dir: Path | str, serving: Mapping[str, Served],
     changes = differences(root, serving, base_model)
     root.mkdir(parents=True, exist_ok=True)
     root.chmod(0o755)
+    broken: set[str] = set()
     for name, served in sorted(serving.items()):
-        publish(root, name, served.version, served.path, base_model)
+        try:
+            publish(root, name, served.version, served.path, base_model)
+        except ResolverError as exc:
+            # No entry beats a broken one: vLLM would try to load it on the next request.
+            withdraw(root, name)
+            broken.add(name)
+            changes = [c for c in changes if not c.startswith(f"resolver entry {name} ")]
+            changes.append(f"resolver entry {name} withdrawn: its version cannot be read "
+                           f"({exc})")
+            continue
         # A name keeps the entry of its current version only.
         for old in (root / ENTRIES / name).iterdir():
             if old.name != served.version:
                 shutil.rmtree(old, ignore_errors=True)
-    for name in sorted(_names(root) - set(serving)):
+    for name in sorted(_names(root) - set(serving) - broken):
         withdraw(root, name)
     return changes

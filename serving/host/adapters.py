@@ -24,7 +24,7 @@ from typing import Any
 
 from serving.adapters import resolver as lora_resolver
 from serving.adapters.checks import base_dims, check_adapter, check_spec_adapter
-from serving.adapters.record import Record, RecordStore, Served
+from serving.adapters.record import Record, RecordError, RecordStore, Served
 from serving.host.blobfetch import FetchError, mirror
 from serving.host.common import (
     HostError,
@@ -126,22 +126,34 @@ def _recorded(spec: Spec, record: Record) -> tuple[Record, list[str]]:
     return record, changes
 
 
-def _removals(spec: Spec, record: Record) -> list[Path]:
-    """Folders of names that left the set, and versions no record entry can return to."""
+def _removals(spec: Spec, record: Record) -> tuple[list[Path], list[Path]]:
+    """(folders to remove, folders kept for now): folders of names that left the set, and
+    versions no record entry can return to; except any folder vLLM may still read.
+
+    ``record`` is the record before this rollout: a version it has serving may still be
+    loaded (an adapter added at runtime stays loaded until a restart), and vLLM before 0.33
+    re-reads an adapter loaded in place on every step, so deleting that folder kills the
+    engine on the next request (``EngineDeadError``, seen). Such folders are kept; the next
+    rollout removes them once the record no longer serves them."""
     wanted = {a.name for a in spec.adapters}
     keep: set[Path] = {adapter_dir(spec, a) for a in spec.adapters}
+    live: set[Path] = {Path(s.path) for s in record.serving().values()}
     for name, entry in record.entries.items():
         if name in wanted:
             keep |= {Path(s.path) for s in (*entry.history, entry.current) if s}
     remove: list[Path] = []
+    kept: list[Path] = []
     root = Path(layouts.VM.adapters_dir)
     if root.is_dir():
         for name_dir in sorted(p for p in root.iterdir() if p.is_dir() and p.name != STAGING):
-            if name_dir.name not in wanted:
+            versions = [v for v in sorted(name_dir.iterdir()) if v.is_dir()]
+            held = [v for v in versions if v in live and v not in keep]
+            kept += held
+            if name_dir.name not in wanted and not held:
                 remove.append(name_dir)
                 continue
-            remove += [v for v in sorted(name_dir.iterdir()) if v.is_dir() and v not in keep]
-    return remove
+            remove += [v for v in versions if v not in keep and v not in live]
+    return remove, kept
 
 
 def _resolver_changes(spec: Spec, record: Record, *, dry: bool) -> list[str]:
@@ -156,13 +168,23 @@ def _resolver_changes(spec: Spec, record: Record, *, dry: bool) -> list[str]:
 
 
 def record(spec: Spec, dry: bool) -> dict[str, Any]:
+    try:
+        return _record(spec, dry)
+    except RecordError as exc:  # a damaged record: nothing written, the message says what to run
+        raise HostError(f"{exc} (then deploy again)") from None
+
+
+def _record(spec: Spec, dry: bool) -> dict[str, Any]:
     store = RecordStore(layouts.VM.state_dir)
     record = store.load()
     recorded, changes = _recorded(spec, record)
     changes += _resolver_changes(spec, recorded, dry=True)
-    remove = _removals(spec, record)
+    remove, kept = _removals(spec, record)
+    held = [f"kept {p}: vLLM may still read it (the record had it serving); the next "
+            "rollout removes it" for p in kept]
     if dry or not (changes or remove):
-        return {"changes": changes, "remove": [str(p) for p in remove], "applied": False}
+        return {"changes": changes + held, "remove": [str(p) for p in remove],
+                "applied": False}
     with store.locked():
         record, changes = _recorded(spec, store.load())
         if changes:
@@ -170,7 +192,7 @@ def record(spec: Spec, dry: bool) -> dict[str, Any]:
         changes += _resolver_changes(spec, record, dry=False)
     for path in remove:
         shutil.rmtree(path)
-    return {"changes": changes, "remove": [str(p) for p in remove], "applied": True}
+    return {"changes": changes + held, "remove": [str(p) for p in remove], "applied": True}
 
 
 def fetch_one(spec: Spec, args: argparse.Namespace) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.adapters.client import VllmClient
+from serving.adapters.ops import OperationError
 from serving.render import vllm_args
 from serving.stack.catalog import CPU_TORCH_VERSION
 from serving.stack.errors import Problem, SpecError
@@ -287,3 +288,18 @@ def _has_live_member(pgid: int) -> bool:
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
             return True
     return False
+
+
+def restarter(spec: Spec, layout: Layout, api_key: str | None) -> Callable[[], None]:
+    """What the adapter tools call to restart this target's server after a failed load left
+    its engine answering wrongly: stop and start it, when this checkout started it."""
+
+    def restart() -> None:
+        server = LocalServer(spec, layout)
+        if server.pid() is None:
+            raise OperationError(f"the server at {server.endpoint} was not started from this "
+                                 "checkout; restart it by hand", changed=True)
+        stop(server)
+        start(server, api_key or "")
+
+    return restart

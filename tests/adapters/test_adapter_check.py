@@ -163,7 +163,7 @@ FAULTS: dict[str, tuple[Builder, dict[str, Any], list[str]]] = {
     "broken-json": (_copy_then(lambda f: (f / "adapter_config.json").write_text("{\"r\": 8,")),
                     {}, ["adapter_config.json: is not valid JSON"]),
     "truncated-safetensors": (_copy_then(_truncate), {},
-                              ["adapter_model.safetensors: header entries with bad"]),
+                              ["adapter_model.safetensors: tensors end at byte"]),
 }
 
 

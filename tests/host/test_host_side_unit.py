@@ -304,11 +304,15 @@ def test_record_plan_removes_names_that_left_and_keeps_history(vm: layouts.Layou
     spec = spec_with_adapters(adapter("keep", "3", digest), adapter("new", "1", digest))
 
     planned = host_adapters.record(spec, dry=True)
+    # gone/1 was serving: vLLM may still read it (loaded at runtime, or in place), so this
+    # rollout keeps its folder and the next one removes it.
+    kept_gone = (f"kept {root / 'gone' / '1'}: vLLM may still read it (the record had it "
+                 "serving); the next rollout removes it")
     assert planned == {
         "changes": ["record keep/3 as serving", "record new/1 as serving",
                     "record gone as removed", f"create {vm.resolver_dir}",
-                    "resolver entry keep -> 3", "resolver entry new -> 1"],
-        "remove": [str(root / "gone"), str(root / "keep" / "9")],
+                    "resolver entry keep -> 3", "resolver entry new -> 1", kept_gone],
+        "remove": [str(root / "keep" / "9")],
         "applied": False,
     }
     assert store.load() == record  # dry: nothing written
@@ -317,7 +321,7 @@ def test_record_plan_removes_names_that_left_and_keeps_history(vm: layouts.Layou
     done = host_adapters.record(spec, dry=False)
     assert done["applied"] is True and done["changes"] == planned["changes"]
     assert sorted(p.relative_to(root).as_posix() for p in root.glob("*/*")) == [
-        ".staging/keep--4", "keep/1", "keep/2", "keep/3", "new/1"]
+        ".staging/keep--4", "gone/1", "keep/1", "keep/2", "keep/3", "new/1"]
     after = store.load()
     assert after.serial == record.serial + 1
     keep = after.entries["keep"]
@@ -337,10 +341,22 @@ def test_record_plan_removes_names_that_left_and_keeps_history(vm: layouts.Layou
     assert json.loads((resolver / "new" / "adapter_config.json").read_text())[
         "base_model_name_or_path"] == vm.model_path(spec)
 
-    # Settled: the next run has nothing to do and writes nothing.
+    # The next run removes what the record no longer serves; then nothing is left to do.
+    assert host_adapters.record(spec, dry=False) == {"changes": [], "remove": [
+        str(root / "gone")], "applied": True}
+    assert not (root / "gone").exists()
     assert host_adapters.record(spec, dry=False) == {"changes": [], "remove": [],
                                                      "applied": False}
     assert store.load().serial == after.serial
+
+
+def test_record_on_a_damaged_record_says_what_to_run(vm: layouts.Layout) -> None:
+    make_version(vm, "a", "1")
+    Path(vm.state_dir, "adapters.json").write_text("{")
+    spec = spec_with_adapters(adapter("a", "1", "ab" * 32))
+    with pytest.raises(HostError, match=r"adapters reconcile --rebuild.*then deploy again"):
+        host_adapters.record(spec, dry=False)
+    assert Path(vm.state_dir, "adapters.json").read_text() == "{"
 
 
 def test_record_on_a_fresh_host_records_the_set(vm: layouts.Layout) -> None:
