@@ -166,6 +166,10 @@ def fit_problems(
     def key(alias: str) -> str:
         return f"{where}: {ns}:{alias}"
 
+    if p is None and spec.vllm.cpu and not spec.on.local_files:
+        # The CPU profile of a VM (a test host): its model lives in Blob, not in the catalog,
+        # so there is nothing to plan; vLLM's own start-up check sizes its KV cache.
+        return []
     if p is None:
         return [Problem(key("modelId"), (
             f"{spec.model.id!r} is not an EXAONE 3.5 model the planner knows (nor a local "
