@@ -10,8 +10,10 @@ host already matches) or a ``Skip`` with the reason the step does not apply to t
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -67,6 +69,28 @@ class Step(Protocol):
     def apply(self, t: Target, actions: list[str], state: Any) -> None: ...
 
 
+# A change can run for minutes on the host (the runtime's pip install, vLLM's first start
+# behind the health gate) without printing: say every so often that it is still at work.
+HEARTBEAT_SECONDS = 15.0
+
+
+@contextmanager
+def _heartbeat(name: str, say: Callable[[str], None], started: float) -> Iterator[None]:
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_SECONDS):
+            say(f"{name}: still at work ({time.monotonic() - started:.0f} s)")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def converge(step: Step, t: Target) -> StepResult:
     """Run one step on one host in the converge shape; StepError on failure."""
     started = time.monotonic()
@@ -85,7 +109,8 @@ def converge(step: Step, t: Target) -> StepResult:
         t.say(f"{step.name}: {'would ' if t.dry else ''}{action}")
     if t.dry:
         return result(PLANNED, "; ".join(actions))
-    step.apply(t, actions, state)
+    with _heartbeat(step.name, t.say, started):
+        step.apply(t, actions, state)
     after = step.plan(t, step.probe(t))
     if isinstance(after, Skip) or after:
         left = after.reason if isinstance(after, Skip) else "; ".join(after)

@@ -5,6 +5,7 @@ Steps are probed through a real ``provisioning.remote.Host`` around invoke's ``M
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from provisioning_helpers import (
     target,
 )
 
+from provisioning.steps import converge as converge_module
 from provisioning.steps.converge import (
     CHANGED,
     PLANNED,
@@ -45,6 +47,25 @@ class FakeStep:
 
     def apply(self, t: Target, actions: list[str], state: Any) -> None:
         self.applied.append((actions, state))
+
+
+class SlowStep(FakeStep):
+    def apply(self, t: Target, actions: list[str], state: Any) -> None:
+        time.sleep(0.35)
+        super().apply(t, actions, state)
+
+
+def test_a_long_change_says_it_is_still_at_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change that prints nothing for a while (pip on the host, vLLM's start) is not silent:
+    every HEARTBEAT_SECONDS a line with the step and its time; none once it is done."""
+    monkeypatch.setattr(converge_module, "HEARTBEAT_SECONDS", 0.1)
+    t, _, said = target()
+    assert converge(SlowStep(["install"], []), t).status == CHANGED
+    beats = [line for line in said if line.startswith("fake: still at work (")]
+    assert 1 <= len(beats) <= 4, said
+    count = len(said)
+    time.sleep(0.3)
+    assert len(said) == count
 
 
 @pytest.mark.parametrize(("plans", "dry", "status", "detail", "applied"), [
