@@ -21,6 +21,7 @@ from infra import config  # noqa: E402
 from infra.aks import AksCluster, AksClusterArgs  # noqa: E402
 from infra.group import ResourceGroup, ResourceGroupArgs  # noqa: E402
 from infra.identity import WorkloadIdentity, WorkloadIdentityArgs  # noqa: E402
+from infra.loadbalancer import ApiBalancer, ApiBalancerArgs  # noqa: E402
 from infra.network import Network, NetworkArgs  # noqa: E402
 from infra.preflight import before_up  # noqa: E402
 from infra.storage import CONTAINERS, Storage, StorageArgs  # noqa: E402
@@ -64,6 +65,12 @@ def cloud(stack: config.StackConfig) -> None:
     pulumi.export("tenantId", client.tenant_id)
 
     if spec.on.ssh_hosts:
+        balancer = ApiBalancer(f"{base}-api", ApiBalancerArgs(
+            resource_group_name=group.name, location=spec.location,
+            subscription_id=client.subscription_id, lb_name=f"{base}-api",
+            kind=spec.balancer.kind, subnet_id=net.subnet_id, subnet_cidr=stack.subnet_cidr,
+            api_port=spec.vllm.port, probe_path=spec.balancer.probe_path,
+            tags=tags(spec, "load-balancer")))
         vms = GpuVms(f"{base}-gpu", GpuVmsArgs(
             resource_group_name=group.name, location=spec.location,
             subnet_id=net.subnet_id, subnet_cidr=stack.subnet_cidr,
@@ -73,14 +80,13 @@ def cloud(stack: config.StackConfig) -> None:
             encryption_at_host=spec.vm.encryption_at_host, identity_id=identity.id,
             # Dev cost control only: production VMs never stop on a schedule.
             auto_shutdown_time="" if spec.production else spec.vm.auto_shutdown_time,
-            tags=tags(spec, "gpu-vm")))
+            tags=tags(spec, "gpu-vm"), backend_pool_id=balancer.pool_id))
         pulumi.export("hosts", [
             {"name": h.name, "address": h.address, "privateAddress": h.private_address,
              "adminUser": h.admin_user} for h in vms.hosts])
-        endpoints = [h.address.apply(lambda a: f"http://{a}:{spec.vllm.port}/v1")
-                     for h in vms.hosts]
-        pulumi.export("apiEndpoint", endpoints[0])
-        pulumi.export("apiEndpoints", endpoints)
+        # One endpoint for the fleet; `fab` reaches each host by its own address above.
+        pulumi.export("apiEndpoint",
+                      balancer.address.apply(lambda a: f"http://{a}:{spec.vllm.port}/v1"))
         return
 
     aks = AksCluster(f"{base}-aks", AksClusterArgs(

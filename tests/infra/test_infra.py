@@ -306,10 +306,15 @@ def test_vm_subnet_has_the_nsg_and_denies_the_rest(stack: str) -> None:
     last = max(rules, key=lambda r: r["priority"])
     assert (last["access"], last["sourceAddressPrefix"], last["destinationPortRange"]) == \
         ("Deny", "*", "*"), f"{nsg.urn}: no deny-all inbound rule below the allows"
-    allowed = {r["destinationPortRange"]: set(r["sourceAddressPrefixes"])
-               for r in rules if r["access"] == "Allow"}
+    allowed: dict[str, set[str]] = {}
+    for r in rules:
+        if r["access"] == "Allow":
+            sources = r.get("sourceAddressPrefixes") or [r["sourceAddressPrefix"]]
+            allowed.setdefault(r["destinationPortRange"], set()).update(sources)
+    # The API port: its clients and Azure's load balancer probe (tests/infra/test_fleet.py).
     assert allowed == {"22": set(spec.network.ssh_cidrs),
-                       str(spec.vllm.port): set(spec.network.api_cidrs)}, nsg.urn
+                       str(spec.vllm.port): {*spec.network.api_cidrs, "AzureLoadBalancer"}}, \
+        nsg.urn
     # The API port is the proxy's; vLLM's own port (its LoRA admin routes) is never opened.
     assert str(layout.vllm_port(spec)) not in allowed, nsg.urn
 
@@ -574,7 +579,7 @@ def test_vm_stack_needs_no_api_key_at_pulumi_up(monkeypatch: pytest.MonkeyPatch)
 # ---------------------------------------------------------------- variants of the examples
 
 VARIANTS = {
-    "vm-private-two-hosts": ("dev", {"publicIp": "none", "vmCount": 2,
+    "vm-private-two-hosts": ("dev", {"publicIp": "none", "vmCount": 2, "loadBalancer": "internal",
                                      "vmImage": "ubuntu-2204", "encryptionAtHost": False}),
     "vm-production": ("dev", {"production": True, "autoShutdownTime": ""}),
     "aks-first-run": ("prod", {"aksPhase": "cluster", "production": False}),
