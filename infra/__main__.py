@@ -22,6 +22,7 @@ from infra.aks import AksCluster, AksClusterArgs  # noqa: E402
 from infra.group import ResourceGroup, ResourceGroupArgs  # noqa: E402
 from infra.identity import WorkloadIdentity, WorkloadIdentityArgs  # noqa: E402
 from infra.loadbalancer import ApiBalancer, ApiBalancerArgs  # noqa: E402
+from infra.monitoring import Metrics, MetricsArgs  # noqa: E402
 from infra.network import Network, NetworkArgs  # noqa: E402
 from infra.preflight import before_up  # noqa: E402
 from infra.storage import CONTAINERS, Storage, StorageArgs  # noqa: E402
@@ -97,8 +98,15 @@ def cloud(stack: config.StackConfig) -> None:
         os_disk_gb=spec.vm.os_disk_gb, encryption_at_host=spec.vm.encryption_at_host,
         production=spec.production, pod_cidr=config.AKS_POD_CIDR,
         service_cidr=config.AKS_SERVICE_CIDR, dns_service_ip=config.AKS_DNS_SERVICE_IP,
+        gpu_min=0 if spec.scale.to_zero else spec.vm.count,
+        gpu_max=spec.scale.gpu_nodes_max if spec.scale.enabled else 0,
         tags=tags(spec, "aks")))
+    metrics = Metrics(f"{base}-metrics", MetricsArgs(
+        spec=spec, resource_group_name=group.name, location=spec.location,
+        subscription_id=client.subscription_id, cluster_id=aks.id, cluster_name=aks.name,
+        oidc_issuer_url=aks.oidc_issuer_url, tags=tags(spec, "monitoring")))
     pulumi.export("aksCluster", aks.name)
+    pulumi.export("prometheusQueryEndpoint", metrics.query_endpoint)
     pulumi.export("kubeconfig", aks.kubeconfig)
     if spec.aks.phase != "workload":
         # First run: the storage account is created empty in this run, so nothing may be
@@ -110,7 +118,9 @@ def cloud(stack: config.StackConfig) -> None:
         storage_account_name=store.account_name, identity_name=identity.name,
         identity_client_id=identity.client_id, tenant_id=client.tenant_id,
         oidc_issuer_url=aks.oidc_issuer_url, api_key=stack.api_key,
-        depends_on=[aks.gpu_pool, aks.subnet_access, identity.reader]))
+        prometheus_query_endpoint=metrics.query_endpoint,
+        keda_client_id=metrics.keda_client_id,
+        depends_on=[aks.gpu_pool, aks.subnet_access, identity.reader, metrics]))
     pulumi.export("apiEndpoint", workload.api_endpoint(spec.vllm.port))
 
 
