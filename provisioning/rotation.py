@@ -44,6 +44,8 @@ class Rotation:
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     out_seconds: dict[str, float] = field(default_factory=dict)
+    # Where the API proxy's nginx keeps its pid (serving.render.proxy.VM on a VM).
+    proxy_pid_file: str = proxy.VM.pid_file
 
     def _script(self, t: Target, *args: str) -> dict[str, str]:
         code, out, err = t.host.script(SCRIPT, *args, check=False)
@@ -65,7 +67,7 @@ class Rotation:
                             f"host was marked out, not {OUT_CODE}: is the proxy deployed?")
         t.say(f"{NAME}: out; the balancer notices within {self.notice_s:.0f} s")
         self.sleep(self.notice_s)
-        self._script(t, "close-idle", layout.PROXY_SERVICE_NAME)
+        self._script(t, "close-idle", self.proxy_pid_file)
         idle, deadline = 0, self.clock() + self.drain_timeout_s
         reading: dict[str, str] = {}
         while idle < IDLE_SAMPLES:

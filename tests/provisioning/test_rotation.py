@@ -14,6 +14,7 @@ from provisioning_helpers import settings_for, spec_with
 from provisioning import rotation
 from provisioning.steps.converge import StepError, Target
 from provisioning.tasks import deploy
+from serving.render import proxy
 from serving.stack import balancer, layout
 
 SPEC = spec_with(vmCount=2)
@@ -40,7 +41,7 @@ class FakeHost:
             code = "000" if self.broken_proxy else ("503" if self.out else "200")
             return 0, f"probe={code}\n", ""
         if args[0] == "close-idle":
-            assert args[1:] == (layout.PROXY_SERVICE_NAME,)
+            assert args[1:] == (proxy.VM.pid_file,)
             return 0, "", ""
         if args[0] == "inflight":
             assert args[1:] == (str(SPEC.vllm.port), str(layout.vllm_port(SPEC)))

@@ -3,7 +3,7 @@
 #
 #   rotation.sh out FILE API_PORT PROBE_PATH     fail the probe on purpose; prints probe=CODE
 #   rotation.sh in FILE API_PORT PROBE_PATH      pass it again;                prints probe=CODE
-#   rotation.sh close-idle UNIT                  graceful reload of the API proxy
+#   rotation.sh close-idle PID_FILE              graceful reload of the API proxy's nginx
 #   rotation.sh inflight API_PORT VLLM_PORT      prints connections=N and busy=M
 #   rotation.sh probe FILE API_PORT PROBE_PATH   prints out=yes|no probe=CODE
 #
@@ -42,8 +42,10 @@ probe() {
 }
 
 close_idle() {
-    local unit=$1
-    systemctl reload "$unit"
+    local pid_file=$1
+    # SIGHUP is nginx's graceful reload (what the unit's reload does once the configuration
+    # is checked; it is not changed here): new workers, old ones finish and close.
+    kill -HUP "$(cat "$pid_file")"
 }
 
 inflight() {
