@@ -15,6 +15,12 @@ command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 # nginx, the API proxy: `nginx -t` on its rendered configuration, and a real one in front of
 # vLLM in the integration tests (in /usr/sbin, which a non-root PATH may lack).
 [[ -x /usr/sbin/nginx ]] || need+=(nginx)
+# The rolling-fleet test: HAProxy probing /health like Azure's load balancer, test hosts in
+# network namespaces (iproute2), the rotation script's curl and sudo on each host.
+[[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
+command -v ip >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
+command -v sudo >/dev/null || need+=(sudo)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi
   $sudo apt-get update -qq

@@ -21,6 +21,8 @@ from infra import config  # noqa: E402
 from infra.aks import AksCluster, AksClusterArgs  # noqa: E402
 from infra.group import ResourceGroup, ResourceGroupArgs  # noqa: E402
 from infra.identity import WorkloadIdentity, WorkloadIdentityArgs  # noqa: E402
+from infra.loadbalancer import ApiBalancer, ApiBalancerArgs  # noqa: E402
+from infra.monitoring import Metrics, MetricsArgs  # noqa: E402
 from infra.network import Network, NetworkArgs  # noqa: E402
 from infra.preflight import before_up  # noqa: E402
 from infra.storage import CONTAINERS, Storage, StorageArgs  # noqa: E402
@@ -64,6 +66,12 @@ def cloud(stack: config.StackConfig) -> None:
     pulumi.export("tenantId", client.tenant_id)
 
     if spec.on.ssh_hosts:
+        balancer = ApiBalancer(f"{base}-api", ApiBalancerArgs(
+            resource_group_name=group.name, location=spec.location,
+            subscription_id=client.subscription_id, lb_name=f"{base}-api",
+            kind=spec.balancer.kind, subnet_id=net.subnet_id, subnet_cidr=stack.subnet_cidr,
+            api_port=spec.vllm.port, probe_path=spec.balancer.probe_path,
+            tags=tags(spec, "load-balancer")))
         vms = GpuVms(f"{base}-gpu", GpuVmsArgs(
             resource_group_name=group.name, location=spec.location,
             subnet_id=net.subnet_id, subnet_cidr=stack.subnet_cidr,
@@ -73,14 +81,13 @@ def cloud(stack: config.StackConfig) -> None:
             encryption_at_host=spec.vm.encryption_at_host, identity_id=identity.id,
             # Dev cost control only: production VMs never stop on a schedule.
             auto_shutdown_time="" if spec.production else spec.vm.auto_shutdown_time,
-            tags=tags(spec, "gpu-vm")))
+            tags=tags(spec, "gpu-vm"), backend_pool_id=balancer.pool_id))
         pulumi.export("hosts", [
             {"name": h.name, "address": h.address, "privateAddress": h.private_address,
              "adminUser": h.admin_user} for h in vms.hosts])
-        endpoints = [h.address.apply(lambda a: f"http://{a}:{spec.vllm.port}/v1")
-                     for h in vms.hosts]
-        pulumi.export("apiEndpoint", endpoints[0])
-        pulumi.export("apiEndpoints", endpoints)
+        # One endpoint for the fleet; `fab` reaches each host by its own address above.
+        pulumi.export("apiEndpoint",
+                      balancer.address.apply(lambda a: f"http://{a}:{spec.vllm.port}/v1"))
         return
 
     aks = AksCluster(f"{base}-aks", AksClusterArgs(
@@ -91,8 +98,15 @@ def cloud(stack: config.StackConfig) -> None:
         os_disk_gb=spec.vm.os_disk_gb, encryption_at_host=spec.vm.encryption_at_host,
         production=spec.production, pod_cidr=config.AKS_POD_CIDR,
         service_cidr=config.AKS_SERVICE_CIDR, dns_service_ip=config.AKS_DNS_SERVICE_IP,
+        gpu_min=0 if spec.scale.to_zero else spec.vm.count,
+        gpu_max=spec.scale.gpu_nodes_max if spec.scale.enabled else 0,
         tags=tags(spec, "aks")))
+    metrics = Metrics(f"{base}-metrics", MetricsArgs(
+        spec=spec, resource_group_name=group.name, location=spec.location,
+        subscription_id=client.subscription_id, cluster_id=aks.id, cluster_name=aks.name,
+        oidc_issuer_url=aks.oidc_issuer_url, tags=tags(spec, "monitoring")))
     pulumi.export("aksCluster", aks.name)
+    pulumi.export("prometheusQueryEndpoint", metrics.query_endpoint)
     pulumi.export("kubeconfig", aks.kubeconfig)
     if spec.aks.phase != "workload":
         # First run: the storage account is created empty in this run, so nothing may be
@@ -104,7 +118,9 @@ def cloud(stack: config.StackConfig) -> None:
         storage_account_name=store.account_name, identity_name=identity.name,
         identity_client_id=identity.client_id, tenant_id=client.tenant_id,
         oidc_issuer_url=aks.oidc_issuer_url, api_key=stack.api_key,
-        depends_on=[aks.gpu_pool, aks.subnet_access, identity.reader]))
+        prometheus_query_endpoint=metrics.query_endpoint,
+        keda_client_id=metrics.keda_client_id,
+        depends_on=[aks.gpu_pool, aks.subnet_access, identity.reader, metrics]))
     pulumi.export("apiEndpoint", workload.api_endpoint(spec.vllm.port))
 
 

@@ -10,6 +10,7 @@ from pulumi_azure_native import authorization, containerservice
 
 from infra.identity import role_definition_id
 from k8s import GPU_NODE_LABELS, GPU_NODE_TAINT, GPU_POOL_NAME
+from k8s.drain import GRACE_SECONDS
 from serving.stack.catalog import AZURE_ROLES, aks_system_nodes
 
 # Built-in role "Network Contributor": AKS's own identity needs it on a subnet it does not
@@ -37,6 +38,9 @@ class AksClusterArgs:
     service_cidr: str
     dns_service_ip: str
     tags: dict[str, str]
+    # Cluster autoscaler on the GPU pool between these (spec.scale); 0 for a fixed pool.
+    gpu_min: int = 0
+    gpu_max: int = 0
 
 
 def _decode_kubeconfig(value: str) -> str:
@@ -77,6 +81,20 @@ class AksCluster(pulumi.ComponentResource):
                 service_cidr=args.service_cidr,
                 dns_service_ip=args.dns_service_ip,
             ),
+            # KEDA (the add-on) scales the vLLM pods; managed Prometheus (ama-metrics) scrapes
+            # them for it and for the alert rules (infra.monitoring says where it writes).
+            workload_auto_scaler_profile=cs.ManagedClusterWorkloadAutoScalerProfileArgs(
+                keda=cs.ManagedClusterWorkloadAutoScalerProfileKedaArgs(enabled=True)),
+            azure_monitor_profile=cs.ManagedClusterAzureMonitorProfileArgs(
+                metrics=cs.ManagedClusterAzureMonitorProfileMetricsArgs(enabled=True)),
+            # A GPU node is removed only after its pods drained (k8s.drain), and not soon after
+            # one was added: a new vLLM pod needs minutes before it takes load.
+            auto_scaler_profile=cs.ManagedClusterPropertiesAutoScalerProfileArgs(
+                max_graceful_termination_sec=str(GRACE_SECONDS),
+                scale_down_delay_after_add="15m",
+                scale_down_unneeded_time="10m",
+                max_node_provision_time="30m",
+            ) if args.gpu_max else None,
             agent_pool_profiles=[cs.ManagedClusterAgentPoolProfileArgs(
                 name=SYSTEM_POOL_NAME,
                 mode=cs.AgentPoolMode.SYSTEM,
@@ -112,6 +130,9 @@ class AksCluster(pulumi.ComponentResource):
             resource_name_=self.cluster.name,
             mode=cs.AgentPoolMode.USER,
             count=args.gpu_count,
+            enable_auto_scaling=bool(args.gpu_max) or None,
+            min_count=args.gpu_min if args.gpu_max else None,
+            max_count=args.gpu_max or None,
             vm_size=args.gpu_vm_size,
             os_type=cs.OSType.LINUX,
             # H100 pools need Ubuntu: Azure Linux has no H100 support.
@@ -126,7 +147,9 @@ class AksCluster(pulumi.ComponentResource):
             security_profile=cs.AgentPoolSecurityProfileArgs(
                 ssh_access=cs.AgentPoolSSHAccess.DISABLED),
             tags=args.tags,
-            opts=child,
+            # The cluster autoscaler owns the node count between min and max.
+            opts=pulumi.ResourceOptions.merge(child, pulumi.ResourceOptions(
+                ignore_changes=["count"] if args.gpu_max else None)),
         )
         credentials = cs.list_managed_cluster_user_credentials_output(
             resource_group_name=args.resource_group_name,
@@ -137,4 +160,5 @@ class AksCluster(pulumi.ComponentResource):
         self.oidc_issuer_url: pulumi.Output[str] = self.cluster.oidc_issuer_profile.apply(
             lambda p: p.issuer_url if p else "")
         self.name: pulumi.Output[str] = self.cluster.name
+        self.id: pulumi.Output[str] = self.cluster.id
         self.register_outputs({"name": self.name, "oidc_issuer_url": self.oidc_issuer_url})

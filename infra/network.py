@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import pulumi
 from pulumi_azure_native import network
 
+from serving.stack.balancer import AZURE_PROBE_TAG
+
 SSH_PORT = 22
 
 
@@ -29,18 +31,22 @@ class NetworkArgs:
 
 def inbound_rules(ssh_cidrs: tuple[str, ...], api_cidrs: tuple[str, ...],
                   api_port: int) -> list[network.SecurityRuleArgs]:
-    """SSH from the operators, the API from its clients, every other inbound flow denied."""
+    """SSH from the operators, the API from its clients and the load balancer's probe, every
+    other inbound flow denied."""
     rules: list[network.SecurityRuleArgs] = []
 
     def allow(name: str, priority: int, port: int, sources: tuple[str, ...]) -> None:
         if sources:
+            one = len(sources) == 1 and "/" not in sources[0]
             rules.append(network.SecurityRuleArgs(
                 name=name,
                 priority=priority,
                 direction=network.SecurityRuleDirection.INBOUND,
                 access=network.SecurityRuleAccess.ALLOW,
                 protocol=network.SecurityRuleProtocol.TCP,
-                source_address_prefixes=list(sources),
+                # A service tag goes in the single-prefix field; CIDRs in the list.
+                source_address_prefix=sources[0] if one else None,
+                source_address_prefixes=None if one else list(sources),
                 source_port_range="*",
                 destination_address_prefix="VirtualNetwork",
                 destination_port_range=str(port),
@@ -48,6 +54,10 @@ def inbound_rules(ssh_cidrs: tuple[str, ...], api_cidrs: tuple[str, ...],
 
     allow("allow-ssh-operators", 100, SSH_PORT, ssh_cidrs)
     allow("allow-vllm-api-clients", 110, api_port, api_cidrs)
+    # Azure's probes come from 168.63.129.16 (tag AzureLoadBalancer). The deny-all below also
+    # denies Azure's default rule that would admit them, so they are allowed here, on the API
+    # port only: the load balancer probes vLLM's health through the API proxy.
+    allow("allow-load-balancer-probe", 120, api_port, (AZURE_PROBE_TAG,))
     # Azure's default rules (priority 65000+) admit all VNet and load-balancer traffic;
     # this rule sits above them so that nothing reaches the hosts unless allowed here.
     rules.append(network.SecurityRuleArgs(

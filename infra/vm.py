@@ -28,6 +28,8 @@ class GpuVmsArgs:
     identity_id: pulumi.Input[str]
     auto_shutdown_time: str  # HH:MM UTC, empty for none
     tags: dict[str, str]
+    # The load balancer's backend pool every host's NIC joins (infra.loadbalancer).
+    backend_pool_id: pulumi.Input[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ class GpuVms(pulumi.ComponentResource):
                     private_ip_address=fixed_ip,
                     public_ip_address=(
                         network.PublicIPAddressArgs(id=public_ip.id) if public_ip else None),
+                    load_balancer_backend_address_pools=(
+                        [network.BackendAddressPoolArgs(id=args.backend_pool_id)]
+                        if args.backend_pool_id is not None else None),
                 )],
                 tags=args.tags,
                 opts=child,

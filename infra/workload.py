@@ -16,6 +16,8 @@ import pulumi_kubernetes as k8s
 from pulumi_azure_native import managedidentity
 
 from k8s import api_key_secret, device_plugin, vllm_objects
+from k8s.autoscale import autoscale_objects
+from k8s.objects import PORT_NAME
 from serving.stack.spec import Spec
 
 # Kubernetes' audience for Entra ID workload identity federation.
@@ -54,6 +56,9 @@ class VllmOnAksArgs:
     api_key: pulumi.Output[str] | None
     # The GPU pool and anything else the workload must come after.
     depends_on: Sequence[pulumi.Resource]
+    # Where KEDA reads the load signal (infra.monitoring) and the identity it reads with.
+    prometheus_query_endpoint: pulumi.Input[str] = ""
+    keda_client_id: pulumi.Input[str] = ""
 
 
 class VllmOnAks(pulumi.ComponentResource):
@@ -61,6 +66,7 @@ class VllmOnAks(pulumi.ComponentResource):
                  opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("exaone:infra:VllmOnAks", name, None, opts)
         spec = args.spec
+        self._spec = spec
         self.provider = k8s.Provider(
             f"{name}-provider",
             kubeconfig=args.kubeconfig,
@@ -108,6 +114,11 @@ class VllmOnAks(pulumi.ComponentResource):
         deployments = self._create(name, pick(lambda k: k == "Deployment"),
                                    [*after, *namespaces, *plugin, *around, self.federation])
         self._create(name, pick(lambda k: k == "Service"), [*namespaces, *deployments])
+        # The scrape (CRD of the managed Prometheus add-on) and KEDA's objects (CRDs of its
+        # add-on): both add-ons are on the cluster before any of this runs.
+        self._create(name, autoscale_objects(
+            spec, server_address=args.prometheus_query_endpoint,
+            client_id=args.keda_client_id, port_name=PORT_NAME), [*namespaces, *deployments])
         self.register_outputs({"objects": list(self.resources)})
 
     def _create(self, name: str, objs: list[dict[str, Any]],
@@ -115,16 +126,25 @@ class VllmOnAks(pulumi.ComponentResource):
         """One typed resource per object, its fields the object's (values may be Outputs)."""
         created: list[pulumi.CustomResource] = []
         for obj in objs:
-            cls = _KINDS[(obj["apiVersion"], obj["kind"])]
             logical = f"{name}-{obj['kind'].lower()}-{obj['metadata']['name']}"
-            fields = {_snake(key): value for key, value in obj.items()
-                      if key not in ("apiVersion", "kind")}
             opts = pulumi.ResourceOptions(parent=self, provider=self.provider,
                                           depends_on=list(depends_on))
             if obj["kind"] == "Deployment":
                 opts.custom_timeouts = pulumi.CustomTimeouts(
                     create=ROLLOUT_TIMEOUT, update=ROLLOUT_TIMEOUT)
-            resource = cls(logical, opts=opts, **fields)
+                if self._spec.scale.enabled:
+                    # KEDA's HPA owns the replica count once the Deployment exists.
+                    opts.ignore_changes = ["spec.replicas"]
+            cls = _KINDS.get((obj["apiVersion"], obj["kind"]))
+            resource: pulumi.CustomResource
+            if cls is None:  # an add-on's CRD (KEDA, managed Prometheus)
+                resource = k8s.apiextensions.CustomResource(
+                    logical, api_version=obj["apiVersion"], kind=obj["kind"],
+                    metadata=obj["metadata"], spec=obj["spec"], opts=opts)
+            else:
+                fields = {_snake(key): value for key, value in obj.items()
+                          if key not in ("apiVersion", "kind")}
+                resource = cls(logical, opts=opts, **fields)
             if obj["kind"] == "Service":
                 self._service_meta = obj["metadata"]
             self.resources[logical] = resource

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from k8s import fetch, meta, proxy
+from k8s import drain, fetch, meta, proxy
 from k8s.gpu import GPU_NODE_SELECTOR, GPU_RESOURCE, GPU_TOLERATION, device_plugin
 from k8s.meta import Value
 from serving.render import proxy as proxy_config
@@ -33,6 +33,7 @@ PORT_NAME = "http"
 HEALTH_PATH = proxy_config.HEALTH_PATH  # answers without the API key
 RUN_AS_ID = 10001
 WORKLOAD_IDENTITY = "azure.workload.identity"
+MANAGED_PROMETHEUS_LABELS = {"rsName": "ama-metrics"}
 
 # Share of a node's vCPUs and memory the vLLM pods request; the rest is left to the kubelet,
 # AKS reservations and the DaemonSets on the node.
@@ -199,11 +200,14 @@ def _vllm_container(spec: Spec) -> dict[str, Any]:
         ),
         "readinessProbe": _probe(spec, periodSeconds=10, timeoutSeconds=5, failureThreshold=3),
         "livenessProbe": _probe(spec, periodSeconds=20, timeoutSeconds=10, failureThreshold=3),
+        # Scale-down lets running requests finish (k8s.drain).
+        "lifecycle": {"preStop": drain.vllm_pre_stop(spec)},
         "securityContext": _container_security(),
         "volumeMounts": [
             *_state_mounts(read_only=True),
             {"name": "cache", "mountPath": layout.POD.cache_dir},
             {"name": "shm", "mountPath": "/dev/shm"},
+            drain.mount(),
         ],
     }
 
@@ -246,7 +250,7 @@ def deployment(spec: Spec, *, storage_account: Value) -> dict[str, Any]:
             "whenUnsatisfiable": "ScheduleAnyway",
             "labelSelector": {"matchLabels": meta.selector_labels(spec)},
         }],
-        "terminationGracePeriodSeconds": 60,
+        "terminationGracePeriodSeconds": drain.GRACE_SECONDS,
         "initContainers": [fetch.init_container(
             spec,
             storage_account=storage_account,
@@ -257,7 +261,7 @@ def deployment(spec: Spec, *, storage_account: Value) -> dict[str, Any]:
             _vllm_container(spec),
             proxy.container(spec, port_name=PORT_NAME, security_context=_container_security()),
         ],
-        "volumes": [*_volumes(spec), *proxy.volumes()],
+        "volumes": [*_volumes(spec), *proxy.volumes(), drain.volume()],
     }
     return {
         "apiVersion": "apps/v1",
@@ -377,6 +381,12 @@ def network_policy(spec: Spec) -> dict[str, Any]:
     HTTPS only (Entra ID token exchange, Blob storage, the Hugging Face Hub)."""
     sources: list[dict[str, Any]] = [{"ipBlock": {"cidr": c}} for c in spec.network.api_cidrs]
     sources.append({"podSelector": {}})
+    # Azure Monitor managed Prometheus: its scraper (the ama-metrics ReplicaSet in kube-system)
+    # reads /metrics through the proxy port (k8s.autoscale.pod_monitor).
+    sources.append({
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+        "podSelector": {"matchLabels": dict(MANAGED_PROMETHEUS_LABELS)},
+    })
     dns = [{"port": 53, "protocol": proto} for proto in ("UDP", "TCP")]
     return {
         "apiVersion": "networking.k8s.io/v1",

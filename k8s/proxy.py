@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from k8s import meta
+from k8s import drain, meta
 from serving.render import proxy
 from serving.stack.spec import Spec
 
@@ -77,9 +77,12 @@ def container(spec: Spec, *, port_name: str,
         # Alive while nginx accepts; vLLM's own liveness is probed on loopback.
         "livenessProbe": {"tcpSocket": {"port": port_name}, "periodSeconds": 20,
                           "timeoutSeconds": 5, "failureThreshold": 3},
+        # Until vLLM has finished what it runs (k8s.drain): nginx passes the last tokens.
+        "lifecycle": {"preStop": drain.proxy_pre_stop()},
         "securityContext": security_context,
         "volumeMounts": [
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": TMP_VOLUME, "mountPath": proxy.POD.run_dir},
+            drain.mount(),
         ],
     }

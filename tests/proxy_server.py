@@ -34,13 +34,14 @@ def _accepts(port: int) -> bool:
 
 
 @contextmanager
-def serve_proxy(spec: Spec, folder: Path, *, upstream_port: int) -> Iterator[str]:
+def serve_proxy(spec: Spec, folder: Path, *, upstream_port: int,
+                rotation_file: str = "") -> Iterator[str]:
     """Start nginx on a free loopback port in front of 127.0.0.1:``upstream_port``; yields
-    its base URL."""
+    its base URL. ``rotation_file``: the file that takes it out of rotation, as on a VM."""
     nginx = find_tool("nginx", Path("/usr/sbin"))
     folder.mkdir(parents=True, exist_ok=True)
     place = proxy.ProxyPlace(run_dir=str(folder), access_log=str(folder / "access.log"),
-                             listen="127.0.0.1")
+                             listen="127.0.0.1", rotation_file=rotation_file)
     port = free_port()
     config = folder / "nginx.conf"
     config.write_text(proxy.render_config(spec, place, port=port, upstream_port=upstream_port))

@@ -96,6 +96,11 @@ class AzureMocks(pulumi.runtime.Mocks):
             state["oidcIssuerProfile"] = {
                 "enabled": True, "issuerURL": f"https://oidc.example.invalid/{TENANT_ID}/{name}/"}
             state["fqdn"] = f"{name}.hcp.example.invalid"
+        elif typ == "azure-native:monitor:AzureMonitorWorkspace":
+            state["metrics"] = {
+                "internalId": f"mac_{_uuid('workspace', name)}",
+                "prometheusQueryEndpoint": f"https://{name}.{inputs.get('location')}"
+                                           ".prometheus.monitor.azure.com"}
         elif typ == "azure-native:storage:StorageAccount":
             state["primaryEndpoints"] = {"blob": f"https://{name}.blob.core.windows.net/"}
         return rid, state
@@ -127,6 +132,7 @@ class Registered:
     dependencies: list[str] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
     state: dict[str, Any] = field(default_factory=dict)
+    ignore_changes: list[str] = field(default_factory=list)
 
 
 class RecordingMonitor(pulumi_mocks.MockMonitor):
@@ -146,7 +152,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 custom=bool(request.custom), parent=request.parent,
                 protect=bool(request.protect), retain_on_delete=bool(request.retainOnDelete),
                 provider=request.provider, dependencies=list(request.dependencies),
-                inputs=inputs, state=dict(registration.state)))
+                inputs=inputs, state=dict(registration.state),
+                ignore_changes=list(request.ignoreChanges)))
         return response
 
 

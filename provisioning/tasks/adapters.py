@@ -18,6 +18,7 @@ from fabric import task
 from invoke import Collection
 from invoke.exceptions import Exit
 
+from provisioning import rotation
 from provisioning.bundle import host_python
 from provisioning.remote import RemoteError
 from provisioning.settings import DeploySettings
@@ -31,7 +32,15 @@ from serving.stack.spec import BLOB_RE, name_problem, version_problem
 OP_TIMEOUT_SECONDS = 900
 
 
-def _each_host(s: DeploySettings, body) -> None:
+def _each_host(s: DeploySettings, body, *, changes: bool = True) -> None:
+    if changes and rotation.wanted(len(s.hosts), dry=False):
+        # Out of the load balancer's rotation while its adapters change (provisioning.rotation).
+        turn = rotation.Rotation()
+        inner = body
+
+        def body(t: Target) -> None:
+            turn.around(t, inner)
+
     for run in cli_options.each_host(s, body):
         if run.error:
             raise Exit(f"{run.host}: {run.error}\nhosts after {run.host} were not changed",
@@ -128,7 +137,7 @@ def _named(op: str):
             if op != "reconcile":
                 raise Exit(f"--rebuild belongs to adapters.reconcile, not adapters.{op}", code=2)
             argv.append("--rebuild")
-        _each_host(s, lambda t: _op(t, *argv))
+        _each_host(s, lambda t: _op(t, *argv), changes=op != "list")
 
     body.__name__ = op
     body.__doc__ = {"rollback": "Back to the previous recorded version on each VM.",

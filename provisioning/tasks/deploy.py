@@ -18,6 +18,7 @@ from pathlib import Path
 from rich.table import Table
 from rich.text import Text
 
+from provisioning import rotation
 from provisioning.bundle import ToolsStep
 from provisioning.remote import Host, RemoteError
 from provisioning.settings import DeploySettings
@@ -113,6 +114,14 @@ def deploy_all(settings: DeploySettings, *, connect: Callable[[str], Host], para
            ) -> list[HostReport]:
     """Deploy every host; reports in host order (NOT_STARTED ones have no results)."""
     steps = select(only)
+    if parallel <= 1 and rotation.wanted(len(settings.hosts), dry):
+        # One host at a time out of the load balancer's rotation (provisioning.rotation):
+        # out before anything on it changes, back once its health gate passed.
+        turn = rotation.Rotation()
+        at = next(i for i, s in enumerate(steps) if s.name not in REQUIRED)
+        steps = [*steps[:at], rotation.RotateOut(turn), *steps[at:]]
+        gate = next((i for i, s in enumerate(steps) if s.name == HealthGate.name), len(steps) - 1)
+        steps.insert(gate + 1, rotation.RotateIn(turn))
     reports = {h: HostReport(h, error=NOT_STARTED) for h in settings.hosts}
     stop = threading.Event()
 

@@ -223,6 +223,16 @@ def check_sizes(spec: Spec, azure: Azure, report: Report) -> dict[str, Any]:
     return found
 
 
+def quota_pools(spec: Spec) -> list[tuple[str, int]]:
+    """(VM size, nodes) the stack may run at its largest: an autoscaled GPU pool counts at
+    gpuNodesMax, the most the cluster autoscaler may add (it fails quietly at the quota)."""
+    gpu_nodes = spec.scale.gpu_nodes_max if spec.scale.enabled else spec.vm.count
+    pools = [(spec.vm.size, gpu_nodes)]
+    if spec.on.kubernetes:
+        pools.append((spec.aks.system_vm_size, aks_system_nodes(spec.production)))
+    return pools
+
+
 def check_quota(spec: Spec, azure: Azure, skus: dict[str, Any], report: Report) -> None:
     from azure.mgmt.compute import ComputeManagementClient
     from azure.mgmt.resource.resources import ResourceManagementClient
@@ -235,10 +245,7 @@ def check_quota(spec: Spec, azure: Azure, skus: dict[str, Any], report: Report) 
     existing = groups.resource_groups.check_existence(layout.resource_group_name(spec.stack))
     usages = {(u.name.value or "").lower(): u for u in client.usage.list(spec.location)}
     need: dict[str, int] = {}
-    pools = [(spec.vm.size, spec.vm.count)]
-    if spec.on.kubernetes:
-        pools.append((spec.aks.system_vm_size, aks_system_nodes(spec.production)))
-    for size, count in pools:
+    for size, count in quota_pools(spec):
         sku = skus.get(size)
         if sku is None:
             continue
@@ -254,12 +261,13 @@ def check_quota(spec: Spec, azure: Azure, skus: dict[str, Any], report: Report) 
             label = usage.name.localized_value or family
             report.findings.append(Finding(
                 "quota", f"{label} in {spec.location}: the stack needs {wanted} vCPUs "
-                f"(vmCount {spec.vm.count} x {spec.vm.size}), {left} of the limit "
+                f"({'gpuNodesMax' if spec.scale.enabled else 'vmCount'} {quota_pools(spec)[0][1]} "
+                f"x {spec.vm.size}), {left} of the limit "
                 f"{usage.limit} are free",
                 f"az quota update --resource-name {usage.name.value} --scope /subscriptions/"
                 f"{azure.subscription_id}/providers/Microsoft.Compute/locations/"
                 f"{spec.location} --limit-object value={usage.limit + wanted - left}, or a "
-                "smaller vmCount"))
+                f"smaller {'gpuNodesMax' if spec.scale.enabled else 'vmCount'}"))
 
 
 def blob_folders(spec: Spec) -> list[tuple[str, str, str]]:

@@ -15,6 +15,7 @@ import argparse
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ from serving.adapters.ops import OperationError, probe_answer
 from serving.host.common import HostError, add_common, run, spec_of
 from serving.stack import layout as layouts
 from serving.stack import secretref
+from serving.stack.balancer import OUT_OF_ROTATION_FILE
 from serving.stack.spec import Spec
 from serving.stack.stackfile import ROOT
 
@@ -66,12 +68,17 @@ def check_proxy(spec: Spec, key: str | None) -> str:
     except httpx.HTTPError as exc:
         raise HostError(f"the API proxy on port {spec.vllm.port} does not answer ({exc}); see "
                         f"`journalctl -u {layouts.PROXY_SERVICE_NAME}` on the host") from None
-    if health != 200:
-        raise HostError(f"/health through the API proxy answered {health}, not 200")
+    # While the rollout holds the host out of the load balancer's rotation the proxy answers
+    # the probe 503 on purpose (serving.stack.balancer); the rollout checks 200 as it puts the
+    # host back.
+    out = Path(OUT_OF_ROTATION_FILE).exists()
+    if health != (503 if out else 200):
+        raise HostError(f"/health through the API proxy answered {health}, not "
+                        f"{'503 (out of rotation)' if out else '200'}")
     if admin != 403:
         raise HostError(f"the API port lets clients reach vLLM's adapter admin routes "
                         f"(/v1/unload_lora_adapter answered {admin}, not 403)")
-    return "inference routes only"
+    return "inference routes only" + (" (out of rotation)" if out else "")
 
 
 def check(spec: Spec, timeout_s: float) -> dict[str, Any]:

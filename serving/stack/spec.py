@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict
 
 from serving.stack import networks, vllm_flags
+from serving.stack.balancer import PROBE_PATHS
 from serving.stack.catalog import (
     ALLOWED_LORA_RANKS,
     EXAONE_MODELS,
@@ -282,6 +283,25 @@ class AksSpec(_Frozen):
     )
 
 
+class BalancerSpec(_Frozen):
+    """The VM fleet's one endpoint (``infra.loadbalancer``, ``serving.stack.balancer``)."""
+
+    kind: Annotated[str, _choice("internal", "public")] = Field(alias="loadBalancer")
+    probe_path: Annotated[str, _choice(*PROBE_PATHS)] = Field(alias="probePath")
+
+
+class ScaleSpec(_Frozen):
+    """AKS autoscaling: node bounds for the cluster autoscaler, pod bounds and load signals for
+    KEDA (``k8s.autoscale``). The minimums are vmCount and replicas."""
+
+    enabled: bool = Field(alias="autoscale")
+    gpu_nodes_max: int = Field(alias="gpuNodesMax", ge=0, le=100)
+    replicas_max: int = Field(alias="replicasMax", ge=0, le=100)
+    to_zero: bool = Field(alias="scaleToZero")
+    waiting_requests: int = Field(alias="scaleWaitingRequests", ge=1, le=4096)
+    kv_cache_usage: Annotated[float, AfterValidator(_fraction)] = Field(alias="scaleKvCacheUsage")
+
+
 class ModelSpec(_Frozen):
     id: Annotated[str, _pattern(REPO_ID_RE, "a Hugging Face repo id org/name")] = Field(
         alias="modelId"
@@ -376,6 +396,8 @@ class Spec(_Frozen):
     network: Network
     vm: VmSpec
     aks: AksSpec
+    balancer: BalancerSpec
+    scale: ScaleSpec
     model: ModelSpec
     vllm: VllmSpec
     adapters: tuple[AdapterSpec, ...]
@@ -520,10 +542,48 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
                 "(`python -m serving digest FOLDER` prints it)",
             )
 
+    problems += fleet_checks(spec, key)
+
     if vllm.runtime_lora_updating and spec.api_key.kind == "none":
         bad(
             "apiKey",
             "runtimeLoraUpdating is on, so an API key is required: "
             "`pulumi config set --secret apiKey`, or apiKeyRef env:NAME / file:PATH",
         )
+    return problems
+
+
+def fleet_checks(spec: Spec, key) -> list[Problem]:
+    """More than one GPU: the load balancer's clients (vm) and the scaling bounds (aks)."""
+    problems: list[Problem] = []
+
+    def bad(alias: str, message: str) -> None:
+        problems.append(Problem(key(alias), message))
+
+    if spec.on.ssh_hosts and not spec.network.api_cidrs:
+        bad("apiCidrs", f"is empty: the {spec.balancer.kind} load balancer admits only these "
+            "networks, so no client could reach the fleet; allowed: the clients' CIDRs")
+    scale = spec.scale
+    if not scale.enabled:
+        return problems
+    if not spec.on.kubernetes:
+        bad("autoscale", f"target {spec.target} has a fixed fleet (vmCount); allowed: false, "
+            "or target aks")
+        return problems
+    low_nodes, high_nodes = spec.vm.count, scale.gpu_nodes_max
+    if high_nodes < low_nodes:
+        bad("gpuNodesMax", f"{high_nodes} is below vmCount ({low_nodes}), the GPU pool's "
+            "minimum; allowed: >= vmCount")
+    if scale.replicas_max < spec.aks.replicas:
+        bad("replicasMax", f"{scale.replicas_max} is below replicas ({spec.aks.replicas}), the "
+            "fewest pods; allowed: >= replicas")
+    if spec.production and high_nodes <= 1:
+        bad("gpuNodesMax", f"{high_nodes}: autoscaling a single-node production pool leaves "
+            "nothing to scale and no node to spare; allowed: 2 or more")
+    per_pod = spec.vllm.tensor_parallel_size
+    gpus = high_nodes * spec.vm.sku.gpus
+    if scale.replicas_max * per_pod > gpus:
+        bad("replicasMax", f"{scale.replicas_max} pods of {per_pod} GPU(s) need "
+            f"{scale.replicas_max * per_pod} GPUs; gpuNodesMax {high_nodes} x {spec.vm.size} "
+            f"has {gpus}; allowed: at most {gpus // per_pod}")
     return problems

@@ -83,8 +83,10 @@ LACKING = {
                                         "encryptionAtHost: false"),
     "system-size-not-offered": ("size", "Standard_D4ds_v5 is not offered in swedencentral",
                                 "aksSystemVmSize"),
+    # An autoscaled pool counts at gpuNodesMax: the most the cluster autoscaler may add.
     "gpu-family-quota": ("quota", "Standard NCadsH100v5 Family vCPUs in swedencentral: the stack "
-                         "needs 160 vCPUs", "--resource-name standardNCadsH100v5Family"),
+                         "needs 320 vCPUs (gpuNodesMax 4",
+                         "--resource-name standardNCadsH100v5Family"),
     "regional-quota": ("quota", "Total Regional vCPUs", "--resource-name cores"),
     "model-not-uploaded": ("blob", "modelSource blob://models/exaone-3.5-7.8b-instruct is not "
                            "in Blob", "python -m serving upload --stack prod"),

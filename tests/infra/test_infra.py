@@ -35,6 +35,8 @@ from serving.stack.spec import Spec
 STACKS = stackfile.stack_names()
 API_KEY_ENV = {"EXAONE_API_KEY": "test-api-key-not-real"}
 READER_ROLE = "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1"
+MONITORING_READER_ROLE = "b0d8363b-8ddd-447d-831f-62ca05bff136"
+WORKSPACE = "azure-native:monitor:AzureMonitorWorkspace"
 TAG_KEYS = ("project", "stack", "target", "role", "managed-by")
 SSH_PORT = 22
 
@@ -168,20 +170,25 @@ def storage_violations(run: Run, spec: Spec) -> list[str]:
 
 
 def identity_violations(run: Run) -> list[str]:
-    """Each workload identity: exactly one role, Storage Blob Data Reader, on the account."""
+    """Each identity: exactly one role, read-only, on one resource: Storage Blob Data Reader on
+    the account (the vLLM workload), or Monitoring Data Reader on the Azure Monitor workspace
+    (KEDA reading the load signal)."""
     out = []
-    accounts = [a.state["id"] for a in run.of_type(ACCOUNT)]
+    scopes = {READER_ROLE: [a.state["id"] for a in run.of_type(ACCOUNT)],
+              MONITORING_READER_ROLE: [w.state["id"] for w in run.of_type(WORKSPACE)]}
     for identity in run.of_type(IDENTITY):
         roles = [r for r in run.of_type(ROLE)
                  if r.inputs.get("principalId") == identity.state["principalId"]]
         if len(roles) != 1:
             out.append(f"{identity.urn}: has {len(roles)} role assignments, must have exactly 1")
         for role in roles:
-            if not str(role.inputs.get("roleDefinitionId", "")).endswith(f"/{READER_ROLE}"):
+            role_id = str(role.inputs.get("roleDefinitionId", "")).rsplit("/", 1)[-1]
+            if role_id not in scopes:
                 out.append(f"{role.urn}: role {role.inputs.get('roleDefinitionId')} is not "
-                           "Storage Blob Data Reader")
-            if accounts != [role.inputs.get("scope")]:
-                out.append(f"{role.urn}: scope {role.inputs.get('scope')} is not the account")
+                           "Storage Blob Data Reader or Monitoring Data Reader")
+            elif scopes[role_id] != [role.inputs.get("scope")]:
+                out.append(f"{role.urn}: scope {role.inputs.get('scope')} is not the "
+                           f"{'account' if role_id == READER_ROLE else 'metrics workspace'}")
     return out
 
 
@@ -313,16 +320,26 @@ def test_vm_subnet_has_the_nsg_and_denies_the_rest(stack: str) -> None:
     last = max(rules, key=lambda r: r["priority"])
     assert (last["access"], last["sourceAddressPrefix"], last["destinationPortRange"]) == \
         ("Deny", "*", "*"), f"{nsg.urn}: no deny-all inbound rule below the allows"
-    allowed = {r["destinationPortRange"]: set(r["sourceAddressPrefixes"])
-               for r in rules if r["access"] == "Allow"}
+    allowed: dict[str, set[str]] = {}
+    for r in rules:
+        if r["access"] == "Allow":
+            sources = r.get("sourceAddressPrefixes") or [r["sourceAddressPrefix"]]
+            allowed.setdefault(r["destinationPortRange"], set()).update(sources)
+    # The API port: its clients and Azure's load balancer probe (tests/infra/test_fleet.py).
     assert allowed == {"22": set(spec.network.ssh_cidrs),
-                       str(spec.vllm.port): set(spec.network.api_cidrs)}, nsg.urn
+                       str(spec.vllm.port): {*spec.network.api_cidrs, "AzureLoadBalancer"}}, \
+        nsg.urn
     # The API port is the proxy's; vLLM's own port (its LoRA admin routes) is never opened.
     assert str(layout.vllm_port(spec)) not in allowed, nsg.urn
 
 
 def test_storage_is_private_with_soft_delete_and_versioning(stack: str) -> None:
     assert storage_violations(run_of(stack), spec_of(stack)) == []
+
+
+def _workload_only(run: Run, token: str) -> list[Registered]:
+    """The vLLM workload's own identity objects (KEDA's live in infra.monitoring)."""
+    return [r for r in run.of_type(token) if "exaone:infra:Metrics$" not in r.urn]
 
 
 def test_identity_reads_exactly_that_account(stack: str) -> None:
@@ -390,10 +407,10 @@ def test_deployment_runs_the_systemd_units_argv(stack: str) -> None:
 def test_workload_identity_is_federated_to_the_vllm_service_account(stack: str) -> None:
     run, spec = run_of(stack), spec_of(stack)
     if spec.target != "aks":
-        assert run.of_type(FEDERATION) == []
+        assert _workload_only(run, FEDERATION) == []
         return
-    (federation,) = run.of_type(FEDERATION)
-    (identity,) = run.of_type(IDENTITY)
+    (federation,) = _workload_only(run, FEDERATION)
+    (identity,) = _workload_only(run, IDENTITY)
     (cluster,) = run.of_type(CLUSTER)
     (account,) = run.of_type(ACCOUNT)
     (sa,) = run.of_type("kubernetes:core/v1:ServiceAccount")
@@ -458,7 +475,7 @@ def test_outputs(stack: str) -> None:
         assert run.resources == [] and run.calls == [], "target local must create nothing"
         return
     (account,) = run.of_type(ACCOUNT)
-    (identity,) = run.of_type(IDENTITY)
+    (identity,) = _workload_only(run, IDENTITY)
     assert out["storageAccount"] == account.state["name"]
     assert (out["modelsContainer"], out["adaptersContainer"]) == ("models", "adapters")
     assert out["identityClientId"] == identity.state["clientId"]
@@ -589,7 +606,7 @@ def test_vm_stack_needs_no_api_key_at_pulumi_up(monkeypatch: pytest.MonkeyPatch)
 # ---------------------------------------------------------------- variants of the examples
 
 VARIANTS = {
-    "vm-private-two-hosts": ("dev", {"publicIp": "none", "vmCount": 2,
+    "vm-private-two-hosts": ("dev", {"publicIp": "none", "vmCount": 2, "loadBalancer": "internal",
                                      "vmImage": "ubuntu-2204", "encryptionAtHost": False}),
     "vm-production": ("dev", {"production": True, "autoShutdownTime": ""}),
     "aks-first-run": ("prod", {"aksPhase": "cluster", "production": False}),

@@ -20,6 +20,7 @@ from checkers import find_tool
 
 from serving.render import proxy, proxy_unit, systemd_unit, vllm_args
 from serving.stack import layout, stackfile
+from serving.stack.balancer import AZURE_PROBE_SOURCE
 from serving.stack.spec import Spec
 
 STACKS = stackfile.stack_names()
@@ -90,7 +91,8 @@ def test_ports_addresses_and_sources(stack: str) -> None:
     (upstream,) = re.findall(r"upstream vllm \{\s*server ([^;]+);", config)
     assert upstream == f"127.0.0.1:{layout.vllm_port(spec)}"
     allowed = directive(config, "allow")
-    assert allowed == ["127.0.0.1", "::1", *proxy.client_networks(spec)]
+    # Azure's load balancer probe comes from its platform address (serving.stack.balancer).
+    assert allowed == ["127.0.0.1", "::1", AZURE_PROBE_SOURCE, *proxy.client_networks(spec)]
     assert {str(ipaddress.ip_network(c)) for c in spec.network.api_cidrs} <= set(allowed)
     assert spec.network.vnet_cidr in allowed
     assert directive(config, "deny")[-1] == "all"
