@@ -29,6 +29,13 @@ def lora_rank_problem(rank: int, *, auto: bool = False) -> str | None:
     allowed = ("0 (auto) or " if auto else "") + ", ".join(map(str, ALLOWED_LORA_RANKS))
     return f"{rank} is not a rank vLLM accepts; allowed: {allowed}"
 
+# --api-server-count: API server processes (tokenising, detokenising, streaming) in front of
+# one engine. Each takes about one CPU core under load; 16 stays well inside the 40 vCPUs of
+# the smallest NC H100 v5 size. vLLM refuses more than one together with
+# VLLM_ALLOW_RUNTIME_LORA_UPDATING, and only its `serve` command honours the flag: the
+# `vllm.entrypoints.openai.api_server` module parses it and runs one server regardless.
+MAX_API_SERVER_COUNT = 16
+
 # Linear layers of vLLM's ExaoneForCausalLM that take LoRA. PEFT has no EXAONE default,
 # so adapters must list these explicitly as target_modules.
 EXAONE_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from serving.stack.catalog import (
     ALLOWED_LORA_RANKS,
     GPU_SKUS,
+    MAX_API_SERVER_COUNT,
     MIN_VLLM_VERSION,
     OPEN_SOURCES,
     REFUSED_VM_IMAGES,
@@ -255,6 +256,7 @@ class VllmSpec(_Frozen):
     max_lora_rank: int = Field(alias="maxLoraRank", ge=0)
     max_model_len: int = Field(alias="maxModelLen", ge=16, le=32768)
     max_num_seqs: int = Field(alias="maxNumSeqs", ge=0, le=4096)
+    api_server_count: int = Field(alias="apiServerCount", ge=1, le=MAX_API_SERVER_COUNT)
     gpu_memory_utilization: Annotated[float, AfterValidator(_fraction)] = Field(
         alias="gpuMemoryUtilization"
     )
@@ -355,6 +357,8 @@ OWNED_FLAGS = frozenset(
         "--dtype",
         "--max-model-len",
         "--max-num-seqs",
+        "--api-server-count",
+        "-asc",
         "--gpu-memory-utilization",
         "--tensor-parallel-size",
         "--enable-lora",
@@ -478,6 +482,13 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
                 "(`python -m serving digest FOLDER` prints it)",
             )
 
+    if vllm.api_server_count > 1 and vllm.runtime_lora_updating:
+        # vLLM refuses to start (cli/serve.py): runtime LoRA loads reach one API server only.
+        bad(
+            "apiServerCount",
+            f"{vllm.api_server_count} API servers cannot serve runtime adapter loads "
+            "(runtimeLoraUpdating is on); allowed: 1, or runtimeLoraUpdating false",
+        )
     if vllm.runtime_lora_updating and spec.api_key.kind == "none":
         bad(
             "apiKey",
