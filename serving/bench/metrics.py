@@ -45,6 +45,9 @@ ENGINE_UNDERFED = 0.75
 DELIVERY_SHORT = 0.90
 METRICS_TIMEOUT_SECONDS = 5.0
 SAMPLE_INTERVAL_SECONDS = 0.5
+# Fewer gauge samples than this say nothing about the requests in the engine (a run shorter
+# than a few sampling intervals): the verdict then rests on CPU figures alone.
+MIN_GAUGE_SAMPLES = 4
 
 Limit = Literal["engine", "front-end", "client", "unknown"]
 
@@ -143,6 +146,7 @@ class EngineDelta:
     running_mean: float | None
     waiting_mean: float | None
     waiting_max: float | None
+    gauge_samples: int = 0
 
     @property
     def generation_tok_s(self) -> float:
@@ -184,6 +188,7 @@ def engine_delta(before: Snapshot, after: Snapshot, gauges: Iterable[Gauges] = (
         running_mean=_mean([g.running for g in points]),
         waiting_mean=_mean([g.waiting for g in points]),
         waiting_max=max((g.waiting for g in points), default=None),
+        gauge_samples=len(points),
     )
 
 
@@ -219,7 +224,7 @@ def verdict(client: ClientSide, engine: EngineDelta, *, api_servers: int = 1) ->
     """
     cpu_max = max(client.cpu_shares, default=0.0)
     in_engine = None
-    if engine.running_mean is not None:
+    if engine.running_mean is not None and engine.gauge_samples >= MIN_GAUGE_SAMPLES:
         in_engine = engine.running_mean + (engine.waiting_mean or 0.0)
     held = in_engine / client.concurrency if in_engine is not None and client.concurrency else None
     api = engine.api_cpu_cores
@@ -250,7 +255,8 @@ def verdict(client: ClientSide, engine: EngineDelta, *, api_servers: int = 1) ->
             f"{in_engine:.1f} on average and queued none: the rest waited in the API server",
             *notes), signals)
     if held is None and api is None:
-        return Verdict("unknown", ("no gauges or API-server CPU sampled", *notes), signals)
+        return Verdict("unknown", (f"fewer than {MIN_GAUGE_SAMPLES} gauge samples and no "
+                                   "API-server CPU: run longer", *notes), signals)
     if engine.waiting_mean:
         why = f"vLLM's own queue held {engine.waiting_mean:.1f} requests on average"
     else:

@@ -81,6 +81,45 @@ GPU_SKUS: dict[str, GpuSku] = {
 }
 
 
+# GPUs the project has measured on, outside the Azure sizes above (the planner plans for them
+# with `serving plan --gpu NAME`; a stack cannot name them as vmSize). The H200 host: one
+# H200 141 GB, 16 vCPU, 128 GiB RAM; CUDA vLLM 0.25.1.
+MEASURED_GPUS: dict[str, GpuSku] = {
+    "H200": GpuSku("H200 (measured host)", 16, 128, 1, 141, "H200"),
+}
+
+
+@dataclass(frozen=True)
+class ColdStartPhase:
+    name: str
+    cold_s: float | None  # None: not measured
+    cached_s: float | None  # with the compile cache kept (VLLM_CACHE_ROOT); None: not split
+    note: str
+
+
+# Start to /health of EXAONE-3.5-2.4B (bf16, 4 rank-32 adapters, the dev stack's argv) on the
+# H200 host with CUDA vLLM 0.25.1: 144.4 s cold, 67.9 s with the compile cache. vLLM logged
+# engine init 78.6 s (torch.compile 32.6 s, CUDA graphs 23 s, weights 0.8 s) cold and 22.4 s
+# (compile 5.5 s) with the cache; the rest is the process start (imports, tokenizer, the API
+# server). Adapters load at their first request (0.61 s each, measured by `adapter add`).
+COLD_START_MEASURED_ON = "H200, CUDA vLLM 0.25.1, EXAONE-3.5-2.4B bf16"
+COLD_START_PHASES = (
+    ColdStartPhase("download", None, None, "not measured: the weights from Blob Storage at "
+                   "its throughput; `fab deploy` keeps them on the VM's disk for restarts"),
+    ColdStartPhase("process start, imports, API server", 144.4 - 78.6, 67.9 - 22.4,
+                   "start to /health minus vLLM's engine init"),
+    ColdStartPhase("torch.compile", 32.6, 5.5, "the compile cache under VLLM_CACHE_ROOT"),
+    ColdStartPhase("weights load", 0.8, None, "from local disk"),
+    ColdStartPhase("CUDA graphs", 23.0, None, "captured at every start"),
+    ColdStartPhase("profiling, KV cache, rest", 78.6 - 32.6 - 23.0 - 0.8, 22.4 - 5.5,
+                   "engine init minus the above (with the cache: weights, graphs and the "
+                   "rest together)"),
+    ColdStartPhase("adapters", None, None, "at each adapter's first request, "
+                   "0.61 s each (runtime add, measured)"),
+)
+COLD_START_TOTAL_S = (144.4, 67.9)
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """The parts of an EXAONE config.json that shape weights, LoRA tensors and KV cache."""

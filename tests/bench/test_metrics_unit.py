@@ -62,10 +62,12 @@ def test_no_vllm_counters_is_an_error() -> None:
 
 
 def _delta(*, tokens: float = 10_000, interval: float = 10.0, api_cpu: float | None = 2.0,
-           running: float | None = 64.0, waiting: float = 0.0) -> metrics.EngineDelta:
+           running: float | None = 64.0, waiting: float = 0.0, samples: int = 20
+           ) -> metrics.EngineDelta:
     return metrics.EngineDelta(
         interval_s=interval, generation_tokens=tokens, prompt_tokens=0, requests_finished=0,
-        api_cpu_s=api_cpu, running_mean=running, waiting_mean=waiting, waiting_max=waiting)
+        api_cpu_s=api_cpu, running_mean=running, waiting_mean=waiting, waiting_max=waiting,
+        gauge_samples=samples)
 
 
 def _client(*, tokens: int = 10_000, concurrency: int = 64, cpu: float = 0.3
@@ -109,6 +111,14 @@ def test_lagging_delivery_is_noted() -> None:
 
 def test_nothing_sampled_is_unknown() -> None:
     assert metrics.verdict(_client(), _delta(api_cpu=None, running=None)).limit == "unknown"
+
+
+def test_too_few_gauge_samples_are_not_read_as_an_underfed_engine() -> None:
+    # A run shorter than a few sampling intervals: 0 running seen says nothing.
+    short = _delta(running=0.0, samples=2)
+    v = metrics.verdict(_client(), short)
+    assert v.limit == "engine" and v.signals["engine_held_share"] is None
+    assert metrics.verdict(_client(), _delta(running=0.0, samples=4)).limit == "front-end"
 
 
 def test_split_spreads_evenly() -> None:
