@@ -15,6 +15,7 @@ cores the figures show the machinery works, not what a GPU does.
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ def local_values() -> dict:
     return {k.split(":", 1)[1]: v for k, v in document["config"].items()}
 
 
-def print_table(report: lv.LeverReport, title: str) -> None:
+def print_table(report: lv.Doc | lv.LeverReport, title: str) -> None:
     header, rows = lv.table_rows(report)
     table = Table(title=title)
     for column in header:
@@ -62,7 +63,10 @@ def print_table(report: lv.LeverReport, title: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("lora", "front-end"))
+    parser.add_argument("kind", choices=("lora", "front-end", "merge"),
+                        help="merge: one table from several results files (--files)")
+    parser.add_argument("--files", nargs="+", type=Path, default=[],
+                        help="merge: levers/front-end JSON files of separate runs")
     parser.add_argument("--concurrency", type=_ints, default=None,
                         help="comma-separated (lora default 1,2; front-end default 8)")
     parser.add_argument("--counts", type=_ints, default=(1, 2),
@@ -74,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated lever names (lora)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
+    if args.kind == "merge":
+        doc = lv.merge_docs([json.loads(f.read_text()) for f in args.files])
+        name = "levers" if doc["kind"] == "lora" else "front-end"
+        print_table(doc, f"{name} (merged from {len(args.files)} files)")
+        for path in lv.write_outputs(doc, args.out, name):
+            out.print(f"wrote {path}")
+        return 0
 
     spec = stackfile.load(stack="local")
     layout = layouts.local(ROOT)

@@ -270,15 +270,34 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def table_rows(report: LeverReport) -> tuple[list[str], list[list[str]]]:
+Doc = dict[str, Any]  # LeverReport.to_json(), or several merged (merge_docs)
+
+
+def merge_docs(docs: Sequence[Doc]) -> Doc:
+    """Results of several runs (e.g. lever subsets in separate GPU calls) as one: rows in
+    order, concurrencies those of the first."""
+    if not docs:
+        raise ValueError("nothing to merge")
+    kinds = {d["kind"] for d in docs}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot merge {', '.join(sorted(kinds))} results")
+    return {"kind": docs[0]["kind"], "concurrencies": docs[0]["concurrencies"],
+            "levers": [lever for d in docs for lever in d["levers"]],
+            "rows": [row for d in docs for row in d["rows"]],
+            "measurements": [m for d in docs for m in d.get("measurements", [])]}
+
+
+def table_rows(doc: Doc | LeverReport) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the printed table (the same for terminal and markdown)."""
-    cs = report.concurrencies
-    if report.kind == "front-end":
+    if isinstance(doc, LeverReport):
+        doc = doc.to_json()
+    cs = doc["concurrencies"]
+    if doc["kind"] == "front-end":
         header = ["lever", "start s"]
         for c in cs:
             header += [f"tok/s c={c}", f"engine c={c}", f"unstreamed c={c}",
                        f"streamed/unstreamed c={c}", f"vs first c={c}", f"limit c={c}"]
-        rows = report.rows()
+        rows = doc["rows"]
         first = rows[0] if rows else {}
         out = []
         for row in rows:
@@ -297,7 +316,7 @@ def table_rows(report: LeverReport) -> tuple[list[str], list[list[str]]]:
         header += [f"adapter/base c={c}", f"base tok/s c={c}", f"adapters tok/s c={c}"]
     header += ["limit (largest c)", "start s", "error"]
     out = []
-    for row in report.rows():
+    for row in doc["rows"]:
         line = [row["lever"]]
         for c in cs:
             line += [_fmt(row.get(f"ratio_c{c}")), _fmt(row.get(f"base_tok_s_c{c}")),
@@ -309,14 +328,15 @@ def table_rows(report: LeverReport) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
-def write_outputs(report: LeverReport, out_dir: Path, name: str) -> list[Path]:
+def write_outputs(report: Doc | LeverReport, out_dir: Path, name: str) -> list[Path]:
     """NAME.json, NAME.csv, NAME.md (the table) and NAME.png (tokens/s per lever)."""
+    doc = report.to_json() if isinstance(report, LeverReport) else report
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    path.write_text(json.dumps(doc, indent=2) + "\n")
     paths.append(path)
-    rows = report.rows()
+    rows = doc["rows"]
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("lever", "why"), k))
     path = out_dir / f"{name}.csv"
     with path.open("w", newline="") as handle:
@@ -324,25 +344,25 @@ def write_outputs(report: LeverReport, out_dir: Path, name: str) -> list[Path]:
         writer.writeheader()
         writer.writerows(rows)
     paths.append(path)
-    header, lines = table_rows(report)
+    header, lines = table_rows(doc)
     path = out_dir / f"{name}.md"
     path.write_text("| " + " | ".join(header) + " |\n|" + "---|" * len(header) + "\n" + "".join(
         "| " + " | ".join(c.replace("|", "\\|") for c in line) + " |\n" for line in lines))
     paths.append(path)
-    paths.append(plot(report, out_dir / f"{name}.png"))
+    paths.append(plot(doc, out_dir / f"{name}.png"))
     return paths
 
 
-def plot(report: LeverReport, path: Path) -> Path:
+def plot(doc: Doc, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = report.rows()
-    cs = report.concurrencies
+    rows = doc["rows"]
+    cs = doc["concurrencies"]
     fig, axes = plt.subplots(1, len(cs), figsize=(4.2 * len(cs), 4.2), dpi=110, squeeze=False)
-    groups = ("all",) if report.kind == "front-end" else ("base", "adapters")
+    groups = ("all",) if doc["kind"] == "front-end" else ("base", "adapters")
     for ax, c in zip(axes[0], cs, strict=True):
         names = [r["lever"] for r in rows]
         width = 0.8 / len(groups)
