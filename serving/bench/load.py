@@ -182,7 +182,8 @@ def run_load(cfg: BenchConfig, spec: LoadSpec) -> tuple[list[RequestResult], Loa
                         phase=spec.label or "load")
     end = max((r.start_s + (r.e2e_s or 0.0) for r in results), default=0.0)
     steady = _steady_window(results, spec.concurrency, start)
-    engine = metrics.engine_delta(before, after, sampler.samples, steady=steady)
+    engine = metrics.engine_delta(before, after, sampler.samples, steady=steady,
+                                  phase=(start, start + end))
     client = metrics.ClientSide(
         tokens=sum(r.completion_tokens for r in results if r.ok), wall_s=end,
         concurrency=spec.concurrency, processes=processes,

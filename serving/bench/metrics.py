@@ -169,12 +169,21 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def engine_delta(before: Snapshot, after: Snapshot, gauges: Iterable[Gauges] = (),
-                 *, steady: tuple[float, float] | None = None) -> EngineDelta:
+                 *, steady: tuple[float, float] | None = None,
+                 phase: tuple[float, float] | None = None) -> EngineDelta:
     """Counters from ``before`` to ``after``; gauge means over ``steady`` (perf_counter
-    bounds: the part of the run when the client held its full load), else (or when no sample
-    fell inside it) over all samples."""
+    bounds: while the client held its full load) when at least MIN_GAUGE_SAMPLES fell in it,
+    else over ``phase`` (first start to last finish), else over all samples. Samples from
+    before the first request or after the last would count an idle engine as underfed."""
     every = list(gauges)
-    points = [g for g in every if steady is None or steady[0] <= g.t <= steady[1]] or every
+    points = every
+    for bounds in (steady, phase):
+        if bounds is None:
+            continue
+        inside = [g for g in every if bounds[0] <= g.t <= bounds[1]]
+        points = inside
+        if len(inside) >= MIN_GAUGE_SAMPLES:
+            break
     generated = _delta(before, after, GENERATION_TOKENS)
     prompts = _delta(before, after, PROMPT_TOKENS)
     if generated is None or prompts is None:

@@ -140,10 +140,14 @@ def test_steady_window_is_while_every_lane_is_busy() -> None:
 
 def test_gauges_outside_the_steady_window_are_left_out() -> None:
     before = metrics.parse("vllm:generation_tokens_total 0\nvllm:prompt_tokens_total 0\n", t=0)
-    after = metrics.parse("vllm:generation_tokens_total 9\nvllm:prompt_tokens_total 1\n", t=3)
-    gauges = [metrics.Gauges(0.5, 1, 0), metrics.Gauges(1.5, 8, 2), metrics.Gauges(2.5, 2, 0)]
-    d = metrics.engine_delta(before, after, gauges, steady=(1.0, 2.0))
-    assert (d.running_mean, d.waiting_mean, d.waiting_max) == (8, 2, 2)
-    # No sample inside the window: every sample counts.
-    d = metrics.engine_delta(before, after, gauges, steady=(2.6, 2.7))
-    assert d.running_mean == pytest.approx(11 / 3)
+    after = metrics.parse("vllm:generation_tokens_total 9\nvllm:prompt_tokens_total 1\n", t=9)
+    # Idle before the load (t < 1) and after it (t > 6); full load from 2 to 5.
+    gauges = [metrics.Gauges(t, r, w) for t, r, w in (
+        (0.5, 0, 0), (1.5, 4, 0), (2.0, 8, 2), (3.0, 8, 2), (4.0, 8, 2), (5.0, 8, 2),
+        (5.5, 3, 0), (7.0, 0, 0))]
+    d = metrics.engine_delta(before, after, gauges, steady=(2.0, 5.0), phase=(1.0, 6.0))
+    assert (d.running_mean, d.waiting_mean, d.waiting_max, d.gauge_samples) == (8, 2, 2, 4)
+    # Too few samples in the steady window: the phase's, never the idle ones outside it.
+    d = metrics.engine_delta(before, after, gauges, steady=(2.5, 3.5), phase=(1.0, 6.0))
+    assert d.gauge_samples == 6 and d.running_mean == pytest.approx(39 / 6)
+    assert metrics.engine_delta(before, after, gauges).gauge_samples == 8
