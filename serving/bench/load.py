@@ -188,6 +188,7 @@ def run_load(cfg: BenchConfig, spec: LoadSpec) -> tuple[list[RequestResult], Loa
         tokens=sum(r.completion_tokens for r in results if r.ok), wall_s=end,
         concurrency=spec.concurrency, processes=processes,
         cpu_shares=tuple(o[1] for o in outcomes),
+        request_s=sum(r.e2e_s or 0.0 for r in results if r.ok),
     )
     return results, LoadResult(spec, summary, engine, client,
                                metrics.verdict(client, engine, api_servers=cfg.api_servers))

@@ -8,9 +8,12 @@ vLLM's Prometheus counters before and after a load phase and samples its gauges 
 and states which part limited the figure (``verdict``) from signals anyone can re-check:
 
 - engine tokens/s: the delta of ``vllm:generation_tokens_total`` over the interval;
-- requests in the engine: ``vllm:num_requests_running`` + ``vllm:num_requests_waiting``,
-  sampled; against the requests the client holds open, the gap is what waits in the API
-  server (accepted, not yet scheduled, or finished but not yet streamed out);
+- time in the engine: the deltas of ``vllm:request_queue_time_seconds_sum`` and
+  ``vllm:request_inference_time_seconds_sum`` (each request's time waiting in and running
+  in vLLM's scheduler) against the client's summed request time: the share a request spends
+  in the engine, exact where sampled gauges alias (a tiny model's requests run in waves
+  shorter than any sampling interval); the rest is spent in the API server (tokenising,
+  streaming out) and on the way. ``num_requests_running``/``waiting`` are sampled too;
 - the API server's CPU: ``process_cpu_seconds_total`` of the process that serves /metrics
   (one API server); vLLM drops it with several API servers (Prometheus multiprocess mode);
 - the client's own CPU: each load process measures its CPU time against its wall time.
@@ -34,13 +37,17 @@ REQUESTS_FINISHED = "vllm:request_success_total"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 PROCESS_CPU = "process_cpu_seconds_total"
+QUEUE_TIME = "vllm:request_queue_time_seconds_sum"
+INFERENCE_TIME = "vllm:request_inference_time_seconds_sum"
 
 # A process using at least this share of one core is saturated (the API server and each
 # client process run one Python event loop: one core is their ceiling).
 CPU_SATURATED = 0.90
-# The engine holds fewer than this share of the requests the client keeps open (and queues
-# none of them): the others wait in front of it.
+# Requests spend less than this share of their time in the engine (and queue in it for
+# almost none): the rest is spent in front of it.
 ENGINE_UNDERFED = 0.75
+# vLLM's own queue holds requests for at least this share of their time: the engine is full.
+ENGINE_QUEUED = 0.05
 # The client received less than this share of the tokens the engine generated meanwhile.
 DELIVERY_SHORT = 0.90
 METRICS_TIMEOUT_SECONDS = 5.0
@@ -147,6 +154,8 @@ class EngineDelta:
     waiting_mean: float | None
     waiting_max: float | None
     gauge_samples: int = 0
+    engine_request_s: float | None = None  # summed time requests spent queued + running
+    queue_s: float | None = None  # summed time requests spent queued
 
     @property
     def generation_tok_s(self) -> float:
@@ -185,6 +194,7 @@ def engine_delta(before: Snapshot, after: Snapshot, gauges: Iterable[Gauges] = (
         if len(inside) >= MIN_GAUGE_SAMPLES:
             break
     generated = _delta(before, after, GENERATION_TOKENS)
+    queued, running = _delta(before, after, QUEUE_TIME), _delta(before, after, INFERENCE_TIME)
     prompts = _delta(before, after, PROMPT_TOKENS)
     if generated is None or prompts is None:
         raise ValueError(f"/metrics has no {GENERATION_TOKENS} / {PROMPT_TOKENS}: not vLLM?")
@@ -198,6 +208,8 @@ def engine_delta(before: Snapshot, after: Snapshot, gauges: Iterable[Gauges] = (
         waiting_mean=_mean([g.waiting for g in points]),
         waiting_max=max((g.waiting for g in points), default=None),
         gauge_samples=len(points),
+        engine_request_s=None if queued is None or running is None else queued + running,
+        queue_s=queued,
     )
 
 
@@ -210,6 +222,7 @@ class ClientSide:
     concurrency: int  # requests the client kept open
     processes: int
     cpu_shares: tuple[float, ...]  # each process's CPU time / its wall time
+    request_s: float = 0.0  # summed end-to-end time of the requests
 
     @property
     def tok_s(self) -> float:
@@ -232,10 +245,17 @@ def verdict(client: ClientSide, engine: EngineDelta, *, api_servers: int = 1) ->
     requests it ran were the bound.
     """
     cpu_max = max(client.cpu_shares, default=0.0)
-    in_engine = None
-    if engine.running_mean is not None and engine.gauge_samples >= MIN_GAUGE_SAMPLES:
+    held = queued = in_engine = None
+    if engine.engine_request_s is not None and client.request_s > 0:
+        # Little's law: time shares are the mean numbers of requests held.
+        held = engine.engine_request_s / client.request_s
+        queued = (engine.queue_s or 0.0) / client.request_s
+        in_engine = held * client.request_s / client.wall_s if client.wall_s else None
+    elif engine.running_mean is not None and engine.gauge_samples >= MIN_GAUGE_SAMPLES:
         in_engine = engine.running_mean + (engine.waiting_mean or 0.0)
-    held = in_engine / client.concurrency if in_engine is not None and client.concurrency else None
+        held = in_engine / client.concurrency if client.concurrency else None
+        queued = (engine.waiting_mean or 0.0) / client.concurrency if client.concurrency \
+            else None
     api = engine.api_cpu_cores
     api_per_server = api / api_servers if api is not None else None
     delivered = client.tokens / engine.generation_tokens if engine.generation_tokens else None
@@ -243,8 +263,8 @@ def verdict(client: ClientSide, engine: EngineDelta, *, api_servers: int = 1) ->
         "client_tok_s": client.tok_s, "engine_tok_s": engine.generation_tok_s,
         "delivered_share": delivered, "client_cpu_max": cpu_max,
         "api_server_cpu_cores": api, "engine_in_flight_mean": in_engine,
-        "engine_held_share": held, "engine_waiting_mean": engine.waiting_mean,
-        "concurrency": float(client.concurrency),
+        "engine_held_share": held, "engine_queued_share": queued,
+        "engine_waiting_mean": engine.waiting_mean, "concurrency": float(client.concurrency),
     }
     notes: list[str] = []
     if delivered is not None and delivered < DELIVERY_SHORT:
@@ -258,17 +278,18 @@ def verdict(client: ClientSide, engine: EngineDelta, *, api_servers: int = 1) ->
         return Verdict("front-end", (
             f"vLLM's API server used {api:.2f} cores over {api_servers} process(es): its "
             "event loop is saturated; raise apiServerCount", *notes), signals)
-    if held is not None and held < ENGINE_UNDERFED and (engine.waiting_max or 0) < 1:
+    if held is not None and held < ENGINE_UNDERFED and (queued or 0.0) < ENGINE_QUEUED:
         return Verdict("front-end", (
-            f"the client kept {client.concurrency} requests open, vLLM's scheduler held "
-            f"{in_engine:.1f} on average and queued none: the rest waited in the API server",
-            *notes), signals)
+            f"requests spent {held:.0%} of their time in vLLM's scheduler (queued "
+            f"{queued or 0.0:.0%}): of {client.concurrency} open, {in_engine or 0.0:.1f} were "
+            "in the engine on average; the rest waited in the API server", *notes), signals)
     if held is None and api is None:
-        return Verdict("unknown", (f"fewer than {MIN_GAUGE_SAMPLES} gauge samples and no "
+        return Verdict("unknown", ("no engine request times, too few gauge samples and no "
                                    "API-server CPU: run longer", *notes), signals)
-    if engine.waiting_mean:
-        why = f"vLLM's own queue held {engine.waiting_mean:.1f} requests on average"
+    if queued is not None and queued >= ENGINE_QUEUED:
+        why = f"requests spent {queued:.0%} of their time in vLLM's own queue"
+    elif held is not None:
+        why = f"requests spent {held:.0%} of their time in vLLM's scheduler"
     else:
-        why = (f"vLLM ran {in_engine:.1f} of {client.concurrency} open requests"
-               if in_engine is not None else "the API server's CPU was not saturated")
+        why = "the API server's CPU was not saturated"
     return Verdict("engine", (why, *notes), signals)

@@ -154,6 +154,9 @@ def test_load_mode_engine_counters_match_what_the_clients_received(served: Serve
         assert load.engine.prompt_tokens == sum(r.prompt_tokens for r in mine)
         assert load.engine.requests_finished == requests
         assert load.engine.api_cpu_s is not None and load.engine.api_cpu_s > 0
+        # A request's time in vLLM's scheduler is part of its time at the client.
+        held = load.verdict.signals["engine_held_share"]
+        assert held is not None and 0 < held <= 1.0
         assert len(load.client.cpu_shares) == 2
         assert load.verdict.limit in ("engine", "front-end", "client", "unknown")
         assert load.verdict.reasons

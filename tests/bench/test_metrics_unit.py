@@ -31,6 +31,9 @@ def test_counters_from_recorded_metrics_count_the_two_requests(server: str) -> N
     assert (delta.generation_tokens, delta.prompt_tokens) == (16, 4)
     assert delta.requests_finished == 2
     assert delta.generation_tok_s == 8.0
+    # Each request's time queued + running in vLLM's scheduler, summed over both.
+    assert delta.engine_request_s is not None and 0 < delta.engine_request_s < 1
+    assert delta.queue_s is not None and delta.queue_s < delta.engine_request_s
 
 
 def test_api_server_cpu_is_read_with_one_server_and_absent_with_two() -> None:
@@ -62,17 +65,19 @@ def test_no_vllm_counters_is_an_error() -> None:
 
 
 def _delta(*, tokens: float = 10_000, interval: float = 10.0, api_cpu: float | None = 2.0,
-           running: float | None = 64.0, waiting: float = 0.0, samples: int = 20
-           ) -> metrics.EngineDelta:
+           running: float | None = 64.0, waiting: float = 0.0, samples: int = 20,
+           engine_s: float | None = None, queue_s: float = 0.0) -> metrics.EngineDelta:
     return metrics.EngineDelta(
         interval_s=interval, generation_tokens=tokens, prompt_tokens=0, requests_finished=0,
         api_cpu_s=api_cpu, running_mean=running, waiting_mean=waiting, waiting_max=waiting,
-        gauge_samples=samples)
+        gauge_samples=samples, engine_request_s=engine_s,
+        queue_s=queue_s if engine_s is not None else None)
 
 
-def _client(*, tokens: int = 10_000, concurrency: int = 64, cpu: float = 0.3
-            ) -> metrics.ClientSide:
-    return metrics.ClientSide(tokens, 10.0, concurrency, 4, (cpu, cpu / 2))
+def _client(*, tokens: int = 10_000, concurrency: int = 64, cpu: float = 0.3,
+            request_s: float = 640.0) -> metrics.ClientSide:
+    # 64 requests open for 10 s: 640 request-seconds.
+    return metrics.ClientSide(tokens, 10.0, concurrency, 4, (cpu, cpu / 2), request_s)
 
 
 def test_engine_bound_when_the_engine_holds_the_load() -> None:
@@ -83,7 +88,7 @@ def test_engine_bound_when_the_engine_holds_the_load() -> None:
 
 def test_engine_queue_is_named() -> None:
     v = metrics.verdict(_client(concurrency=256), _delta(running=128, waiting=128))
-    assert v.limit == "engine" and "queue held 128.0" in v.reasons[0]
+    assert v.limit == "engine" and "50% of their time in vLLM's own queue" in v.reasons[0]
 
 
 def test_saturated_api_server_is_the_front_end() -> None:
@@ -96,7 +101,7 @@ def test_saturated_api_server_is_the_front_end() -> None:
 def test_requests_waiting_outside_vllm_are_the_front_end() -> None:
     v = metrics.verdict(_client(concurrency=256), _delta(api_cpu=None, running=90))
     assert v.limit == "front-end"
-    assert "held 90.0" in v.reasons[0]
+    assert "90.0 were in the engine" in v.reasons[0]
 
 
 def test_a_saturated_client_comes_first() -> None:
@@ -107,6 +112,18 @@ def test_a_saturated_client_comes_first() -> None:
 def test_lagging_delivery_is_noted() -> None:
     v = metrics.verdict(_client(tokens=5_000), _delta())
     assert any("received 50%" in r for r in v.reasons)
+
+
+def test_time_in_the_engine_decides_over_sampled_gauges() -> None:
+    # The gauges happened to sample the gaps between waves (0 running); the request times
+    # say requests spent 95% of their life in the scheduler.
+    v = metrics.verdict(_client(), _delta(running=0.0, engine_s=608.0))
+    assert v.limit == "engine" and v.signals["engine_held_share"] == pytest.approx(0.95)
+    assert v.signals["engine_in_flight_mean"] == pytest.approx(60.8)
+    v = metrics.verdict(_client(), _delta(running=64.0, engine_s=320.0))
+    assert v.limit == "front-end" and "50% of their time" in v.reasons[0]
+    v = metrics.verdict(_client(), _delta(engine_s=320.0, queue_s=64.0))
+    assert v.limit == "engine" and "10% of their time in vLLM's own queue" in v.reasons[0]
 
 
 def test_nothing_sampled_is_unknown() -> None:
