@@ -132,9 +132,14 @@ def _worker(cfg: BenchConfig, spec: LoadSpec, offset: int, share: int, open_requ
     go.wait()
     run_start = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    results = asyncio.run(_worker_async(cfg, spec, offset, share, open_requests, run_start))
+    try:
+        results = asyncio.run(_worker_async(cfg, spec, offset, share, open_requests,
+                                            run_start))
+    except Exception as exc:  # the parent must not wait out its deadline for this one
+        queue.put(([], 0.0, run_start, f"{type(exc).__name__}: {exc}"))
+        return
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    queue.put((results, cpu / wall if wall > 0 else 0.0, run_start))
+    queue.put((results, cpu / wall if wall > 0 else 0.0, run_start, ""))
 
 
 def run_load(cfg: BenchConfig, spec: LoadSpec) -> tuple[list[RequestResult], LoadResult]:
@@ -172,9 +177,12 @@ def run_load(cfg: BenchConfig, spec: LoadSpec) -> tuple[list[RequestResult], Loa
             w.join(timeout=10)
             if w.is_alive():
                 w.terminate()
+    failed = [o[3] for o in outcomes if o[3]]
+    if failed:
+        raise RuntimeError(f"a load process failed: {failed[0]}")
     start = min(o[2] for o in outcomes)
     results: list[RequestResult] = []
-    for batch, _, run_start in outcomes:
+    for batch, _, run_start, _ in outcomes:
         # Re-base each process's start times on the earliest process's start.
         results += [_rebase(r, run_start - start) for r in batch]
     summary = summarize(results, group=",".join(spec.models) if len(spec.models) < 4
