@@ -10,6 +10,8 @@ Each test starts its own servers (one per lever) through ``serving.bench.levers`
   phases from its log, into plan-check.json;
 - ``test_front_end``: 1, 2 and 4 API servers under the same streamed load at 256 concurrent,
   each with the unstreamed reference (goal: streamed >= 0.9 x unstreamed), front-end.*;
+- ``test_vllm_bench_serve_cross_check``: vLLM's own `vllm bench serve` and the project's load
+  on the same baseline server, client-side figures side by side (cross-check.json);
 - ``test_lora_levers``: the LoRA levers at 1, 5 and 256 concurrent, base and adapters
   streamed (goals: adapters >= 0.85 x base at 256, >= 0.75 x at 1), levers-<subset>.*; and
   what the planner recommends from them.
@@ -143,3 +145,39 @@ def test_lora_levers(setup: dict[str, Any]) -> None:
     subset = "all" if not wanted else re.sub(r"[^a-z0-9]+", "-", wanted.lower())[:40]
     lv.write_outputs(report, OUT, f"levers-{subset}")
     assert "baseline" not in report.errors, report.errors.get("baseline")
+
+
+def test_vllm_bench_serve_cross_check(setup: dict[str, Any]) -> None:
+    """vLLM's own client against the baseline at 256 concurrent (one process, a random
+    adapter per request), then the project's load over the same models: both client-side
+    figures side by side in cross-check.json."""
+    import subprocess
+
+    from serving.bench.load import LoadSpec, run_load
+
+    with setup["serve"](lv.Lever("baseline", "")) as target:
+        models = (target.base, *target.adapters)
+        env = {**os.environ, "OPENAI_API_KEY": target.api_key}
+        spec = stackfile.from_values(setup["values"], stack="gpu")
+        tokenizer = setup["layout"].model_path(spec)
+        argv = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve",
+                "--backend", "vllm", "--base-url", target.endpoint, "--model", target.base,
+                "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len",
+                "32", "--random-output-len", str(MAX_TOKENS), "--ignore-eos",
+                "--max-concurrency", "256", "--num-prompts", "1024", "--lora-modules",
+                *target.adapters, "--save-result", "--result-dir", str(OUT),
+                "--result-filename", "vllm-bench-serve.json"]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=540)
+        (OUT / "vllm-bench-serve.log").write_text(done.stdout[-20000:] + done.stderr[-20000:])
+        cfg = dataclasses.replace(setup["cfg"], endpoint=target.endpoint,
+                                  api_key=target.api_key)
+        lv.warm_up(cfg, models)
+        _, ours = run_load(cfg, LoadSpec(models, 256, 1024, PROCESSES, label="ours c=256"))
+    theirs = {}
+    if (OUT / "vllm-bench-serve.json").is_file():
+        theirs = json.loads((OUT / "vllm-bench-serve.json").read_text())
+    figures = {"vllm_bench_serve_rc": done.returncode,
+               "vllm_bench_serve_output_tok_s": theirs.get("output_throughput"),
+               "ours": ours.to_json()}
+    (OUT / "cross-check.json").write_text(json.dumps(figures, indent=2) + "\n")
+    assert done.returncode == 0, done.stderr[-2000:]
