@@ -79,9 +79,10 @@ def lora_advice(doc: dict[str, Any], source: str) -> list[Advice]:
 
 
 def front_end_advice(doc: dict[str, Any], source: str) -> list[Advice]:
-    rows = doc["rows"]
-    top = max(doc["concurrencies"])
     levers = {lever["name"]: lever for lever in doc["levers"]}
+    # Merged runs may list the counts in any order: the smallest count that pays wins.
+    rows = sorted(doc["rows"], key=lambda r: levers[r["lever"]]["overrides"]["apiServerCount"])
+    top = max(doc["concurrencies"])
     one = rows[0] if rows else None
     ref = one.get(f"all_tok_s_c{top}") if one else None
     if not one or not ref:

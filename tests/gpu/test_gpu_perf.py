@@ -8,8 +8,9 @@ Each test starts its own servers (one per lever) through ``serving.bench.levers`
 - ``test_planner_matches_vllm``: the planner's KV tokens against vLLM's start-up line (goal:
   within 0.5%), vLLM's own memory split (weights, torch peak, CUDA graphs) and the cold-start
   phases from its log, into plan-check.json;
-- ``test_front_end``: 1, 2 and 4 API servers under the same streamed load at 256 concurrent,
-  each with the unstreamed reference (goal: streamed >= 0.9 x unstreamed), front-end.*;
+- ``test_front_end``: 1, 2 and 4 API servers (``EXAONE_GPU_API_SERVERS``) under the same
+  streamed load at 256 concurrent, each with the unstreamed reference (goal: streamed >= 0.9
+  x unstreamed), front-end-<counts>.*;
 - ``test_vllm_bench_serve_cross_check``: vLLM's own `vllm bench serve` and the project's load
   on the same baseline server, client-side figures side by side (cross-check.json);
 - ``test_lora_levers``: the LoRA levers at 1, 5 and 256 concurrent, base and adapters
@@ -126,11 +127,12 @@ def test_front_end(setup: dict[str, Any]) -> None:
     report = lv.run_levers(lv.front_end_levers(counts), setup["serve"], setup["cfg"],
                            kind="front-end", concurrencies=(256,), processes=PROCESSES,
                            unstreamed_reference=True)
-    lv.write_outputs(report, OUT, "front-end")
+    name = "front-end-" + "-".join(map(str, counts))
+    lv.write_outputs(report, OUT, name)
     assert not report.errors, report.errors
-    advice = measured.advice([OUT / "front-end.json"])
-    (OUT / "front-end-advice.json").write_text(json.dumps([a.__dict__ for a in advice],
-                                                          indent=2) + "\n")
+    advice = measured.advice([OUT / f"{name}.json"])
+    (OUT / f"{name}-advice.json").write_text(json.dumps([a.__dict__ for a in advice],
+                                                        indent=2) + "\n")
 
 
 def test_lora_levers(setup: dict[str, Any]) -> None:

@@ -56,8 +56,10 @@ def test_front_end_recommends_the_smallest_count_that_pays() -> None:
     doc = {"kind": "front-end", "concurrencies": [256],
            "levers": [{"name": f"api-server-count {c}",
                        "overrides": {"apiServerCount": c, "runtimeLoraUpdating": False}}
-                      for c in (1, 2, 4)],
+                      for c in (1, 2, 4, 8)],
+           # Merged from two runs: counts out of order.
            "rows": [{"lever": "api-server-count 1", "all_tok_s_c256": 6000.0},
+                    {"lever": "api-server-count 8", "all_tok_s_c256": 12500.0},
                     {"lever": "api-server-count 2", "all_tok_s_c256": 6100.0},
                     {"lever": "api-server-count 4", "all_tok_s_c256": 12000.0,
                      "all_tok_s_c256_unstreamed": 15000.0}]}
