@@ -41,9 +41,10 @@ class Served:
     key_file: Path
 
 
-@contextmanager
-def serve_local_copy(root: Path, name: str, **overrides: Any) -> Iterator[Served]:
-    """Start vLLM on a copy of Pulumi.local.yaml under ``root``; ``overrides`` are config keys."""
+def local_copy(root: Path, name: str, **overrides: Any) -> tuple[dict[str, Any], Spec, Layout,
+                                                                 str, Path]:
+    """The local stack copied under ``root`` (model, adapters, key made there) on a free port:
+    (un-namespaced config values, spec, layout, API key, key file)."""
     if not VLLM_PYTHON.is_file():
         pytest.fail(f"{VLLM_PYTHON} is missing: run `python -m serving local setup --stack local`")
     document = yaml.safe_load(stackfile.stack_path("local").read_text())
@@ -64,6 +65,14 @@ def serve_local_copy(root: Path, name: str, **overrides: Any) -> Iterator[Served
                                  venv_dir=str(VLLM_PYTHON.parent.parent))
     localrun.setup_files(spec, layout, root=root)
     key = secretref.resolve(spec.api_key, root=root)
+    values = {k.split(":", 1)[1]: v for k, v in config.items()}
+    return values, spec, layout, key, key_file
+
+
+@contextmanager
+def serve_local_copy(root: Path, name: str, **overrides: Any) -> Iterator[Served]:
+    """Start vLLM on a copy of Pulumi.local.yaml under ``root``; ``overrides`` are config keys."""
+    _, spec, layout, key, key_file = local_copy(root, name, **overrides)
     server = localrun.LocalServer(spec, layout)
     localrun.start(server, key)
     try:

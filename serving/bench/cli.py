@@ -42,6 +42,28 @@ def summary_table(report: bench.BenchReport) -> Table:
     return table
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def load_table(loads: list) -> Table:
+    """One row per load phase: client against engine tokens/s and what limited them."""
+    table = Table(title="load: client vs engine (vLLM /metrics over the same interval)")
+    for column in ("phase", "conc", "procs", "client tok/s", "engine tok/s", "delivered",
+                   "API server cores", "in engine", "waiting", "client CPU max", "limit"):
+        table.add_column(column, justify="left" if column in ("phase", "limit") else "right")
+    for r in loads:
+        s = r.verdict.signals
+        table.add_row(
+            r.spec.label, str(r.spec.concurrency), str(r.client.processes),
+            f"{r.client.tok_s:.1f}", f"{r.engine.generation_tok_s:.1f}",
+            _share(s.get("delivered_share")), _share(s.get("api_server_cpu_cores")),
+            _share(s.get("engine_in_flight_mean")), _share(s.get("engine_waiting_mean")),
+            _share(s.get("client_cpu_max")), r.verdict.limit,
+        )
+    return table
+
+
 def _floats(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
@@ -115,17 +137,25 @@ def config_from_args(args: argparse.Namespace) -> bench.BenchConfig:
         request_timeout_s=args.request_timeout_s,
         seed=args.seed,
         warmup=args.warmup,
+        api_servers=args.api_servers,
+        processes=args.processes,
+        load_requests=args.load_requests,
+        nostream_reference=args.nostream_reference,
     )
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    modes = args.mode or list(bench.MODES)
+    modes = args.mode or list(bench.DEFAULT_MODES)
     try:
         report = bench.run(cfg, modes)
     except bench.BenchError as exc:
         raise SpecError([Problem(cfg.endpoint, str(exc))]) from None
     out.print(summary_table(report))
+    if report.loads:
+        out.print(load_table(report.loads))
+        for r in report.loads:
+            out.print(f"{r.spec.label}: {r.verdict.limit}: " + "; ".join(r.verdict.reasons))
     if report.sweep:
         bound = f"p95 {cfg.slo_metric} bound {cfg.p95_bound_s:g} s"
         if report.breach_rate is None:
@@ -150,7 +180,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", help="file holding the key (mode 0600)")
     p.add_argument("--models", help="comma-separated; default: base and every adapter served")
     p.add_argument("--mode", action="append", choices=bench.MODES,
-                   help="repeatable; default: all of " + ", ".join(bench.MODES))
+                   help="repeatable; default: " + ", ".join(bench.DEFAULT_MODES))
     p.add_argument("--api", choices=("completions", "chat"), default="completions")
     p.add_argument("--prompt", default=bench.DEFAULT_PROMPT)
     p.add_argument("--max-tokens", type=int, default=64)
@@ -175,6 +205,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1,
                    help="unrecorded requests per model before measuring")
+    p.add_argument("--processes", type=int, default=4,
+                   help="load mode: client processes, each with its own connection pool")
+    p.add_argument("--load-requests", type=int, default=0,
+                   help="load mode: requests in all (default 4 x concurrency)")
+    p.add_argument("--nostream-reference", action="store_true",
+                   help="load mode: also send the same requests unstreamed (the reference)")
+    p.add_argument("--api-servers", type=int, default=1,
+                   help="the server's apiServerCount (the verdict's CPU share per server)")
     p.add_argument("--out", default="bench-results", help="folder for JSON, CSV and PNG")
     p.add_argument("--fail-on-error", action="store_true", help="exit 1 if any request failed")
     p.set_defaults(func=cmd_bench)

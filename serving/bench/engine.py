@@ -12,7 +12,11 @@ Modes:
 - ``concurrent``: every model at once, ``concurrency`` requests in flight;
 - ``sweep``: open-loop arrivals at increasing request rates; p50/p95/p99 and errors per rate,
   and the first rate whose p95 exceeds the stated bound (the sweep stops there);
-- ``mixed``: each request picks a model from a weighted distribution (adapter mix).
+- ``mixed``: each request picks a model from a weighted distribution (adapter mix);
+- ``load``: closed-loop load at ``concurrency`` from ``processes`` processes, every model in
+  turn, with vLLM's own /metrics over the same interval and a verdict on what limited the
+  figure (``serving.bench.load``, ``serving.bench.metrics``); optionally the same requests
+  unstreamed as the reference. Not in the default set: it is meant for high concurrency.
 
 Everything is bounded: request counts per phase, a per-request timeout, and a deadline for
 the whole run after which nothing new starts.
@@ -35,7 +39,8 @@ from typing import Any
 
 import httpx
 
-MODES = ("sequential", "concurrent", "sweep", "mixed")
+MODES = ("sequential", "concurrent", "sweep", "mixed", "load")
+DEFAULT_MODES = MODES[:4]
 METRICS = ("ttft", "itl", "e2e")
 CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 120.0
@@ -220,6 +225,10 @@ class BenchConfig:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_SECONDS
     seed: int = 0
     warmup: int = 1  # unrecorded requests per model first (the first one pays for warm-up)
+    api_servers: int = 1  # the server's --api-server-count (the verdict's CPU share per server)
+    processes: int = 4  # load mode: client processes
+    load_requests: int = 0  # load mode: requests in all; 0: 4 x concurrency
+    nostream_reference: bool = False  # load mode: also the same requests unstreamed
 
     def public(self) -> dict[str, Any]:
         """The configuration as recorded in the JSON report: never the API key."""
@@ -245,6 +254,7 @@ class BenchReport:
     sweep: list[SweepPoint] = field(default_factory=list)
     breach_rate: float | None = None  # first offered rate whose p95 exceeded the bound
     stopped_early: str = ""  # why the run ended before its plan (the deadline)
+    loads: list[Any] = field(default_factory=list)  # load.LoadResult of the load mode
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -257,6 +267,7 @@ class BenchReport:
             "summaries": [asdict(s) for s in self.summaries],
             "sweep": [{"rate": p.rate, "breached": p.breached, **asdict(p.summary)}
                       for p in self.sweep],
+            "load": [load.to_json() for load in self.loads],
             "requests": [{**asdict(r), "tokens_per_s": r.tokens_per_s} for r in self.results],
         }
 
@@ -509,8 +520,22 @@ async def _mixed(run: _Run, models: Sequence[str]) -> None:
                                                   rate=cfg.mix_rate))
 
 
+async def _load(run: _Run, models: Sequence[str]) -> None:
+    from serving.bench.load import LoadSpec, run_load
+
+    cfg = run.cfg
+    requests = cfg.load_requests or 4 * cfg.concurrency
+    for stream in (True, False) if cfg.nostream_reference else (True,):
+        spec = LoadSpec(tuple(models), cfg.concurrency, requests, cfg.processes, stream,
+                        label=f"load c={cfg.concurrency}" + ("" if stream else " unstreamed"))
+        results, outcome = await asyncio.to_thread(run_load, cfg, spec)
+        run.report.results += results
+        run.report.summaries.append(outcome.summary)
+        run.report.loads.append(outcome)
+
+
 _PHASES = {"sequential": _sequential, "concurrent": _concurrent, "sweep": _sweep,
-           "mixed": _mixed}
+           "mixed": _mixed, "load": _load}
 
 
 def _client(cfg: BenchConfig, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
@@ -541,7 +566,7 @@ async def discover_models(client: httpx.AsyncClient) -> tuple[str, ...]:
     return tuple(base + adapters)
 
 
-async def run_async(cfg: BenchConfig, modes: Sequence[str] = MODES, *,
+async def run_async(cfg: BenchConfig, modes: Sequence[str] = DEFAULT_MODES, *,
                     transport: httpx.AsyncBaseTransport | None = None) -> BenchReport:
     unknown = [m for m in modes if m not in _PHASES]
     if unknown:
@@ -564,7 +589,7 @@ async def run_async(cfg: BenchConfig, modes: Sequence[str] = MODES, *,
     return report
 
 
-def run(cfg: BenchConfig, modes: Sequence[str] = MODES, *,
+def run(cfg: BenchConfig, modes: Sequence[str] = DEFAULT_MODES, *,
         transport: httpx.AsyncBaseTransport | None = None) -> BenchReport:
     """Run the benchmark to completion (bounded by ``cfg.max_total_s``)."""
     return asyncio.run(run_async(cfg, modes, transport=transport))
@@ -600,6 +625,8 @@ def write_outputs(report: BenchReport, out_dir: Path) -> list[Path]:
     written.append(path)
     if report.sweep:
         written.append(plot_sweep(report, out_dir / "sweep.png"))
+    if report.loads:
+        written += write_load_outputs(report.loads, out_dir)
     return written
 
 
@@ -623,6 +650,52 @@ def report_from_json(doc: dict[str, Any]) -> BenchReport:
 # A percentile is drawn only where the rate has this many answered requests: a tail estimate
 # needs samples beyond it (with 24 requests, p99 is simply the maximum).
 MIN_SAMPLES_FOR_PERCENTILE = {50: 1, 95: 40, 99: 200}
+
+
+LOAD_FIELDS = ("label", "concurrency", "requests", "processes", "stream", "client_tok_s",
+               "engine_tok_s", "limit", "reasons")
+
+
+def write_load_outputs(loads: Sequence[Any], out_dir: Path) -> list[Path]:
+    """load.csv (one row per load phase: client and engine tok/s, the verdict and its
+    signals) and load.png."""
+    path = out_dir / "load.csv"
+    signal_names = sorted({k for r in loads for k in r.verdict.signals})
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*LOAD_FIELDS, *signal_names])
+        writer.writeheader()
+        for r in loads:
+            row = r.to_json()
+            writer.writerow({**{k: row[k] for k in LOAD_FIELDS},
+                             "reasons": "; ".join(row["reasons"]), **r.verdict.signals})
+    return [path, plot_load(loads, out_dir / "load.png")]
+
+
+def plot_load(loads: Sequence[Any], path: Path) -> Path:
+    """Client-side against engine-side tokens/s per load phase, labelled with the verdict."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.spec.label for r in loads]
+    xs = range(len(loads))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(loads)), 4.2), dpi=110)
+    ax.bar([x - 0.2 for x in xs], [r.client.tok_s for r in loads], 0.4, label="client")
+    ax.bar([x + 0.2 for x in xs], [r.engine.generation_tok_s for r in loads], 0.4,
+           label="engine (vLLM /metrics)")
+    for x, r in zip(xs, loads, strict=True):
+        ax.annotate(r.verdict.limit, (x, max(r.client.tok_s, r.engine.generation_tok_s)),
+                    textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
+    ax.set_xticks(list(xs), labels, fontsize=8, rotation=15)
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("client vs engine throughput; label: what limited it", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_sweep(report: BenchReport, path: Path) -> Path:

@@ -33,7 +33,8 @@ START_DEADLINE_SECONDS = 240.0  # ~35-60 s on 2 cores; the first start also comp
 STOP_DEADLINE_SECONDS = 30.0
 INSTALL_DEADLINE_SECONDS = 1800.0
 ADAPTER_SEED_BASE = 101  # sample adapter i gets seed 101 + i: each answers differently
-ENTRYPOINT_MARK = "vllm.entrypoints.openai.api_server"
+# The module vllm_args starts: the API server, or vLLM's CLI for several API servers.
+ENTRYPOINT_MARKS = ("vllm.entrypoints.openai.api_server", "vllm.entrypoints.cli.main")
 # Passed through from the caller's environment; everything else vLLM sees comes from the spec.
 _PASS_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER")
 # "INFO 12-02 10:21:07 [api_server.py:1234] " and "(APIServer pid=123) " before a log message.
@@ -68,7 +69,7 @@ class LocalServer:
         except OSError:
             return None
         # A recycled pid belongs to someone else: only a vLLM server started from here counts.
-        return pid if ENTRYPOINT_MARK in cmdline else None
+        return pid if any(mark in cmdline for mark in ENTRYPOINT_MARKS) else None
 
     def client(self, api_key: str | None) -> VllmClient:
         return VllmClient(self.endpoint, api_key)

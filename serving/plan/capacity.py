@@ -9,9 +9,9 @@ what vLLM does at start-up (0.32/0.33 source), so the numbers can be checked aga
   slots of ``max-lora-rank`` for *every* LoRA-capable layer, whatever the adapters target:
   the 7 linear layers of each block plus the input embedding and the logits head;
 - KV cache: what is left of ``gpu-memory-utilization`` x GPU memory after weights, LoRA slots
-  and a stated overhead (activation peak of the profile run, CUDA context, non-torch memory),
-  cut into blocks of ``block_size`` tokens; the CPU build takes VLLM_CPU_KVCACHE_SPACE GiB
-  as is;
+  and what vLLM's profile reserves (activation peak, CUDA graphs, non-torch memory:
+  ``vllm_overhead``), cut into blocks of ``block_size`` tokens; the CPU build takes
+  VLLM_CPU_KVCACHE_SPACE GiB as is;
 - token capacity and concurrency exactly as vLLM logs them ("GPU/CPU KV cache size: N tokens,
   Maximum concurrency for L tokens per request: Xx").
 """
@@ -39,18 +39,33 @@ GB = 10**9
 
 # Azure and NVIDIA sell the H100 NVL as "94 GB"; CUDA reports 93.0 GiB of total capacity,
 # which is what vLLM multiplies by --gpu-memory-utilization.
-GPU_VISIBLE_GIB = {"H100 NVL": 93.0}
+# An H200 (141 GB) reported 139.8 GiB to vLLM on the measured host.
+GPU_VISIBLE_GIB = {"H100 NVL": 93.0, "H200": 139.8}
 
 # vLLM's default KV block size: 16 tokens for the CUDA attention backends; the CPU build
 # switches to 128 (vllm/platforms/cpu.py) unless --block-size is given.
 GPU_BLOCK_SIZE = 16
 CPU_BLOCK_SIZE = 128
 
-# Per GPU, what vLLM's memory profile takes besides weights, LoRA slots and KV cache: the
-# activation peak of the profile run at max-num-batched-tokens, the CUDA context and other
-# non-torch allocations. Measured for 2.4B on an H200 at utilization 0.5: 1.9 GiB; 2.5 GiB
-# leaves room for the larger activations of 7.8B/32B. Override per plan where measured.
-DEFAULT_GPU_OVERHEAD_GIB = 2.5
+# Per GPU, what vLLM's start-up profile reserves besides weights (LoRA buffers included) and
+# the KV cache, the way vLLM >= 0.21 counts it (v1/worker/gpu_worker.py,
+# determine_available_memory): the activation peak of a dummy forward pass at
+# max-num-batched-tokens (torch peak increase), the memory of the CUDA graphs it will capture
+# (estimated and subtracted by default since 0.21), and non-torch allocations (cuBLAS/cuDNN
+# workspaces, NCCL). See ``vllm_overhead``. The activation peak follows from the model's
+# shapes; CUDA graphs and non-torch cannot be derived from shapes alone: their sum per layer
+# is what an H200 with vLLM 0.25.1 showed for EXAONE-3.5-2.4B at the dev stack's argv
+# (0.93 GiB in all, of which the activation formula gives 0.41 GiB), split by the usual
+# 0.25 GiB of non-torch memory. The GPU tier reads vLLM's own split from its log.
+NON_TORCH_GIB = 0.25
+CUDA_GRAPH_BYTES_PER_LAYER = int(9.3 * 2**20)
+# vLLM's --max-num-batched-tokens default for the OpenAI server (engine/arg_utils.py): 16384
+# on GPUs with >= 160 GiB, 8192 on H100/H200-class (>= 70 GiB, not A100), 2048 below.
+def default_max_num_batched_tokens(gpu_memory_bytes: int) -> int:
+    if gpu_memory_bytes >= 160 * GiB:
+        return 16384
+    return 8192 if gpu_memory_bytes >= 70 * GiB else 2048
+
 
 # vLLM's --max-num-seqs defaults for the OpenAI server: 1024 on H100-class GPUs (>= 70 GiB,
 # not A100), 128 per CPU worker (vllm/engine/arg_utils.py).
@@ -211,7 +226,51 @@ class PlanInput:
     tensor_parallel_size: int = 1
     cpu_kv_cache_gib: int = 0  # the CPU build's VLLM_CPU_KVCACHE_SPACE
     block_size: int = 0  # 0: vLLM's default for the device
-    overhead_bytes: int = int(DEFAULT_GPU_OVERHEAD_GIB * GiB)
+    overhead_bytes: int | None = None  # None: modelled (vllm_overhead); else as stated
+    max_num_batched_tokens: int = 0  # 0: vLLM's default for the GPU
+
+
+@dataclass(frozen=True)
+class Overhead:
+    """What vLLM's start-up profile reserves on one GPU besides weights and KV cache."""
+
+    activation_bytes: int  # torch peak increase of the profile run
+    cuda_graph_bytes: int
+    non_torch_bytes: int
+    batched_tokens: int  # max-num-batched-tokens the profile ran at
+    stated: bool = False  # True: one figure given by the caller, not modelled
+
+    @property
+    def total(self) -> int:
+        return self.activation_bytes + self.cuda_graph_bytes + self.non_torch_bytes
+
+
+def activation_peak_bytes(dims: ModelDims, dtype: str, tp: int, *, batched_tokens: int,
+                          max_num_seqs: int) -> int:
+    """The larger of vLLM's two dummy runs: the forward pass over ``batched_tokens`` tokens
+    (the residual and normed hidden states, and the MLP's gate/up output beside its
+    activation: 2 x hidden + 3 x FFN per token, the FFN sharded over TP) and the sampler run
+    over ``max_num_seqs`` rows of float32 logits (the vocabulary sharded over TP)."""
+    forward = batched_tokens * (2 * dims.hidden_size + 3 * dims.intermediate_size // tp)
+    sampler = max_num_seqs * _pad(dims.vocab_size, VOCAB_PADDING * tp) // tp * 4
+    return max(forward * dtype_bytes(dtype), sampler)
+
+
+def vllm_overhead(p: PlanInput) -> Overhead:
+    """The non-KV, non-weight memory vLLM reserves at start-up on one GPU (see the
+    constants); a stated ``overhead_bytes`` replaces the model."""
+    hw = p.hardware
+    tokens = p.max_num_batched_tokens or default_max_num_batched_tokens(hw.gpu_memory_bytes)
+    if p.overhead_bytes is not None:
+        return Overhead(p.overhead_bytes, 0, 0, tokens, stated=True)
+    seqs = p.max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS["gpu"]
+    return Overhead(
+        activation_bytes=activation_peak_bytes(p.dims, p.dtype, p.tensor_parallel_size,
+                                               batched_tokens=tokens, max_num_seqs=seqs),
+        cuda_graph_bytes=p.dims.num_layers * CUDA_GRAPH_BYTES_PER_LAYER,
+        non_torch_bytes=int(NON_TORCH_GIB * GiB),
+        batched_tokens=tokens,
+    )
 
 
 @dataclass(frozen=True)
@@ -250,6 +309,7 @@ class Plan:
     host_lora_bytes: int  # the largest max-cpu-loras adapters of the set
     host_lora_bytes_worst: int  # max-cpu-loras adapters at max-lora-rank on all modules
     max_num_seqs_default: int
+    overhead: Overhead | None = None  # the GPU's breakdown; None on the CPU
     shortfalls: tuple[Shortfall, ...] = field(default_factory=tuple)
 
     @property
@@ -296,12 +356,14 @@ def plan(p: PlanInput) -> Plan:
     if hw.device == "cpu":
         block = p.block_size or CPU_BLOCK_SIZE
         budget = p.cpu_kv_cache_gib * GiB
+        breakdown = None
         overhead = 0
         available = budget  # the CPU build takes the KV space as given, beside the weights
     else:
         block = p.block_size or GPU_BLOCK_SIZE
         budget = int(p.gpu_memory_utilization * hw.gpu_memory_bytes)
-        overhead = p.overhead_bytes
+        breakdown = vllm_overhead(p)
+        overhead = breakdown.total
         available = budget - weights - slots - overhead
     kv = kv_capacity(
         available, per_token_bytes=per_token_gpu, block_size=block, max_model_len=p.max_model_len
@@ -325,6 +387,7 @@ def plan(p: PlanInput) -> Plan:
         host_lora_bytes=host,
         host_lora_bytes_worst=worst,
         max_num_seqs_default=VLLM_DEFAULT_MAX_NUM_SEQS[hw.device],
+        overhead=breakdown,
     )
     return replace(result, shortfalls=tuple(_shortfalls(result)))
 

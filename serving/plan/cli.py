@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.table import Table
@@ -17,7 +18,17 @@ from serving.console import console, literal
 from serving.plan import capacity
 from serving.plan.capacity import GB, AdapterInput, GiB, Hardware, Plan, PlanInput, Recommendation
 from serving.stack import stackfile, vllm_flags
-from serving.stack.catalog import EXAONE_LORA_MODULES, EXAONE_MODELS, TINY_MODEL_DIMS, ModelDims
+from serving.stack.catalog import (
+    COLD_START_MEASURED_ON,
+    COLD_START_PHASES,
+    COLD_START_TOTAL_S,
+    EXAONE_LORA_MODULES,
+    EXAONE_MODELS,
+    GPU_SKUS,
+    MEASURED_GPUS,
+    TINY_MODEL_DIMS,
+    ModelDims,
+)
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
 
@@ -80,15 +91,22 @@ def _adapter_targets(spec: Spec, root: Path) -> dict[str, tuple[str, ...]]:
 
 
 def plan_input(
-    spec: Spec, *, root: Path = stackfile.ROOT, overhead_gib: float | None = None
+    spec: Spec, *, root: Path = stackfile.ROOT, overhead_gib: float | None = None,
+    gpu: str | None = None,
 ) -> PlanInput | None:
-    """The planner's input for ``spec``; None when the model's dimensions are unknown."""
+    """The planner's input for ``spec``; None when the model's dimensions are unknown.
+    ``gpu`` names a measured GPU (``MEASURED_GPUS``) to plan on instead of the stack's VM."""
     known = model_dims(spec, root)
     if known is None:
         return None
     dims, config_dtype, _ = known
     vllm = spec.vllm
-    hardware = Hardware.local_cpu() if vllm.cpu else Hardware.from_sku(spec.vm.sku)
+    if vllm.cpu:
+        hardware = Hardware.local_cpu()
+    elif gpu:
+        hardware = Hardware.from_sku(MEASURED_GPUS[gpu])
+    else:
+        hardware = Hardware.from_sku(spec.vm.sku)
     dtype = capacity.resolve_dtype(
         spec.model.dtype, config_dtype=config_dtype, device=hardware.device
     )
@@ -105,7 +123,7 @@ def plan_input(
         )
         for a in spec.adapters
     )
-    overhead = capacity.DEFAULT_GPU_OVERHEAD_GIB if overhead_gib is None else overhead_gib
+    batched = vllm_flags.value_of(vllm.extra_args, "--max-num-batched-tokens")
     return PlanInput(
         model_id=spec.model.id,
         dims=dims,
@@ -122,7 +140,8 @@ def plan_input(
         tensor_parallel_size=vllm.tensor_parallel_size,
         cpu_kv_cache_gib=vllm.cpu_kv_cache_gb,
         block_size=int(block) if block and block.isdigit() else 0,
-        overhead_bytes=int(overhead * GiB),
+        overhead_bytes=None if overhead_gib is None else int(overhead_gib * GiB),
+        max_num_batched_tokens=int(batched) if batched and batched.isdigit() else 0,
     )
 
 
@@ -279,8 +298,14 @@ def breakdown_rows(spec: Spec, r: Plan) -> list[tuple[str, str, str]]:
         f"{p.max_lora_rank} (all layers + embedding + head)"
     )))
     if hw.device == "gpu":
-        rows.append(("overhead", _gib(r.overhead_bytes_per_gpu),
-                     "activation peak, CUDA context, non-torch (stated)"))
+        o = r.overhead
+        if o is None or o.stated:
+            how = "activation peak, CUDA graphs, non-torch (stated)"
+        else:
+            how = (f"activation peak {_size(o.activation_bytes)} (profile run at "
+                   f"{_num(o.batched_tokens)} batched tokens) + CUDA graphs "
+                   f"{_size(o.cuda_graph_bytes)} + non-torch {_size(o.non_torch_bytes)}")
+        rows.append(("overhead", _gib(r.overhead_bytes_per_gpu), how))
         rows.append(("KV cache", _gib(max(0, r.kv_available_bytes)), (
             f"{p.gpu_memory_utilization:g} x {hw.gpu_memory_bytes / GiB:.1f} GiB = "
             f"{_gib(r.budget_bytes_per_gpu)} minus the above"
@@ -304,6 +329,27 @@ def breakdown_rows(spec: Spec, r: Plan) -> list[tuple[str, str, str]]:
     )
     rows.append(("host RAM for adapters", _size(r.host_lora_bytes), host_note))
     rows.append(("fits", "yes" if r.fits else "NO", "; ".join(s.detail for s in r.shortfalls)))
+    return rows
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
+def cold_start_rows(r: Plan) -> list[tuple[str, str, str, str]]:
+    """(phase, cold, with the compile cache, note): the phases measured on a GPU, the
+    weights' size for the download, and the adapters of this plan."""
+    rows = []
+    for phase in COLD_START_PHASES:
+        note = phase.note
+        if phase.name == "download":
+            note = f"{_size(r.weight_bytes_per_gpu * r.input.tensor_parallel_size)}; " + note
+        if phase.name == "adapters":
+            note = f"{len(r.adapters)} in the set; " + note
+        rows.append((phase.name, _secs(phase.cold_s), _secs(phase.cached_s), note))
+    cold, cached = COLD_START_TOTAL_S
+    rows.append(("start to /health", _secs(cold), _secs(cached),
+                 f"measured on {COLD_START_MEASURED_ON}"))
     return rows
 
 
@@ -339,11 +385,19 @@ def _rich_tables(spec: Spec, r: Plan, rec: Recommendation | None) -> list[Table]
         s.add_column(column)
     for row in recommendation_rows(spec, rec):
         s.add_row(*row)
-    return [t, s]
+    if r.input.hardware.device != "gpu":
+        return [t, s]
+    c = Table(title=f"{spec.stack}: cold start, phase by phase ({COLD_START_MEASURED_ON})")
+    for column in ("phase", "cold", "compile cache kept", "note"):
+        c.add_column(column, justify="right" if column in ("cold", "compile cache kept")
+                     else "left")
+    for row in cold_start_rows(r):
+        c.add_row(*row)
+    return [t, s, c]
 
 
 def markdown(spec: Spec, r: Plan, rec: Recommendation | None) -> str:
-    def table(header: tuple[str, ...], rows: list[tuple[str, str, str]]) -> str:
+    def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
         return "\n".join(lines)
@@ -353,6 +407,9 @@ def markdown(spec: Spec, r: Plan, rec: Recommendation | None) -> str:
                            recommendation_rows(spec, rec))
     if rec and rec.reasons:
         text += "\n\n" + "\n".join(f"- {reason}" for reason in rec.reasons)
+    if r.input.hardware.device == "gpu":
+        text += "\n\n" + table(("phase", "cold", "compile cache kept", "note"),
+                               cold_start_rows(r))
     return text + "\n"
 
 
@@ -370,12 +427,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     problems: list[Problem] = []
     docs: list[str] = []
     for spec, where in zip(specs, wheres, strict=True):
-        p = plan_input(spec, overhead_gib=args.overhead_gib)
+        p = plan_input(spec, overhead_gib=args.overhead_gib, gpu=args.gpu)
         if p is None:
             problems += fit_problems(spec, where=where, overhead_gib=args.overhead_gib)
             continue
         result = capacity.plan(p)
-        rec = capacity.recommend(p)
+        skus = [MEASURED_GPUS[args.gpu], *GPU_SKUS.values()] if args.gpu else None
+        rec = capacity.recommend(p, skus)
         for table in _rich_tables(spec, result, rec):
             out.print(table)
         if rec and rec.reasons:
@@ -383,6 +441,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 out.print(literal(f"  - {reason}"))
         docs.append(markdown(spec, result, rec))
         problems += fit_problems(spec, where=where, overhead_gib=args.overhead_gib)
+    if args.measured:
+        from serving.plan import measured
+
+        try:
+            found = measured.advice([Path(m) for m in args.measured])
+        except (OSError, ValueError, KeyError) as exc:
+            raise SpecError([Problem("--measured", str(exc))]) from None
+        m = Table(title="recommended from measurements")
+        for column in ("setting", "value", "why", "from"):
+            m.add_column(column)
+        for a in found:
+            m.add_row(a.setting, a.value, a.reason, a.source)
+        out.print(m if found else "measurements: no lever beat the baseline by "
+                  f"{measured.WIN_MARGIN:.0%}; keep the configured settings")
+        docs.append("### recommended from measurements\n\n" + "\n".join(
+            f"- {a.setting} = {a.value}: {a.reason} ({a.source})" for a in found) + "\n")
     if args.markdown:
         path = Path(args.markdown)
         try:
@@ -406,9 +480,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     group.add_argument("--all", action="store_true", help="every checked-in stack")
     p.add_argument(
         "--overhead-gib", type=float, default=None,
-        help=f"per-GPU overhead besides weights, LoRA and KV (default "
-        f"{capacity.DEFAULT_GPU_OVERHEAD_GIB})",
+        help="per-GPU overhead besides weights, LoRA and KV, as one figure (default: "
+        "modelled from what vLLM reserves: activation peak, CUDA graphs, non-torch)",
     )
+    p.add_argument("--gpu", choices=sorted(MEASURED_GPUS),
+                   help="plan on a GPU the project measured instead of the stack's vmSize")
+    p.add_argument("--measured", nargs="+", metavar="JSON",
+                   help="bench results (levers.json, front-end.json, bench.json): recommend "
+                   "what they measured to win")
     p.add_argument("--markdown", metavar="FILE", help="also write the tables as markdown")
     p.set_defaults(func=cmd_plan)
     return p

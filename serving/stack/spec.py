@@ -19,6 +19,7 @@ from serving.stack.catalog import (
     ALLOWED_LORA_RANKS,
     EXAONE_MODELS,
     GPU_SKUS,
+    MAX_API_SERVER_COUNT,
     MIN_VLLM_VERSION,
     OPEN_SOURCES,
     REFUSED_VM_IMAGES,
@@ -335,6 +336,7 @@ class VllmSpec(_Frozen):
     max_lora_rank: Int = Field(alias="maxLoraRank", ge=0)
     max_model_len: Int = Field(alias="maxModelLen", ge=16, le=32768)
     max_num_seqs: Int = Field(alias="maxNumSeqs", ge=0, le=4096)
+    api_server_count: Int = Field(alias="apiServerCount", ge=1, le=MAX_API_SERVER_COUNT)
     gpu_memory_utilization: Annotated[float, AfterValidator(_fraction)] = Field(
         alias="gpuMemoryUtilization"
     )
@@ -543,7 +545,13 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
             )
 
     problems += fleet_checks(spec, key)
-
+    if vllm.api_server_count > 1 and vllm.runtime_lora_updating:
+        # vLLM refuses to start (cli/serve.py): runtime LoRA loads reach one API server only.
+        bad(
+            "apiServerCount",
+            f"{vllm.api_server_count} API servers cannot serve runtime adapter loads "
+            "(runtimeLoraUpdating is on); allowed: 1, or runtimeLoraUpdating false",
+        )
     if vllm.runtime_lora_updating and spec.api_key.kind == "none":
         bad(
             "apiKey",

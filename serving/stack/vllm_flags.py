@@ -40,6 +40,7 @@ OWNED: dict[str, tuple[tuple[str, ...], str]] = {
     "dtype": (("--dtype",), "dtype"),
     "max_model_len": (("--max-model-len",), "maxModelLen"),
     "max_num_seqs": (("--max-num-seqs",), "maxNumSeqs"),
+    "api_server_count": (("--api-server-count", "-asc"), "apiServerCount"),
     "gpu_memory_utilization": (
         ("--gpu-memory-utilization", "--device-memory-utilization"),
         "gpuMemoryUtilization",

@@ -67,7 +67,7 @@ def test_benchmark_all_modes_on_the_cpu_server(served: Served, tmp_path: Path) -
     report = bench.run(cfg)
     assert report.models == ("exaone-tiny", "tone-formal", "tone-casual")
     phases = {r.phase for r in report.results}
-    assert phases == set(bench.MODES)
+    assert phases == set(bench.DEFAULT_MODES)
     assert not report.stopped_early and report.breach_rate is None
 
     # No errors at this load, and every count agrees: usage = the stream's own tokens =
@@ -84,7 +84,7 @@ def test_benchmark_all_modes_on_the_cpu_server(served: Served, tmp_path: Path) -
             assert s.p(metric, 50) <= s.p(metric, 95) <= s.p(metric, 99), (s, metric)
     by_phase = {
         phase: sum(r.completion_tokens for r in report.results if r.phase == phase)
-        for phase in bench.MODES
+        for phase in bench.DEFAULT_MODES
     }
     totals = {s.phase: s.output_tokens for s in report.summaries
               if s.group == "all" or s.phase == "sweep"}
@@ -130,3 +130,43 @@ def test_fabric_task_engine_benchmarks_a_host(served: Served, tmp_path: Path) ->
     assert all(r.ok and r.completion_tokens == 4 for r in report.results)
     assert len(report.results) == 3  # base and both adapters
     assert files[0] == tmp_path / served.spec.stack / "127.0.0.1" / "bench.json"
+
+
+def test_load_mode_engine_counters_match_what_the_clients_received(served: Served,
+                                                                   tmp_path: Path) -> None:
+    """Several client processes, vLLM's /metrics over the same interval: the engine's
+    generated and prompt tokens and finished requests equal the clients' own counts."""
+    requests = 8
+    cfg = bench.BenchConfig(
+        endpoint=served.server.endpoint, api_key=served.key, max_tokens=MAX_TOKENS,
+        concurrency=4, processes=2, load_requests=requests, nostream_reference=True,
+        request_timeout_s=60, max_total_s=240,
+    )
+    report = bench.run(cfg, ["load"])
+    streamed, unstreamed = report.loads
+    assert streamed.spec.stream and not unstreamed.spec.stream
+    for load in report.loads:
+        mine = [r for r in report.results if r.phase == load.spec.label]
+        assert len(mine) == requests and [r.error for r in mine if not r.ok] == []
+        assert {r.model for r in mine} == set(report.models)
+        assert load.engine.generation_tokens == sum(r.completion_tokens for r in mine) \
+            == requests * MAX_TOKENS
+        assert load.engine.prompt_tokens == sum(r.prompt_tokens for r in mine)
+        assert load.engine.requests_finished == requests
+        assert load.engine.api_cpu_s is not None and load.engine.api_cpu_s > 0
+        # A request's time in vLLM's scheduler is part of its time at the client.
+        held = load.verdict.signals["engine_held_share"]
+        assert held is not None and 0 < held <= 1.0
+        assert len(load.client.cpu_shares) == 2
+        assert load.verdict.limit in ("engine", "front-end", "client", "unknown")
+        assert load.verdict.reasons
+    assert all(r.ttft_s is None for r in report.results if r.phase == unstreamed.spec.label)
+
+    written = bench.write_outputs(report, tmp_path)
+    assert {p.name for p in written} >= {"bench.json", "load.csv", "load.png"}
+    with (tmp_path / "load.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["label"] for r in rows] == [streamed.spec.label, unstreamed.spec.label]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert [d["limit"] for d in doc["load"]] == [streamed.verdict.limit,
+                                                unstreamed.verdict.limit]

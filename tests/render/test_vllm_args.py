@@ -126,3 +126,54 @@ def test_local_paths_resolve_against_the_checkout() -> None:
     place = layout.local(Path("/srv/checkout"))
     argv = vllm_args.args(spec, place)
     assert flag_value(argv, "--model") == "/srv/checkout/.local/models/exaone-3.5-tiny"
+
+
+# --- apiServerCount: vLLM's --api-server-count --------------------------------------------
+
+
+def _dev(**overrides: object):
+    document = stackfile.stack_path("dev").read_text()
+    import yaml
+
+    config = yaml.safe_load(document)["config"]
+    values = {k.split(":", 1)[1]: v for k, v in config.items()}
+    return stackfile.from_values({**values, **overrides}, stack="asc")
+
+
+def test_one_api_server_keeps_the_api_server_module_and_no_flag() -> None:
+    spec = _dev()
+    argv = vllm_args.command(spec, layout.VM)
+    assert spec.vllm.api_server_count == 1
+    assert "--api-server-count" not in argv
+    assert tuple(argv[1:3]) == vllm_args.ENTRYPOINT
+
+
+def test_several_api_servers_go_through_vllm_serve() -> None:
+    spec = _dev(apiServerCount=4, runtimeLoraUpdating=False)
+    argv = vllm_args.command(spec, layout.VM)
+    assert flag_value(argv, "--api-server-count") == "4"
+    assert tuple(argv[1:3]) == vllm_args.SERVE_ENTRYPOINT
+    # The launcher is one valid Python statement list, and the unit keeps it one word.
+    compile(argv[2], "<launcher>", "exec")
+    import shlex
+
+    from serving.render import systemd_unit as su
+
+    words = [w.replace("%%", "%").replace("$$", "$")
+             for w in shlex.split(su.exec_line(argv).replace("\\\n", " "))]
+    assert words == argv
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"apiServerCount": 2}, "runtimeLoraUpdating is on"),
+    ({"apiServerCount": 0, "runtimeLoraUpdating": False}, "greater than or equal to 1"),
+    ({"apiServerCount": 17, "runtimeLoraUpdating": False}, "less than or equal to 16"),
+    ({"vllmExtraArgs": ["--api-server-count", "2"]}, "set its own key instead"),
+], ids=["with-runtime-lora", "zero", "too-many", "extra-args"])
+def test_api_server_count_is_validated(overrides: dict, message: str) -> None:
+    from serving.stack.errors import SpecError
+
+    with pytest.raises(SpecError) as caught:
+        _dev(**overrides)
+    assert message in str(caught.value)
+    assert "apiServerCount" in str(caught.value) or "vllmExtraArgs" in str(caught.value)
