@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from serving.bench import levers as lv  # noqa: E402
 from serving.bench.engine import BenchConfig  # noqa: E402
+from serving.local import lever_server  # noqa: E402
 from serving.local import run as localrun  # noqa: E402
 from serving.stack import layout as layouts  # noqa: E402
 from serving.stack import secretref, stackfile  # noqa: E402
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     key = secretref.resolve(spec.api_key, root=ROOT, stack=spec.stack)
     # A free port: other checkouts on this machine may serve the local stack's own.
     values = {**local_values(), "vllmPort": free_port()}
-    serve = lv.spec_server(values, layout, key, stack="local")
+    serve = lever_server.spec_server(values, layout, key, stack="local")
     cfg = BenchConfig(endpoint="", max_tokens=args.max_tokens, warmup=0,
                       request_timeout_s=300, max_total_s=1800)
     if args.kind == "lora":

@@ -379,37 +379,3 @@ def plot(doc: Doc, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-# --- servers -------------------------------------------------------------------------------
-
-
-def spec_server(values: dict[str, Any], layout: Any, api_key: str, *, stack: str,
-                extra_env: dict[str, str] | None = None,
-                deadline_s: float | None = None) -> Serve:
-    """A ``Serve`` that starts vLLM the way the project does (``vllm_args`` through
-    ``serving.local.run``) for the stack ``values`` (un-namespaced config keys) plus the
-    lever, on ``layout``, and stops it after."""
-    import time
-    from contextlib import contextmanager
-
-    from serving.local import run as localrun
-    from serving.stack import stackfile
-
-    @contextmanager
-    def serve(lever: Lever) -> Iterator[Target]:
-        merged = {**values, **lever.overrides}
-        if lever.extra_args:
-            merged["vllmExtraArgs"] = [*values.get("vllmExtraArgs", []), *lever.extra_args]
-        spec = stackfile.from_values(merged, stack=stack)
-        server = localrun.LocalServer(spec, layout)
-        started = time.monotonic()
-        kwargs = {} if deadline_s is None else {"deadline_s": deadline_s}
-        localrun.start(server, api_key, extra_env={**(extra_env or {}), **lever.env}, **kwargs)
-        try:
-            yield Target(server.endpoint, api_key, spec.model.served_name,
-                         tuple(a.name for a in spec.adapters), time.monotonic() - started)
-        finally:
-            localrun.stop(server)
-
-    return serve

@@ -19,6 +19,7 @@ from local_server import local_copy
 
 from serving.bench import levers as lv
 from serving.bench.engine import BenchConfig
+from serving.local import lever_server
 from serving.plan import measured
 
 pytestmark = pytest.mark.integration
@@ -28,7 +29,7 @@ MAX_TOKENS = 12
 
 def test_two_api_servers_start_serve_and_count_together(tmp_path: Path) -> None:
     values, _, layout, key, _ = local_copy(tmp_path, "fe")
-    serve = lv.spec_server(values, layout, key, stack="fe")
+    serve = lever_server.spec_server(values, layout, key, stack="fe")
     cfg = BenchConfig(endpoint="", max_tokens=MAX_TOKENS, request_timeout_s=120,
                       max_total_s=600)
     report = lv.run_levers(lv.front_end_levers((2,)), serve, cfg, kind="front-end",
@@ -51,7 +52,7 @@ def test_two_api_servers_start_serve_and_count_together(tmp_path: Path) -> None:
 
 def test_levers_restart_the_server_and_a_refused_lever_is_a_row(tmp_path: Path) -> None:
     values, _, layout, key, _ = local_copy(tmp_path, "lv")
-    serve = lv.spec_server(values, layout, key, stack="lv", deadline_s=300)
+    serve = lever_server.spec_server(values, layout, key, stack="lv", deadline_s=300)
     cfg = BenchConfig(endpoint="", max_tokens=MAX_TOKENS, request_timeout_s=120,
                       max_total_s=600)
     levers = [lv.Lever("baseline", "as configured"),

@@ -37,6 +37,7 @@ from test_gpu_adapters import _PASS, ADAPTERS, OUT, _prepare, _require_gpu, _val
 
 from serving.bench import levers as lv
 from serving.bench.engine import BenchConfig
+from serving.local import lever_server
 from serving.plan import capacity, measured
 from serving.plan import cli as plan_cli
 from serving.stack import stackfile
@@ -82,8 +83,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     digests = {n: folder_digest(Path(layout.adapters_dir) / n / "1") for n in ADAPTERS}
     values = _values(root, vllm.__version__, digests)
     values.update({"vllmPort": PORT, "maxModelLen": 8192, "gpuMemoryUtilization": "0.90"})
-    serve = lv.spec_server(values, layout, key, stack="gpu", deadline_s=START_DEADLINE_SECONDS,
-                           extra_env={k: os.environ[k] for k in _PASS if k in os.environ})
+    serve = lever_server.spec_server(
+        values, layout, key, stack="gpu", deadline_s=START_DEADLINE_SECONDS,
+        extra_env={k: os.environ[k] for k in _PASS if k in os.environ})
     cfg = BenchConfig(endpoint="", max_tokens=MAX_TOKENS, request_timeout_s=300,
                       max_total_s=900)
     OUT.mkdir(parents=True, exist_ok=True)

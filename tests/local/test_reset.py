@@ -29,7 +29,7 @@ def test_reset_forgets_runtime_state_and_keeps_what_setup_made(tmp_path: Path) -
         (state / name).mkdir(parents=True)
     # A vLLM-looking process that this checkout did not start: no pid file names it.
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                              localrun.ENTRYPOINT_MARK])
+                              localrun.ENTRYPOINT_MARKS[0]])
     try:
         done = localrun.reset(server)
         assert other.poll() is None, "reset stopped a server it did not start"

@@ -168,7 +168,7 @@ def test_several_api_servers_go_through_vllm_serve() -> None:
     ({"apiServerCount": 2}, "runtimeLoraUpdating is on"),
     ({"apiServerCount": 0, "runtimeLoraUpdating": False}, "greater than or equal to 1"),
     ({"apiServerCount": 17, "runtimeLoraUpdating": False}, "less than or equal to 16"),
-    ({"vllmExtraArgs": ["--api-server-count", "2"]}, "set its own key instead"),
+    ({"vllmExtraArgs": ["--api-server-count", "2"]}, "set apiServerCount instead"),
 ], ids=["with-runtime-lora", "zero", "too-many", "extra-args"])
 def test_api_server_count_is_validated(overrides: dict, message: str) -> None:
     from serving.stack.errors import SpecError
