@@ -44,7 +44,7 @@ def test_demo_runs_again_beside_what_was_done_by_hand(tmp_path: Path,
         "current": {"version": "1", "path": str(by_hand), "at": 0.0}, "history": []}}}
     (state / "adapters.json").write_text(json.dumps(record))
     theirs = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)",
-                               localrun.ENTRYPOINT_MARK])
+                               localrun.ENTRYPOINT_MARKS[0]])
     (state / "vllm.pid").write_text(f"{theirs.pid}\n")
     try:
         for run in (1, 2):

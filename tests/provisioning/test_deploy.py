@@ -5,6 +5,7 @@ deploy, no-change re-deploy, SIGKILL, a cut session, bad adapters, status, teard
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -196,7 +197,9 @@ def test_bad_adapter_stops_before_the_unit_changes(env: DeployEnv, fault: str) -
     if fault == "sha256":
         folder = _upload_version(env, "tone-casual", "7", 16, 301)
         entry = env.adapter_entry("tone-casual", "7", 16, folder)
-        entry["sha256"] = "0" * 64
+        # A digest of other bytes (not a filler like 0*64, which the gate refuses up front):
+        # only fetching the blob shows the mismatch.
+        entry["sha256"] = hashlib.sha256(b"other bytes").hexdigest()
     else:
         # The blob holds a rank-32 adapter; the stack declares 16 and caps vLLM at 16.
         folder = _upload_version(env, "tone-casual", "8", 32, 302)
