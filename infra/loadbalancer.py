@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import pulumi
 from pulumi_azure_native import network
 
+from infra.network import static_public_ip
 from serving.stack.balancer import IDLE_TIMEOUT_MINUTES, PROBE_INTERVAL_SECONDS, PROBE_THRESHOLD
 
 FRONTEND = "api"
@@ -60,15 +61,8 @@ class ApiBalancer(pulumi.ComponentResource):
 
         self.public_ip: network.PublicIPAddress | None = None
         if args.kind == "public":
-            self.public_ip = network.PublicIPAddress(
-                f"{name}-ip",
-                resource_group_name=args.resource_group_name,
-                location=args.location,
-                sku=network.PublicIPAddressSkuArgs(name=network.PublicIPAddressSkuName.STANDARD),
-                public_ip_allocation_method=network.IPAllocationMethod.STATIC,
-                tags=args.tags,
-                opts=child,
-            )
+            self.public_ip = static_public_ip(f"{name}-ip", args.resource_group_name,
+                                              args.location, args.tags, child)
             frontend = network.FrontendIPConfigurationArgs(
                 name=FRONTEND,
                 public_ip_address=network.PublicIPAddressArgs(id=self.public_ip.id))

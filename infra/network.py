@@ -12,6 +12,21 @@ from serving.stack.balancer import AZURE_PROBE_TAG
 SSH_PORT = 22
 
 
+
+def static_public_ip(name: str, resource_group_name: pulumi.Input[str],
+                     location: pulumi.Input[str], tags: pulumi.Input[dict[str, str]],
+                     opts: pulumi.ResourceOptions) -> network.PublicIPAddress:
+    """A Standard, static public IP (what a NAT gateway and a Standard load balancer need)."""
+    return network.PublicIPAddress(
+        name,
+        resource_group_name=resource_group_name,
+        location=location,
+        sku=network.PublicIPAddressSkuArgs(name=network.PublicIPAddressSkuName.STANDARD),
+        public_ip_allocation_method=network.IPAllocationMethod.STATIC,
+        tags=tags,
+        opts=opts,
+    )
+
 @dataclass(frozen=True)
 class NetworkArgs:
     resource_group_name: pulumi.Input[str]
@@ -100,15 +115,8 @@ class Network(pulumi.ComponentResource):
             )
         self.nat: network.NatGateway | None = None
         if args.with_nat:
-            nat_ip = network.PublicIPAddress(
-                f"{name}-nat-ip",
-                resource_group_name=args.resource_group_name,
-                location=args.location,
-                sku=network.PublicIPAddressSkuArgs(name=network.PublicIPAddressSkuName.STANDARD),
-                public_ip_allocation_method=network.IPAllocationMethod.STATIC,
-                tags=args.tags,
-                opts=child,
-            )
+            nat_ip = static_public_ip(f"{name}-nat-ip", args.resource_group_name, args.location,
+                                      args.tags, child)
             self.nat = network.NatGateway(
                 f"{name}-nat",
                 resource_group_name=args.resource_group_name,
