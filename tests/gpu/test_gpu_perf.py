@@ -97,6 +97,29 @@ def _log(setup: dict[str, Any]) -> str:
     return (Path(setup["layout"].state_dir) / "vllm.log").read_text(errors="replace")
 
 
+def start_figures(text: str) -> list[dict[str, float]]:
+    """KV tokens, memory split and phases of each start in a log, oldest first (the project's
+    launcher writes a ``--- start`` line before each)."""
+    starts = []
+    for part in re.split(r"\n--- start [^\n]*---\n", text)[1:]:
+        figures = log_figures(part)
+        kv = KV_LINE_RE.findall(part)
+        if kv:
+            figures["vllm_kv_tokens"] = int(kv[-1].replace(",", ""))
+        starts.append(figures)
+    return starts
+
+
+def _write_starts(setup: dict[str, Any], names: list[str], out_name: str) -> None:
+    """Each lever's start figures: every lever is one more point for the planner's fit."""
+    import torch
+
+    starts = start_figures(_log(setup))[-len(names):]
+    rows = [{"lever": n, **f} for n, f in zip(names, starts, strict=False)]
+    document = {"gpu_total_gib": torch.cuda.mem_get_info()[1] / 2**30, "starts": rows}
+    (OUT / f"{out_name}-starts.json").write_text(json.dumps(document, indent=2) + "\n")
+
+
 def test_planner_matches_vllm(setup: dict[str, Any]) -> None:
     with setup["serve"](lv.Lever("baseline", "")) as target:
         start_s = target.start_s
@@ -131,6 +154,7 @@ def test_front_end(setup: dict[str, Any]) -> None:
                            unstreamed_reference=True)
     name = "front-end-" + "-".join(map(str, counts))
     lv.write_outputs(report, OUT, name)
+    _write_starts(setup, [f"api-server-count {c}" for c in counts], name)
     assert not report.errors, report.errors
     advice = measured.advice([OUT / f"{name}.json"])
     (OUT / f"{name}-advice.json").write_text(json.dumps([a.__dict__ for a in advice],
@@ -148,6 +172,7 @@ def test_lora_levers(setup: dict[str, Any]) -> None:
                            processes=PROCESSES)
     subset = "all" if not wanted else re.sub(r"[^a-z0-9]+", "-", wanted.lower())[:40]
     lv.write_outputs(report, OUT, f"levers-{subset}")
+    _write_starts(setup, [lever.name for lever in levers], f"levers-{subset}")
     assert "baseline" not in report.errors, report.errors.get("baseline")
 
 
