@@ -49,7 +49,10 @@ PORT = 8124
 START_DEADLINE_SECONDS = 900.0
 MAX_TOKENS = int(os.environ.get("EXAONE_GPU_MAX_TOKENS", "128"))
 PROCESSES = int(os.environ.get("EXAONE_GPU_PROCESSES", "8"))
-CONCURRENCIES = (1, 5, 256)
+CONCURRENCIES = tuple(int(c) for c in os.environ.get("EXAONE_GPU_CONCURRENCIES",
+                                                      "1,5,256").split(","))
+# Requests per lane: 4 keeps a full lever table within one call; more steadies c=1.
+PER_LANE = int(os.environ.get("EXAONE_GPU_PER_LANE", str(lv.REQUESTS_PER_LANE)))
 KV_LINE_RE = re.compile(r"GPU KV cache size: ([\d,]+) tokens")
 # vLLM's own log lines (0.25-0.33): the memory split and the start-up phases.
 LOG_FIGURES = {
@@ -165,11 +168,14 @@ def test_lora_levers(setup: dict[str, Any]) -> None:
     spec = stackfile.from_values(setup["values"], stack="gpu")
     levers = lv.lora_levers(spec, tuned_config_folder=os.environ.get(
         "EXAONE_TUNED_CONFIG_FOLDER", ""), batched_tokens=(2048, 16384))
+    # The front end as a LoRA lever too: with several API servers the engine, not one
+    # process, limits 256 streams, and only then does the adapters' own cost show.
+    levers += lv.front_end_levers((4,))
     wanted = os.environ.get("EXAONE_GPU_LEVERS")
     if wanted:
         levers = [lever for lever in levers if lever.name in wanted.split(",")]
     report = lv.run_levers(levers, setup["serve"], setup["cfg"], concurrencies=CONCURRENCIES,
-                           processes=PROCESSES)
+                           processes=PROCESSES, per_lane=PER_LANE)
     subset = "all" if not wanted else re.sub(r"[^a-z0-9]+", "-", wanted.lower())[:40]
     lv.write_outputs(report, OUT, f"levers-{subset}")
     _write_starts(setup, [lever.name for lever in levers], f"levers-{subset}")
