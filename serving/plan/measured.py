@@ -5,8 +5,10 @@ only be measured. This module reads the bench's outputs and says which setting t
 what, and why, quoting the figures:
 
 - ``levers.json`` (``bench/levers.py lora``, GPU tier): a lever wins when, at the largest
-  concurrency measured, adapters' tokens/s beat the baseline's by at least ``WIN_MARGIN`` and
-  the base model's do not lose more than that; the best gain first;
+  concurrency where the engine (not the client or the API server) limited both its run and
+  the baseline's, adapters' tokens/s beat the baseline's by at least ``WIN_MARGIN`` and the
+  base model's do not lose more than that; the best gain first. When no lever wins, one row
+  says so with each lever's figure;
 - ``front-end.json`` (``bench/levers.py front-end``): the smallest API-server count whose
   streamed tokens/s beat one server's by at least ``WIN_MARGIN``;
 - ``bench.json`` (``serving bench --mode load``): a streamed load phase whose verdict is
@@ -45,36 +47,62 @@ def _setting(lever: dict[str, Any]) -> tuple[str, str]:
     return ", ".join(env) or lever["name"], ", ".join(env.values())
 
 
+def _engine_bound(row: dict[str, Any], c: int) -> bool:
+    """Both groups' figures at ``c`` measure the engine: neither the client nor the API
+    server limited them (rows of older results carry no verdict: taken as measured)."""
+    return all(row.get(f"{group}_limit_c{c}") in (None, "engine")
+               for group in ("base", "adapters"))
+
+
 def lora_advice(doc: dict[str, Any], source: str) -> list[Advice]:
     rows = {r["lever"]: r for r in doc["rows"]}
     levers = {lever["name"]: lever for lever in doc["levers"]}
-    top = max(doc["concurrencies"])
     base = rows.get("baseline")
     if not base or base.get("error"):
         return []
-
-    def figures(row: dict[str, Any]) -> tuple[float | None, float | None]:
-        return row.get(f"adapters_tok_s_c{top}"), row.get(f"base_tok_s_c{top}")
-
-    ref_adapters, ref_base = figures(base)
-    if not ref_adapters or not ref_base:
-        return []
     wins: list[tuple[float, Advice]] = []
+    judged: list[str] = []
+    front_end_only: set[int] = set()
     for name, row in rows.items():
-        adapters, base_tok = figures(row)
-        if name == "baseline" or row.get("error") or not adapters or not base_tok:
+        if name == "baseline" or row.get("error"):
+            continue
+        # A lever is judged at the largest concurrency where the engine limited both its
+        # server and the baseline's. Where the front end limited a figure it measured the
+        # API server's process: on the H200 every 256-stream run was, and their tok/s moved
+        # by up to 25% for levers (and a base model) the lever does not touch.
+        engine = [c for c in doc["concurrencies"]
+                  if _engine_bound(row, c) and _engine_bound(base, c)]
+        if not engine:
+            continue
+        top = max(engine)
+        skipped = [c for c in doc["concurrencies"] if c > top]
+        front_end_only.update(skipped)
+        adapters, base_tok = row.get(f"adapters_tok_s_c{top}"), row.get(f"base_tok_s_c{top}")
+        ref_adapters, ref_base = (base.get(f"adapters_tok_s_c{top}"),
+                                  base.get(f"base_tok_s_c{top}"))
+        if not (adapters and base_tok and ref_adapters and ref_base):
             continue
         gain = adapters / ref_adapters - 1
+        judged.append(f"{name} {gain:+.0%} at {top}")
         if gain < WIN_MARGIN or base_tok / ref_base - 1 < -WIN_MARGIN:
             continue
         setting, value = _setting(levers[name])
         ratio, ref_ratio = row.get(f"ratio_c{top}"), base.get(f"ratio_c{top}")
         ratios = (f"; adapter/base {ref_ratio:.2f} -> {ratio:.2f}"
                   if ratio is not None and ref_ratio is not None else "")
+        unmeasured = (f" (at {', '.join(map(str, skipped))} the front end, not the engine, "
+                      "limited the figures)") if skipped else ""
         wins.append((gain, Advice(setting, value, (
             f"{name}: adapters {ref_adapters:.0f} -> {adapters:.0f} tok/s (+{gain:.0%}) at "
-            f"{top} concurrent, streamed; base {ref_base:.0f} -> {base_tok:.0f}{ratios}"),
-            source)))
+            f"{top} concurrent, streamed; base {ref_base:.0f} -> {base_tok:.0f}{ratios}"
+            f"{unmeasured}"), source)))
+    if not wins and judged:
+        above = (f"; at {', '.join(map(str, sorted(front_end_only)))} the front end limited "
+                 "the runs, so raise apiServerCount first and measure again there"
+                 if front_end_only else "")
+        return [Advice("LoRA levers", "keep the baseline", (
+            f"no lever raised adapters' tok/s by {WIN_MARGIN:.0%} where the engine limited "
+            f"the figures ({'; '.join(judged)}){above}"), source)]
     return [advice for _, advice in sorted(wins, key=lambda w: -w[0])]
 
 

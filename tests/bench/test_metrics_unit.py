@@ -8,13 +8,14 @@ multiprocess mode: no process collector, gauges only once written).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from serving.bench import metrics
-from serving.bench.engine import RequestResult
-from serving.bench.load import _steady_window, split
+from serving.bench.engine import BenchConfig, RequestResult, request_body
+from serving.bench.load import _steady_window, load_config, split
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "bench"
 
@@ -168,3 +169,13 @@ def test_gauges_outside_the_steady_window_are_left_out() -> None:
     d = metrics.engine_delta(before, after, gauges, steady=(2.5, 3.5), phase=(1.0, 6.0))
     assert d.gauge_samples == 6 and d.running_mean == pytest.approx(39 / 6)
     assert metrics.engine_delta(before, after, gauges).gauge_samples == 8
+
+
+def test_load_phases_ask_for_no_logprobs() -> None:
+    """A logprob per streamed token is API-server work: the load must not pay for it (vLLM's
+    counters check its tokens instead), while the ordinary bench still counts with them."""
+    cfg = BenchConfig(endpoint="http://127.0.0.1:1", max_tokens=8)
+    assert "logprobs" in request_body(cfg, "m")[1]
+    for api in ("completions", "chat"):
+        _, body = request_body(load_config(replace(cfg, api=api)), "m")
+        assert "logprobs" not in body and body["stream_options"] == {"include_usage": True}

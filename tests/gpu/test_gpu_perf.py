@@ -59,10 +59,13 @@ LOG_FIGURES = {
     "kv_cache_gib": r"Available KV cache memory: ([\d.]+) GiB",
     "non_kv_gib": r"Total non KV cache memory: ([\d.]+)GiB",
     "torch_peak_increase_gib": r"torch peak memory increase: ([\d.]+)GiB",
-    "weights_gib": r"weights memory: ([\d.]+)GiB",
+    # 0.25.1 says "Model loading took 4.9 GiB and 3.57 seconds"; later releases "weights
+    # memory: 4.9GiB".
+    "weights_gib": r"(?:weights memory: |Model loading took )([\d.]+) ?GiB",
     "cuda_graph_estimate_gib": r"Estimated CUDA graph memory: ([\d.]+) GiB",
+    "cuda_graph_gib": r"Graph capturing finished in [\d.]+ secs, took ([\d.]+) GiB",
     "cuda_graphs_s": r"Graph capturing finished in ([\d.]+) secs",
-    "torch_compile_s": r"torch\.compile takes ([\d.]+) s in total",
+    "torch_compile_s": r"torch\.compile (?:takes|took) ([\d.]+) s in total",
     "weights_load_s": r"Loading weights took ([\d.]+) seconds",
     "engine_init_s": r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s",
 }

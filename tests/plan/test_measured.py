@@ -49,7 +49,41 @@ def test_winning_levers_come_best_first_with_their_figures() -> None:
     (row("fully-sharded-loras", 8100, error="HTTP 400"), "the lever failed"),
 ], ids=["small-gain", "base-loses", "error"])
 def test_no_win_without_a_clear_gain(candidate: dict[str, Any], why: str) -> None:
-    assert measured.lora_advice(lever_doc([BASELINE, candidate], LEVERS), "x") == [], why
+    found = measured.lora_advice(lever_doc([BASELINE, candidate], LEVERS), "x")
+    assert all(a.setting == "LoRA levers" and a.value == "keep the baseline" for a in found), why
+    if not candidate["error"]:
+        [keep] = found
+        assert "fully-sharded-loras" in keep.reason and "at 256" in keep.reason
+
+
+def limited(adapters_by_c: dict[int, tuple[float, str]], name: str) -> dict[str, Any]:
+    """A row with a figure and a verdict per concurrency, the base model at 1000 x c."""
+    out: dict[str, Any] = {"lever": name, "error": ""}
+    for c, (adapters, limit) in adapters_by_c.items():
+        out.update({f"adapters_tok_s_c{c}": adapters, f"base_tok_s_c{c}": 1000.0 * c,
+                    f"adapters_limit_c{c}": limit, f"base_limit_c{c}": limit})
+    return out
+
+
+def test_a_lever_is_judged_where_the_engine_not_the_front_end_limited_the_figures() -> None:
+    """As on the H200: every 256-stream run was front-end-limited and moved by 25% for
+    levers that cannot change it; the engine-bound figures at 5 are the ones that count."""
+    base = limited({1: (230, "engine"), 5: (1141, "engine"), 256: (6600, "front-end")},
+                   "baseline")
+    noise = limited({1: (236, "engine"), 5: (1169, "engine"), 256: (8237, "front-end")},
+                    "fully-sharded-loras")
+    [keep] = measured.lora_advice(lever_doc([base, noise], LEVERS), "x")
+    assert (keep.setting, keep.value) == ("LoRA levers", "keep the baseline")
+    assert "+2% at 5" in keep.reason and "at 256 the front end limited" in keep.reason
+    real = limited({1: (236, "engine"), 5: (1300, "engine"), 256: (8237, "front-end")},
+                   "fully-sharded-loras")
+    [win] = measured.lora_advice(lever_doc([base, real], LEVERS), "x")
+    assert win.value == "--fully-sharded-loras"
+    assert "at 5 concurrent" in win.reason and "at 256 the front end" in win.reason
+    # The baseline's own front-end verdict also rules a concurrency out: judged at 1.
+    base["adapters_limit_c5"] = "front-end"
+    [keep] = measured.lora_advice(lever_doc([base, real], LEVERS), "x")
+    assert keep.value == "keep the baseline" and "+3% at 1" in keep.reason
 
 
 def test_front_end_recommends_the_smallest_count_that_pays() -> None:
