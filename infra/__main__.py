@@ -19,6 +19,7 @@ from pulumi_azure_native import authorization  # noqa: E402
 
 from infra import config  # noqa: E402
 from infra.aks import AksCluster, AksClusterArgs  # noqa: E402
+from infra.grafana import GrafanaArgs, ManagedGrafana  # noqa: E402
 from infra.group import ResourceGroup, ResourceGroupArgs  # noqa: E402
 from infra.identity import WorkloadIdentity, WorkloadIdentityArgs  # noqa: E402
 from infra.loadbalancer import ApiBalancer, ApiBalancerArgs  # noqa: E402
@@ -30,6 +31,7 @@ from infra.tags import tags  # noqa: E402
 from infra.vm import GpuVms, GpuVmsArgs  # noqa: E402
 from infra.workload import VllmOnAks, VllmOnAksArgs  # noqa: E402
 from serving.stack import layout  # noqa: E402
+from serving.stack.spec import Spec  # noqa: E402
 
 
 def cloud(stack: config.StackConfig) -> None:
@@ -88,6 +90,16 @@ def cloud(stack: config.StackConfig) -> None:
         # One endpoint for the fleet; `fab` reaches each host by its own address above.
         pulumi.export("apiEndpoint",
                       balancer.address.apply(lambda a: f"http://{a}:{spec.vllm.port}/v1"))
+        if not spec.metrics.vm_agent:
+            return
+        # The hosts' Prometheus agents write to the workspace with the VMs' identity.
+        metrics = Metrics(f"{base}-metrics", MetricsArgs(
+            spec=spec, resource_group_name=group.name, location=spec.location,
+            subscription_id=client.subscription_id, publisher_principal_id=identity.principal_id,
+            tags=tags(spec, "monitoring")))
+        pulumi.export("prometheusQueryEndpoint", metrics.query_endpoint)
+        pulumi.export("metricsIngestionUrl", metrics.ingestion_url)
+        grafana(spec, base, group.name, client.subscription_id, metrics)
         return
 
     aks = AksCluster(f"{base}-aks", AksClusterArgs(
@@ -107,6 +119,7 @@ def cloud(stack: config.StackConfig) -> None:
         oidc_issuer_url=aks.oidc_issuer_url, tags=tags(spec, "monitoring")))
     pulumi.export("aksCluster", aks.name)
     pulumi.export("prometheusQueryEndpoint", metrics.query_endpoint)
+    grafana(spec, base, group.name, client.subscription_id, metrics)
     pulumi.export("kubeconfig", aks.kubeconfig)
     if spec.aks.phase != "workload":
         # First run: the storage account is created empty in this run, so nothing may be
@@ -122,6 +135,18 @@ def cloud(stack: config.StackConfig) -> None:
         keda_client_id=metrics.keda_client_id,
         depends_on=[aks.gpu_pool, aks.subnet_access, identity.reader, metrics]))
     pulumi.export("apiEndpoint", workload.api_endpoint(spec.vllm.port))
+
+
+def grafana(spec: Spec, base: str, group_name: pulumi.Input[str],
+            subscription_id: pulumi.Input[str], metrics: Metrics) -> None:
+    """Managed Grafana on the workspace, where the stack asks for it (``grafana``)."""
+    if not spec.metrics.grafana:
+        return
+    instance = ManagedGrafana(f"{base}-grafana", GrafanaArgs(
+        stack=spec.stack, resource_group_name=group_name, location=spec.location,
+        subscription_id=subscription_id, workspace_id=metrics.workspace.id,
+        tags=tags(spec, "monitoring")))
+    pulumi.export("grafanaEndpoint", instance.endpoint)
 
 
 def main() -> None:

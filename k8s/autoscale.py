@@ -33,6 +33,10 @@ TRIGGER_AUTH_NAME = f"{meta.APP_NAME}-prometheus"
 POD_MONITOR_NAME = meta.APP_NAME
 POD_MONITOR_API = "azmonitoring.coreos.com/v1"
 KEDA_API = "keda.sh/v1alpha1"
+# What ``render`` places where the cloud values go (infra/ passes the workspace's query endpoint
+# and KEDA's identity as Pulumi Outputs).
+PLACEHOLDER_QUERY_ENDPOINT = "https://workspace.region.prometheus.monitor.azure.com"
+PLACEHOLDER_CLIENT_ID = "00000000-0000-0000-0000-000000000000"
 POLLING_SECONDS = 15
 # Add a pod quickly (a new one needs minutes to load the model); remove one at a time and only
 # after the load stayed low for a while, each removal draining its requests (k8s.drain).
@@ -132,7 +136,8 @@ def pod_monitor(spec: Spec, *, port_name: str) -> dict[str, Any]:
     }
 
 
-def autoscale_objects(spec: Spec, *, server_address: Value, client_id: Value,
+def autoscale_objects(spec: Spec, *, server_address: Value = PLACEHOLDER_QUERY_ENDPOINT,
+                      client_id: Value = PLACEHOLDER_CLIENT_ID,
                       port_name: str) -> list[dict[str, Any]]:
     """The scrape always (metrics land in the workspace); KEDA's objects when autoscale is on."""
     out = [pod_monitor(spec, port_name=port_name)]

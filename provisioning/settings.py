@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from serving.stack.spec import SecretRef, Spec
 PULUMI_TIMEOUT_SECONDS = 60
 HEALTH_TIMEOUT_SECONDS = 900  # a cold vLLM start on a GPU VM: weights + torch.compile
 BLOB_SUFFIX = "blob.core.windows.net"
+UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}\Z")
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,20 @@ class BlobAccess:
 
 
 @dataclass(frozen=True)
+class MetricsAccess:
+    """Where each VM's Prometheus agent writes (the stack's ``metricsIngestionUrl`` output)
+    and as whom (the VMs' user-assigned identity, ``identityClientId``); empty when the stack
+    exports none (vmMetrics false, or hosts given by hand)."""
+
+    ingestion_url: str = ""
+    client_id: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.ingestion_url and self.client_id)
+
+
+@dataclass(frozen=True)
 class DeploySettings:
     spec: Spec
     config_file: Path  # the stack file the spec came from
@@ -55,6 +71,7 @@ class DeploySettings:
     health_timeout_s: float = HEALTH_TIMEOUT_SECONDS
     connect_timeout_s: float = CONNECT_TIMEOUT_SECONDS
     dry: bool = False
+    metrics: MetricsAccess = MetricsAccess()
     # Secrets a dry run went on without (their values are empty): files that hold them are
     # planned as writes, never compared.
     unread: tuple[str, ...] = ()
@@ -185,6 +202,16 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
             "the model or adapters come from Blob but the storage account is unknown (no "
             "`storageAccount` stack output); allowed: --blob-url https://ACCOUNT.blob.core."
             "windows.net")))
+    metrics = MetricsAccess(ingestion_url=str(outs.get("metricsIngestionUrl") or ""),
+                            client_id=blob.client_id)
+    if metrics.ingestion_url and not metrics.ingestion_url.startswith("https://"):
+        problems.append(Problem("metricsIngestionUrl", (
+            "the stack output is not an https URL; allowed: the data collection rule's "
+            "Prometheus stream (`pulumi up` exports it)")))
+    if metrics.ingestion_url and not UUID_RE.match(metrics.client_id):
+        problems.append(Problem("identityClientId", (
+            "the stack output is not the VMs' identity's client id (a UUID), which the metrics "
+            "agent writes as; allowed: the output `pulumi up` exports")))
     hf_ref = spec.vm.hf_token_ref
     hf_token = secret(lambda: _resolve(hf_ref), f"the HF token ({hf_ref})") if hf_ref else ""
     if problems:
@@ -192,4 +219,5 @@ def load(*, stack: str = "", config: str = "", hosts: str = "", blob_url: str = 
     return DeploySettings(spec=spec, config_file=path, hosts=tuple(host_list),
                           ssh_key_file=key_file, api_key=api_key, blob=blob, hf_token=hf_token,
                           health_timeout_s=health_timeout_s,
-                          connect_timeout_s=connect_timeout_s, dry=dry, unread=tuple(unread))
+                          connect_timeout_s=connect_timeout_s, dry=dry, unread=tuple(unread),
+                          metrics=metrics)

@@ -51,6 +51,7 @@ _NAME_INPUTS = {
     "azure-native:authorization:ManagementLockAtResourceGroupLevel": "lockName",
     "azure-native:devtestlab:GlobalSchedule": "name",
     "azure-native:containerservice:AgentPool": "agentPoolName",
+    "azure-native:dashboard:Grafana": "workspaceName",
 }
 
 
@@ -101,6 +102,18 @@ class AzureMocks(pulumi.runtime.Mocks):
                 "internalId": f"mac_{_uuid('workspace', name)}",
                 "prometheusQueryEndpoint": f"https://{name}.{inputs.get('location')}"
                                            ".prometheus.monitor.azure.com"}
+        elif typ == "azure-native:monitor:DataCollectionEndpoint":
+            # Azure names the host after the endpoint and its region.
+            state["metricsIngestion"] = {
+                "endpoint": f"https://{name}.{inputs.get('location')}-1.metrics.ingest"
+                            ".monitor.azure.com"}
+        elif typ == "azure-native:monitor:DataCollectionRule":
+            state["immutableId"] = f"dcr-{_uuid('dcr', name).replace('-', '')}"
+        elif typ == "azure-native:dashboard:Grafana":
+            state["identity"] = {**(inputs.get("identity") or {}),
+                                 "principalId": _uuid("principal", name), "tenantId": TENANT_ID}
+            state["properties"] = {**(inputs.get("properties") or {}),
+                                   "endpoint": f"https://{name}-abcd.weu.grafana.azure.com"}
         elif typ == "azure-native:storage:StorageAccount":
             state["primaryEndpoints"] = {"blob": f"https://{name}.blob.core.windows.net/"}
         return rid, state

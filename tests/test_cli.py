@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from k8s import autoscale
 from k8s import objects as k8s_objects
 from serving.cli import main
 from serving.local.loramaker import make_adapter
@@ -97,9 +98,13 @@ def test_render_writes_what_the_builders_produce(name: str, tmp_path: Path) -> N
             for d in yaml.safe_load_all(p.read_text())
         ]
         built = [
-            o["kind"] for o in [*k8s_objects.device_plugin(spec), *k8s_objects.vllm_objects(spec)]
+            o["kind"] for o in [*k8s_objects.device_plugin(spec), *k8s_objects.vllm_objects(spec),
+                                *autoscale.autoscale_objects(spec, port_name=k8s_objects.PORT_NAME)]
         ]
         assert sorted(kinds) == sorted(built)
+        # The add-ons' objects are rendered too, so the checkers see what Pulumi applies.
+        assert "PodMonitor" in kinds
+        assert ("ScaledObject" in kinds) == spec.scale.enabled
         assert "Secret" not in kinds, "rendered files must not carry the API key"
     else:
         assert not any(w.startswith("k8s/") for w in written)
@@ -185,3 +190,19 @@ def test_module_entry_point_exit_codes(bad_config: Path) -> None:
     )
     assert bad.returncode == EXIT_BAD_INPUT
     assert len(bad.stderr.strip().splitlines()) == 4
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ({"vmImage": "ubuntu-2204"}, "vmImage"),
+    ({"vmMetrics": False, "grafana": True}, "grafana"),
+])
+def test_validate_refuses_metrics_the_stack_cannot_run(extra: dict, key: str, tmp_path: Path,
+                                                       capsys) -> None:
+    """VM metrics need ubuntu-2404's prometheus; Grafana needs a workspace: one line, exit 2."""
+    document = yaml.safe_load(stackfile.stack_path("dev").read_text())
+    document["config"].update({f"exaone-serving:{k}": v for k, v in extra.items()})
+    path = tmp_path / "Pulumi.dev.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert main(["validate", "--config", str(path), "--allow-examples"]) == EXIT_BAD_INPUT
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"exaone-serving:{key}:" in lines[0], lines

@@ -37,6 +37,7 @@ from provisioning.steps.converge import (
 )
 from provisioning.steps.drivers import DriversStep
 from provisioning.steps.health import HealthGate
+from provisioning.steps.metrics import MetricsStep
 from provisioning.steps.model import ModelStep
 from provisioning.steps.patch import PatchStep
 from provisioning.steps.proxy import ProxyStep
@@ -44,7 +45,8 @@ from provisioning.steps.runtime import RuntimeStep
 from provisioning.steps.service import ServiceStep
 
 STEPS = (ToolsStep(), DriversStep(), RuntimeStep(), ConfigStep(), ModelStep(), PatchStep(),
-         AdaptersStep(), ServiceStep(), ProxyStep(), HealthGate(), RecordStep())
+         AdaptersStep(), ServiceStep(), ProxyStep(), MetricsStep(), HealthGate(),
+         RecordStep())
 STEP_NAMES = tuple(s.name for s in STEPS)
 # Always run: later steps read the tools and the host's stack file.
 REQUIRED = ("tools", "config")

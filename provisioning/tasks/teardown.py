@@ -16,12 +16,14 @@ from invoke.exceptions import Exit
 from provisioning.steps.converge import Target
 from provisioning.tasks import options as cli_options
 from provisioning.tasks.deploy import HostReport, summary
-from serving.render import proxy_unit, systemd_unit
+from serving.render import metrics_unit, proxy_unit, systemd_unit
 from serving.stack import layout as layouts
 
-# The proxy first: clients stop arriving while vLLM drains what is in flight.
-UNITS = (proxy_unit.UNIT_NAME, systemd_unit.UNIT_NAME)
-PURGE_PATHS = (proxy_unit.UNIT_FILE, systemd_unit.UNIT_FILE, layouts.VM.config_dir,
+# The proxy first: clients stop arriving while vLLM drains what is in flight; the metrics
+# agent last, so vLLM's final samples still leave.
+UNITS = (proxy_unit.UNIT_NAME, systemd_unit.UNIT_NAME, metrics_unit.UNIT_NAME)
+PURGE_PATHS = (proxy_unit.UNIT_FILE, systemd_unit.UNIT_FILE, metrics_unit.UNIT_FILE,
+               layouts.VM.config_dir,
                "/opt/exaone", layouts.VM.state_dir, layouts.VM.cache_dir)
 STOP_TIMEOUT_SECONDS = systemd_unit.STOP_TIMEOUT_SECONDS + 60
 

@@ -27,6 +27,12 @@ AKS_PROVIDER = "Microsoft.ContainerService"
 # VM auto-shutdown is a DevTestLab schedule (microsoft.devtestlab/schedules), even without a lab.
 SHUTDOWN_PROVIDER = "Microsoft.DevTestLab"
 ENCRYPTION_AT_HOST = ("Microsoft.Compute", "EncryptionAtHost")
+# Metrics (infra.monitoring): the Azure Monitor workspace, the data collection rule and
+# endpoint, the Prometheus rule groups. Every cloud stack has them.
+METRICS_PROVIDERS = ("Microsoft.Monitor", "Microsoft.Insights", "Microsoft.AlertsManagement")
+# An Azure Monitor workspace is a Microsoft.Monitor "accounts" resource; not every region
+# offers it, and the provider lists those that do (as display names: "Sweden Central").
+WORKSPACE_TYPE = ("Microsoft.Monitor", "accounts")
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ def check_roles(spec: Spec, azure: Azure, principal: str, report: Report) -> Non
 
 def needed_providers(spec: Spec) -> list[str]:
     needed = list(BASE_PROVIDERS)
+    if spec.on.cloud:
+        needed += METRICS_PROVIDERS
     if spec.on.kubernetes:
         needed.append(AKS_PROVIDER)
     if spec.on.ssh_hosts and spec.vm.auto_shutdown_time and not spec.production:
@@ -135,8 +143,9 @@ def check_providers(spec: Spec, azure: Azure, report: Report) -> None:
 
     client = ResourceManagementClient(azure.credential, azure.subscription_id,
                                       **azure.client_kwargs())
-    states = {(p.namespace or "").lower(): p.registration_state or ""
-              for p in client.providers.list()}
+    providers = list(client.providers.list())
+    states = {(p.namespace or "").lower(): p.registration_state or "" for p in providers}
+    check_workspace_region(spec, providers, report)
     for namespace in needed_providers(spec):
         state = states.get(namespace.lower(), "absent")
         if state != "Registered":
@@ -157,6 +166,24 @@ def check_providers(spec: Spec, azure: Azure, report: Report) -> None:
                 "az feature register --namespace Microsoft.Compute --name EncryptionAtHost, "
                 "then az provider register --namespace Microsoft.Compute; or set "
                 "encryptionAtHost: false"))
+
+
+def _region(name: str) -> str:
+    return name.replace(" ", "").lower()
+
+
+def check_workspace_region(spec: Spec, providers: list[Any], report: Report) -> None:
+    """The stack's metrics workspace lives in its region: refuse a region that has none."""
+    namespace, kind = WORKSPACE_TYPE
+    types = [t for p in providers if (p.namespace or "").lower() == namespace.lower()
+             for t in p.resource_types or [] if (t.resource_type or "").lower() == kind]
+    regions = sorted({_region(loc) for t in types for loc in t.locations or []})
+    if types and _region(spec.location) not in regions:
+        report.findings.append(Finding(
+            "location", f"location {spec.location} has no Azure Monitor workspace "
+            f"({namespace}/{kind}), where {_where(spec)} writes its metrics; allowed: "
+            f"{', '.join(regions)}",
+            "set location to a region that offers both the GPU size and the workspace"))
 
 
 def _text(value: Any) -> str:

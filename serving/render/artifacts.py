@@ -14,8 +14,9 @@ from pathlib import Path
 
 import yaml
 
+from k8s import autoscale
 from k8s import objects as k8s_objects
-from serving.render import monitoring, proxy_unit, systemd_unit, vllm_args
+from serving.render import dashboard, metrics_unit, monitoring, proxy_unit, systemd_unit, vllm_args
 from serving.stack import layout
 from serving.stack.errors import Problem, SpecError
 from serving.stack.spec import Spec
@@ -42,11 +43,18 @@ def artifacts(spec: Spec, root: Path) -> dict[str, str]:
         out[f"systemd/{proxy_unit.UNIT_NAME}"] = proxy_unit.render_unit(spec)
         out[f"proxy/{proxy_unit.NAME}.nginx.conf"] = proxy_unit.render_config(spec)
         hosts = layout.vm_host_names(spec)
+        out[f"systemd/{metrics_unit.UNIT_NAME}"] = metrics_unit.render_unit(spec)
+        for host in hosts:
+            out[f"monitoring/{metrics_unit.NAME}-{host}.yml"] = metrics_unit.render_config(
+                spec, instance=host)
     if spec.on.kubernetes:
         hosts = [f"{k8s_objects.SERVICE_NAME}.{spec.aks.namespace}.svc"]
-        for obj in [*k8s_objects.device_plugin(spec), *k8s_objects.vllm_objects(spec)]:
+        for obj in [*k8s_objects.device_plugin(spec), *k8s_objects.vllm_objects(spec),
+                    *autoscale.autoscale_objects(spec, port_name=k8s_objects.PORT_NAME)]:
             name = f"{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
             out[f"k8s/{name}"] = _yaml_docs([obj])
+    if spec.on.cloud:
+        out["monitoring/grafana-dashboard.json"] = dashboard.render()
     targets = [f"{host}:{spec.vllm.port}" for host in hosts]
     out["monitoring/scrape-config.yaml"] = yaml.safe_dump(
         monitoring.scrape_config(spec, targets), sort_keys=False

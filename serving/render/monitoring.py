@@ -27,9 +27,13 @@ PREEMPTIONS = "vllm:num_preemptions_total"
 GENERATION_TOKENS = "vllm:generation_tokens_total"
 E2E_LATENCY_BUCKETS = "vllm:e2e_request_latency_seconds_bucket"
 TTFT_BUCKETS = "vllm:time_to_first_token_seconds_bucket"
+ITL_BUCKETS = "vllm:inter_token_latency_seconds_bucket"
+# One sample per distinct (running, waiting) adapter list, its value the time vLLM wrote it: the
+# newest sample is the current state, so a panel takes topk(1) by value, not a sum.
+LORA_INFO = "vllm:lora_requests_info"
 VLLM_SERIES = (
     KV_CACHE_USAGE, REQUESTS_RUNNING, REQUESTS_WAITING, PREEMPTIONS, GENERATION_TOKENS,
-    E2E_LATENCY_BUCKETS, TTFT_BUCKETS,
+    E2E_LATENCY_BUCKETS, TTFT_BUCKETS, ITL_BUCKETS, LORA_INFO,
 )
 # Written by Prometheus itself for every target.
 UP = "up"
@@ -128,14 +132,65 @@ def _rule(
     }
 
 
+def selector(job: str, *, regex: bool = False) -> str:
+    """The series selector every rule and panel uses: the stack's job (or a Grafana variable)."""
+    return f'{{job{"=~" if regex else "="}"{job}"}}'
+
+
+def quantile(q: float, buckets: str, sel: str, window: str) -> str:
+    return f"histogram_quantile({q}, sum by (le, {BY}) (rate({buckets}{sel}[{window}])))"
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One dashboard panel: its queries as ``(legend, PromQL)``, and Grafana's unit."""
+
+    title: str
+    unit: str
+    queries: tuple[tuple[str, str], ...]
+    kind: str = "timeseries"
+
+
+def dashboard_panels(sel: str, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> list[Panel]:
+    """What the dashboard shows, from the same series, selector and windows as the alerts
+    (``serving.render.dashboard`` lays them out as Grafana JSON)."""
+    w = thresholds.latency_window
+    who = "{{instance}} {{model_name}}"
+
+    def latency(title: str, buckets: str, qs: tuple[float, ...]) -> Panel:
+        return Panel(title, "s", tuple((f"p{round(q * 100)} {who}", quantile(q, buckets, sel, w))
+                                       for q in qs))
+
+    return [
+        latency("Time to first token", TTFT_BUCKETS, (0.5, 0.95)),
+        latency("Inter-token latency", ITL_BUCKETS, (0.5, 0.95)),
+        latency("End-to-end request latency", E2E_LATENCY_BUCKETS, (0.5, 0.99)),
+        Panel("Requests running and waiting", "short", (
+            (f"running {who}", f"sum by ({BY}) ({REQUESTS_RUNNING}{sel})"),
+            (f"waiting {who}", f"sum by ({BY}) ({REQUESTS_WAITING}{sel})"),
+        )),
+        Panel("KV-cache use", "percentunit", (
+            (who, f"max by ({BY}) ({KV_CACHE_USAGE}{sel})"),
+        )),
+        Panel("Preemptions", "ops", (
+            (who, f"sum by ({BY}) (rate({PREEMPTIONS}{sel}[{thresholds.preemption_window}]))"),
+        )),
+        Panel("Generated tokens", "ops", (
+            (who, f"sum by ({BY}) (rate({GENERATION_TOKENS}{sel}[{thresholds.stall_window}]))"),
+        )),
+        Panel("Adapters running and waiting", "dateTimeAsIso", (
+            ("{{instance}} running: {{running_lora_adapters}} waiting: "
+             "{{waiting_lora_adapters}}",
+             f"topk by (instance) (1, {LORA_INFO}{sel})"),
+        ), kind="table"),
+    ]
+
+
 def alert_rules(spec: Spec, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict[str, Any]:
     """A Prometheus rule file (``groups:``) for the stack's scrape job."""
     t = thresholds
-    sel = f'{{job="{job_name(spec)}"}}'
+    sel = selector(job_name(spec))
 
-    def quantile(q: float, buckets: str) -> str:
-        return (f"histogram_quantile({q}, sum by (le, {BY}) "
-                f"(rate({buckets}{sel}[{t.latency_window}])))")
 
     where = "{{ $labels.instance }}"
     model = "{{ $labels.model_name }} on {{ $labels.instance }}"
@@ -172,14 +227,14 @@ def alert_rules(spec: Spec, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict
         ),
         _rule(
             spec, "VllmSlowFirstToken",
-            f"{quantile(0.95, TTFT_BUCKETS)} > {t.ttft_p95_seconds:g}",
+            f"{quantile(0.95, TTFT_BUCKETS, sel, t.latency_window)} > {t.ttft_p95_seconds:g}",
             t.latency_for, "warning",
             f"p95 time to first token of {model} is above {t.ttft_p95_seconds:g}s",
             "p95 TTFT is {{ $value | humanizeDuration }}: prefill is queueing behind the batch.",
         ),
         _rule(
             spec, "VllmSlowRequests",
-            f"{quantile(0.99, E2E_LATENCY_BUCKETS)} > {t.e2e_p99_seconds:g}",
+            f"{quantile(0.99, E2E_LATENCY_BUCKETS, sel, t.latency_window)} > {t.e2e_p99_seconds:g}",
             t.latency_for, "warning",
             f"p99 request latency of {model} is above {t.e2e_p99_seconds:g}s",
             "p99 end-to-end latency is {{ $value | humanizeDuration }}.",
@@ -196,3 +251,44 @@ def alert_rules(spec: Spec, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict
         ),
     ]
     return {"groups": [{"name": job_name(spec), "rules": rules}]}
+
+
+# -- VMs: Prometheus in agent mode, writing to the stack's Azure Monitor workspace ------------
+
+# Azure Monitor's ingestion takes remote-write at the data collection rule's stream; the DCE
+# gives the host name, the DCR its immutable id (infra.monitoring builds the URL).
+INGESTION_API_VERSION = "2023-04-24"
+PROMETHEUS_STREAM = "Microsoft-PrometheusMetrics"
+AZURE_CLOUD = "AzurePublic"
+# What ``render`` writes where the cloud values go (``fab deploy`` renders the real ones).
+PLACEHOLDER_INGESTION_URL = (
+    "https://dce.region-1.metrics.ingest.monitor.azure.com/dataCollectionRules/dcr-0/streams/"
+    f"{PROMETHEUS_STREAM}/api/v1/write?api-version={INGESTION_API_VERSION}")
+PLACEHOLDER_CLIENT_ID = "00000000-0000-0000-0000-000000000000"
+
+
+def ingestion_url(endpoint: str, rule_immutable_id: str) -> str:
+    """The remote-write URL of a data collection rule's Prometheus stream."""
+    return (f"{endpoint.rstrip('/')}/dataCollectionRules/{rule_immutable_id}/streams/"
+            f"{PROMETHEUS_STREAM}/api/v1/write?api-version={INGESTION_API_VERSION}")
+
+
+def agent_config(spec: Spec, *, instance: str, vllm_address: str,
+                 remote_write_url: str = PLACEHOLDER_INGESTION_URL,
+                 client_id: str = PLACEHOLDER_CLIENT_ID) -> dict[str, Any]:
+    """Prometheus in agent mode on a VM: scrape vLLM on loopback under the stack's job (so the
+    alert rules select it as on AKS) with the host's name as ``instance``, and remote-write
+    with the VM's user-assigned identity (Prometheus's ``azuread.managed_identity``: the
+    identity must hold Monitoring Metrics Publisher on the data collection rule). An agent has
+    no rules and no query API: the rules run in the workspace."""
+    scrape = scrape_config(spec, [vllm_address])
+    scrape["static_configs"][0]["labels"]["instance"] = instance
+    return {
+        "global": {"scrape_interval": SCRAPE_INTERVAL,
+                   "external_labels": {"stack": spec.stack}},
+        "scrape_configs": [scrape],
+        "remote_write": [{
+            "url": remote_write_url,
+            "azuread": {"cloud": AZURE_CLOUD, "managed_identity": {"client_id": client_id}},
+        }],
+    }

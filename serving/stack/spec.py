@@ -303,6 +303,14 @@ class ScaleSpec(_Frozen):
     kv_cache_usage: Annotated[float, AfterValidator(_fraction)] = Field(alias="scaleKvCacheUsage")
 
 
+class MetricsSpec(_Frozen):
+    """Where vLLM's metrics go: each VM's Prometheus agent (``serving.render.metrics_unit``)
+    and, where the stack asks, a Managed Grafana on the workspace (``infra.grafana``)."""
+
+    vm_agent: Bool = Field(alias="vmMetrics")
+    grafana: Bool = Field(alias="grafana")
+
+
 class ModelSpec(_Frozen):
     id: Annotated[str, _pattern(REPO_ID_RE, "a Hugging Face repo id org/name")] = Field(
         alias="modelId"
@@ -400,6 +408,7 @@ class Spec(_Frozen):
     aks: AksSpec
     balancer: BalancerSpec
     scale: ScaleSpec
+    metrics: MetricsSpec
     model: ModelSpec
     vllm: VllmSpec
     adapters: tuple[AdapterSpec, ...]
@@ -561,6 +570,11 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
     return problems
 
 
+# Images whose distribution prometheus is too old for ``remote_write.azuread`` (2.45 and newer;
+# Ubuntu 24.04 ships 2.45): the VM metrics agent needs the other image.
+OLD_PROMETHEUS_IMAGES = {"ubuntu-2204": "2.31"}
+
+
 def fleet_checks(spec: Spec, key) -> list[Problem]:
     """More than one GPU: the load balancer's clients (vm) and the scaling bounds (aks)."""
     problems: list[Problem] = []
@@ -571,6 +585,17 @@ def fleet_checks(spec: Spec, key) -> list[Problem]:
     if spec.on.ssh_hosts and not spec.network.api_cidrs:
         bad("apiCidrs", f"is empty: the {spec.balancer.kind} load balancer admits only these "
             "networks, so no client could reach the fleet; allowed: the clients' CIDRs")
+    if spec.on.ssh_hosts and spec.metrics.vm_agent and spec.vm.image in OLD_PROMETHEUS_IMAGES:
+        bad("vmImage", f"{spec.vm.image}'s prometheus package "
+            f"({OLD_PROMETHEUS_IMAGES[spec.vm.image]}) cannot remote-write with a managed "
+            "identity, so the VM metrics agent cannot run there; allowed: ubuntu-2404, or "
+            "vmMetrics false")
+    if spec.metrics.grafana and not spec.on.cloud:
+        bad("grafana", f"target {spec.target} has no Azure Monitor workspace to show; "
+            "allowed: false, or target vm or aks")
+    elif spec.metrics.grafana and spec.on.ssh_hosts and not spec.metrics.vm_agent:
+        bad("grafana", "vmMetrics is false, so the stack has no Azure Monitor workspace to "
+            "show; allowed: false, or vmMetrics true")
     scale = spec.scale
     if not scale.enabled:
         return problems

@@ -47,6 +47,17 @@ def test_a_ready_subscription_has_no_findings() -> None:
     assert len(adapter.seen) == 9, adapter.seen
 
 
+def test_a_region_without_a_metrics_workspace_is_refused_by_its_key() -> None:
+    spec = _dev_pinned_to(lambda digest: digest).model_copy(update={"location": "westus3"})
+    azure, _ = replay("ready")
+    report = preflight.Report()
+    preflight.check_providers(spec, azure, report)
+    found = [f for f in report.blocking if f.check == "location"]
+    assert len(found) == 1, report.findings
+    assert "location westus3 has no Azure Monitor workspace" in found[0].message
+    assert "swedencentral" in found[0].message
+
+
 def test_an_adapter_whose_digest_differs_from_the_pin_is_found() -> None:
     spec = _dev_pinned_to(lambda digest: "0" * 64)
     azure, _ = replay("ready")

@@ -25,6 +25,9 @@ LB = "azure-native:network:LoadBalancer"
 NSG = "azure-native:network:NetworkSecurityGroup"
 NIC = "azure-native:network:NetworkInterface"
 PUBLIC_IP = "azure-native:network:PublicIPAddress"
+VM = "azure-native:compute:VirtualMachine"
+ROLE = "azure-native:authorization:RoleAssignment"
+PUBLISHER_ROLE = "3913510d-42f4-4e42-8a64-420c390055eb"
 
 VM_CASES = {
     "dev": ("dev", {}),
@@ -147,6 +150,69 @@ def test_the_fleet_has_one_endpoint_behind_a_probed_balancer(case: str) -> None:
     assert len(run.outputs["hosts"]) == spec.vm.count  # fab still reaches each host
 
 
+def vm_metrics_violations(run: Run, spec: Spec) -> list[str]:
+    """The VMs' metrics land where AKS's do: one workspace, a data collection rule writing to
+    it, the VMs' own identity allowed to publish through that rule only, the agents' URL at the
+    rule's stream, and the rendered alert rules running on the workspace."""
+    from serving.render import monitoring
+
+    out: list[str] = []
+    workspaces = run.of_type(WORKSPACE)
+    if len(workspaces) != 1:
+        return [f"{run.stack}: {len(workspaces)} Azure Monitor workspaces, must be 1"]
+    (workspace,) = workspaces
+    wid = workspace.state["id"]
+    rules = [r for r in run.of_type(DCR)
+             if any(a.get("accountResourceId") == wid for a in
+                    (r.inputs.get("destinations") or {}).get("monitoringAccounts") or [])]
+    if len(rules) != 1:
+        return [f"{workspace.urn}: {len(rules)} data collection rules write here, must be 1"]
+    (rule,) = rules
+    vm_identities = {key for vm in run.of_type(VM)
+                     for key in (vm.inputs.get("identity") or {}).get("userAssignedIdentities")
+                     or []}
+    principals = {i.state["principalId"] for i in run.of_type(IDENTITY)
+                  if i.state["id"] in vm_identities}
+    publishers = [r for r in run.of_type(ROLE)
+                  if str(r.inputs.get("roleDefinitionId")).endswith(PUBLISHER_ROLE)]
+    if not any(p.inputs.get("principalId") in principals
+               and p.inputs.get("scope") == rule.state["id"] for p in publishers):
+        out.append(f"{rule.urn}: the VMs' identity may not publish metrics through it")
+    url = run.outputs.get("metricsIngestionUrl", "")
+    if f"/dataCollectionRules/{rule.state['immutableId']}/streams/" not in url:
+        out.append(f"{run.stack}: metricsIngestionUrl {url!r} is not the rule's stream")
+    groups = [g for g in run.of_type(RULE_GROUP) if wid in (g.inputs.get("scopes") or [])]
+    wanted = [r["expr"] for g in monitoring.alert_rules(spec)["groups"] for r in g["rules"]]
+    got = [r.get("expression") for g in groups for r in g.inputs.get("rules") or []]
+    if got != wanted:
+        out.append(f"{workspace.urn}: rule groups hold {len(got)} rules, not the "
+                   f"{len(wanted)} rendered ones")
+    return out
+
+
+@pytest.mark.parametrize("case", list(VM_CASES))
+def test_vm_metrics_land_in_the_workspace_with_the_alert_rules(case: str) -> None:
+    run, spec = vm_case(case)
+    assert vm_metrics_violations(run, spec) == []
+
+
+VM_METRICS_BREAKS = {
+    "publisher-on-workspace": lambda r: [p.inputs.update(scope=r.of_type(WORKSPACE)[0].state["id"])
+                                         for p in r.of_type(ROLE) if str(
+                                             p.inputs["roleDefinitionId"]).endswith(PUBLISHER_ROLE)],
+    "rules-missing": lambda r: r.of_type(RULE_GROUP)[0].inputs.update(rules=[]),
+    "no-url": lambda r: r.outputs.update(metricsIngestionUrl=""),
+}
+
+
+@pytest.mark.parametrize("name", list(VM_METRICS_BREAKS))
+def test_vm_metrics_policy_catches(name: str) -> None:
+    run, spec = vm_case("dev")
+    bad = copy.deepcopy(run)
+    VM_METRICS_BREAKS[name](bad)
+    assert vm_metrics_violations(bad, spec)
+
+
 def test_aks_and_local_stacks_have_no_vm_balancer() -> None:
     for stack in ("prod", "local"):
         run = run_program(stack, stack_values(stack), env=API_KEY_ENV)
@@ -221,6 +287,9 @@ BAD_FLEET_INPUTS = {
                                              "replicasMax": 2}, "gpuNodesMax"),
     "more-pods-than-gpus": ("prod", {"replicasMax": 9}, "replicasMax"),
     "kv-cache-target-above-one": ("prod", {"scaleKvCacheUsage": "1.5"}, "scaleKvCacheUsage"),
+    # 22.04's prometheus (2.31) cannot remote-write with a managed identity.
+    "vm-metrics-on-ubuntu-2204": ("dev", {"vmImage": "ubuntu-2204"}, "vmImage"),
+    "grafana-without-a-workspace": ("dev", {"vmMetrics": False, "grafana": True}, "grafana"),
 }
 
 
@@ -467,3 +536,69 @@ def test_aks_policies_catch(name: str) -> None:
     edit(bad)
     found = policy(bad, spec)
     assert found and all("urn:pulumi:" in v or v.startswith("prod:") for v in found), found
+
+
+# ---------------------------------------------------------------- Managed Grafana
+
+GRAFANA = "azure-native:dashboard:Grafana"
+READER_ROLE = "b0d8363b-8ddd-447d-831f-62ca05bff136"  # Monitoring Data Reader
+GRAFANA_CASES = {
+    "vm": ("dev", {"grafana": True}),
+    "aks": ("prod", {"grafana": True}),
+}
+
+
+def grafana_violations(run: Run) -> list[str]:
+    """Grafana reads the stack's one workspace, with its own identity, and nothing more."""
+    out = []
+    (workspace,) = run.of_type(WORKSPACE)
+    for g in run.of_type(GRAFANA):
+        props = g.inputs.get("properties") or {}
+        linked = [i.get("azureMonitorWorkspaceResourceId") for i in
+                  (props.get("grafanaIntegrations") or {}).get(
+                      "azureMonitorWorkspaceIntegrations") or []]
+        if linked != [workspace.state["id"]]:
+            out.append(f"{g.urn}: linked to {linked}, not the stack's workspace")
+        if props.get("apiKey") != "Disabled":
+            out.append(f"{g.urn}: API keys are on")
+        if (g.inputs.get("sku") or {}).get("name") != "Standard":
+            out.append(f"{g.urn}: not the Standard tier (workspace integrations)")
+        if (g.inputs.get("identity") or {}).get("type") != "SystemAssigned":
+            out.append(f"{g.urn}: no identity of its own")
+        principal = g.state["identity"]["principalId"]
+        grants = [r for r in run.of_type(ROLE) if r.inputs.get("principalId") == principal]
+        if [(str(r.inputs.get("roleDefinitionId")).rsplit("/", 1)[-1], r.inputs.get("scope"))
+                for r in grants] != [(READER_ROLE, workspace.state["id"])]:
+            out.append(f"{g.urn}: its identity must only read the workspace, has {grants}")
+    return out
+
+
+@pytest.mark.parametrize("case", list(GRAFANA_CASES))
+def test_grafana_where_the_stack_asks_reads_the_workspace_only(case: str) -> None:
+    stack, override = GRAFANA_CASES[case]
+    run = run_program(stack, {**stack_values(stack), **override}, env=API_KEY_ENV)
+    assert len(run.of_type(GRAFANA)) == 1
+    assert grafana_violations(run) == []
+    assert run.outputs["grafanaEndpoint"].startswith("https://")
+
+
+@pytest.mark.parametrize("stack", ["dev", "prod"])
+def test_no_grafana_unless_the_stack_asks(stack: str) -> None:
+    run = run_program(stack, stack_values(stack), env=API_KEY_ENV)
+    assert run.of_type(GRAFANA) == [] and "grafanaEndpoint" not in run.outputs
+
+
+GRAFANA_BREAKS = {
+    "other-workspace": lambda g: g.inputs["properties"]["grafanaIntegrations"].update(
+        azureMonitorWorkspaceIntegrations=[{"azureMonitorWorkspaceResourceId": "/x"}]),
+    "api-keys-on": lambda g: g.inputs["properties"].update(apiKey="Enabled"),
+}
+
+
+@pytest.mark.parametrize("case", list(GRAFANA_BREAKS))
+def test_grafana_policy_catches_a_broken_instance(case: str) -> None:
+    stack, override = GRAFANA_CASES["vm"]
+    run = copy.deepcopy(run_program(stack, {**stack_values(stack), **override},
+                                    env=API_KEY_ENV))
+    GRAFANA_BREAKS[case](run.of_type(GRAFANA)[0])
+    assert grafana_violations(run)

@@ -36,6 +36,8 @@ STACKS = stackfile.stack_names()
 API_KEY_ENV = {"EXAONE_API_KEY": "test-api-key-not-real"}
 READER_ROLE = "2a2b9908-6ea1-4ae2-8e65-a410df84e7d1"
 MONITORING_READER_ROLE = "b0d8363b-8ddd-447d-831f-62ca05bff136"
+PUBLISHER_ROLE = "3913510d-42f4-4e42-8a64-420c390055eb"
+DCR = "azure-native:monitor:DataCollectionRule"
 WORKSPACE = "azure-native:monitor:AzureMonitorWorkspace"
 TAG_KEYS = ("project", "stack", "target", "role", "managed-by")
 SSH_PORT = 22
@@ -170,25 +172,33 @@ def storage_violations(run: Run, spec: Spec) -> list[str]:
 
 
 def identity_violations(run: Run) -> list[str]:
-    """Each identity: exactly one role, read-only, on one resource: Storage Blob Data Reader on
-    the account (the vLLM workload), or Monitoring Data Reader on the Azure Monitor workspace
-    (KEDA reading the load signal)."""
+    """Each identity: one read-only role on one resource: Storage Blob Data Reader on the account
+    (the vLLM workload), or Monitoring Data Reader on the Azure Monitor workspace (KEDA reading
+    the load signal); the VMs' identity also Monitoring Metrics Publisher on the data collection
+    rule (their Prometheus agents write through it), and nothing else."""
     out = []
     scopes = {READER_ROLE: [a.state["id"] for a in run.of_type(ACCOUNT)],
-              MONITORING_READER_ROLE: [w.state["id"] for w in run.of_type(WORKSPACE)]}
+              MONITORING_READER_ROLE: [w.state["id"] for w in run.of_type(WORKSPACE)],
+              PUBLISHER_ROLE: [r.state["id"] for r in run.of_type(DCR)]}
+    names = {READER_ROLE: "account", MONITORING_READER_ROLE: "metrics workspace",
+             PUBLISHER_ROLE: "data collection rule"}
     for identity in run.of_type(IDENTITY):
         roles = [r for r in run.of_type(ROLE)
                  if r.inputs.get("principalId") == identity.state["principalId"]]
-        if len(roles) != 1:
-            out.append(f"{identity.urn}: has {len(roles)} role assignments, must have exactly 1")
+        kinds = sorted(str(r.inputs.get("roleDefinitionId", "")).rsplit("/", 1)[-1]
+                       for r in roles)
+        if len(roles) != 1 and kinds != sorted([READER_ROLE, PUBLISHER_ROLE]):
+            out.append(f"{identity.urn}: has {len(roles)} role assignments, must have exactly 1 "
+                       "(2 only for Blob reading and metrics publishing)")
         for role in roles:
             role_id = str(role.inputs.get("roleDefinitionId", "")).rsplit("/", 1)[-1]
             if role_id not in scopes:
                 out.append(f"{role.urn}: role {role.inputs.get('roleDefinitionId')} is not "
-                           "Storage Blob Data Reader or Monitoring Data Reader")
+                           "Storage Blob Data Reader, Monitoring Data Reader or Monitoring "
+                           "Metrics Publisher")
             elif scopes[role_id] != [role.inputs.get("scope")]:
                 out.append(f"{role.urn}: scope {role.inputs.get('scope')} is not the "
-                           f"{'account' if role_id == READER_ROLE else 'metrics workspace'}")
+                           f"{names[role_id]}")
     return out
 
 
@@ -520,7 +530,15 @@ def test_policies_catch_public_storage_and_extra_roles() -> None:
     extra.urn += "-extra"
     extra.inputs["scope"] = run.of_type(RG)[0].state["id"]
     run.resources.append(extra)
-    assert any("2 role assignments" in v for v in identity_violations(run))
+    assert any("3 role assignments" in v for v in identity_violations(run))
+    assert any(extra.urn in v and "is not the" in v for v in identity_violations(run))
+    # The VMs' metrics publisher may write through the rule only, not on the workspace.
+    run = copy.deepcopy(run_of("dev"))
+    publisher = next(r for r in run.of_type(ROLE)
+                     if r.inputs["roleDefinitionId"].endswith(PUBLISHER_ROLE))
+    publisher.inputs["scope"] = run.of_type(WORKSPACE)[0].state["id"]
+    assert any(publisher.urn in v and "data collection rule" in v
+               for v in identity_violations(run))
 
 
 def test_policies_catch_a_password_vm_and_an_untainted_pool() -> None:
@@ -607,9 +625,12 @@ def test_vm_stack_needs_no_api_key_at_pulumi_up(monkeypatch: pytest.MonkeyPatch)
 
 VARIANTS = {
     "vm-private-two-hosts": ("dev", {"publicIp": "none", "vmCount": 2, "loadBalancer": "internal",
-                                     "vmImage": "ubuntu-2204", "encryptionAtHost": False}),
+                                     "vmImage": "ubuntu-2204", "vmMetrics": False,
+                                     "encryptionAtHost": False}),
     "vm-production": ("dev", {"production": True, "autoShutdownTime": ""}),
     "aks-first-run": ("prod", {"aksPhase": "cluster", "production": False}),
+    "vm-grafana": ("dev", {"grafana": True}),
+    "aks-grafana": ("prod", {"grafana": True}),
 }
 
 
@@ -630,6 +651,9 @@ def test_variants_keep_every_policy(case: str) -> None:
         (subnet,) = run.of_type(SUBNET)
         assert subnet.inputs["natGateway"]["id"], "private VMs have no outbound path"
         assert [h["address"] for h in run.outputs["hosts"]] == ["10.40.0.4", "10.40.0.5"]
+        # ubuntu-2204 cannot run the metrics agent: vmMetrics false, and no workspace for it.
+        assert "metricsIngestionUrl" not in run.outputs
+        assert not run.of_type("azure-native:monitor:AzureMonitorWorkspace")
     if case == "vm-production":
         assert run.of_type(SCHEDULE) == [] and run.of_type(LOCK)
     if case == "aks-first-run":

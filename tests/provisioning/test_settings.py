@@ -21,7 +21,7 @@ from provisioning_helpers import (
 )
 
 from provisioning import settings as settings_mod
-from provisioning.settings import BlobAccess
+from provisioning.settings import BlobAccess, MetricsAccess
 from serving.stack import layout as layouts
 from serving.stack import stackfile
 from serving.stack.errors import SpecError
@@ -290,3 +290,24 @@ def test_task_option_problems_come_with_the_settings_problems(
         adapter_tasks.add(MockContext(), "BAD!", "1", **common)
     assert err.value.code == 2
     assert "NAME" in err.value.message and "sshPrivateKeyPath" in err.value.message
+
+
+def test_load_takes_the_metrics_agent_s_target_from_stack_outputs(
+        tmp_path: Path, key_files: tuple[Path, Path]) -> None:
+    path = write_stack(tmp_path, key_files)
+    client = "7d9b1c1e-4a1f-4e55-9d6a-2f3b8e0c1a22"
+    url = "https://dce.swedencentral-1.metrics.ingest.monitor.azure.com/dataCollectionRules/d/x"
+    outputs = {"hosts": [{"address": "20.1.2.3"}], "storageAccount": "exaonedev",
+               "identityClientId": client, "metricsIngestionUrl": url}
+    s = settings_mod.load(config=str(path), outputs=outputs)
+    assert s.metrics == MetricsAccess(ingestion_url=url, client_id=client)
+    assert s.metrics.configured
+    s = settings_mod.load(config=str(path), outputs={**outputs, "metricsIngestionUrl": ""})
+    assert not s.metrics.configured
+    with pytest.raises(SpecError) as err:
+        settings_mod.load(config=str(path), outputs={**outputs, "identityClientId": "cid-9"})
+    assert "identityClientId" in str(err.value)
+    with pytest.raises(SpecError) as err:
+        settings_mod.load(config=str(path),
+                          outputs={**outputs, "metricsIngestionUrl": "http://x/write"})
+    assert "metricsIngestionUrl" in str(err.value)

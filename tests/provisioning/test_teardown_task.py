@@ -12,23 +12,27 @@ from provisioning_helpers import (
 )
 
 from provisioning.tasks.teardown import PurgeStep, StopStep
-from serving.render import proxy_unit
+from serving.render import metrics_unit, proxy_unit
 from serving.stack import layout as layouts
 
 # --- teardown -----------------------------------------------------------------------------------
 
 
 PROXY = proxy_unit.UNIT_NAME
+AGENT = metrics_unit.UNIT_NAME
 
 
 @pytest.mark.parametrize(("state", "want"), [
-    pytest.param({PROXY: ["active", "enabled"], UNIT: ["active", "enabled"]},
+    pytest.param({PROXY: ["active", "enabled"], UNIT: ["active", "enabled"],
+                  AGENT: ["active", "enabled"]},
                  [f"drain and stop {PROXY}", f"disable {PROXY}", f"drain and stop {UNIT}",
-                  f"disable {UNIT}"], id="running"),
-    pytest.param({PROXY: ["inactive", "disabled"], UNIT: ["inactive", "enabled"]},
+                  f"disable {UNIT}", f"drain and stop {AGENT}", f"disable {AGENT}"],
+                 id="running"),
+    pytest.param({PROXY: ["inactive", "disabled"], UNIT: ["inactive", "enabled"],
+                  AGENT: ["inactive", "disabled"]},
                  [f"disable {UNIT}"], id="stopped"),
-    pytest.param({PROXY: ["inactive", "disabled"], UNIT: ["inactive", "disabled"]}, [],
-                 id="already-down"),
+    pytest.param({PROXY: ["inactive", "disabled"], UNIT: ["inactive", "disabled"],
+                  AGENT: ["", ""]}, [], id="already-down"),
 ])
 def test_stop_plan(state: dict[str, list[str]], want: list[str]) -> None:
     # The proxy goes first: no new client arrives while vLLM drains.

