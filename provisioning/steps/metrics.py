@@ -154,7 +154,9 @@ class MetricsStep:
                                            metrics_unit.CONFIG_FILE, check=False)
             if code:
                 raise StepError(self.name, "promtool refuses the agent's configuration "
-                                f"(does this prometheus build know remote_write.azuread?):\n"
+                                "(does this prometheus build know remote_write.azuread? "
+                                "Ubuntu 24.04's should); vLLM is untouched; to deploy without "
+                                "VM metrics set exaone-serving:vmMetrics false:\n"
                                 f"{(out + err).strip()}")
             if verb != "reload":
                 t.host.sudo(f"systemctl reset-failed {UNIT}", check=False)
