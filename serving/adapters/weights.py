@@ -15,6 +15,11 @@ absurdly large values.
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import struct
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,3 +193,37 @@ def _largest(bits: np.ndarray, dtype: str) -> float:
     else:
         values = bits.view({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype])
     return float(np.max(np.abs(values))) if values.size else 0.0
+
+
+def write_zero_adapter(dest: Path, dims: Any, base_model_id: str) -> Path:
+    """A rank-1 LoRA adapter on layer 0's ``q_proj`` whose weights are all zero: through it
+    the base model answers exactly as itself (it adds 0.0 to one projection). ``dims`` is the
+    base model's ``ModelDims``. Written whole or not at all; returns ``dest``."""
+    in_features, out_features = dims.lora_shapes("q_proj")
+    prefix = "base_model.model.transformer.h.0.attn.attention.q_proj"
+    a_bytes, b_bytes = 4 * in_features, 4 * out_features
+    header: dict[str, Any] = {
+        "__metadata__": {"format": "pt"},
+        f"{prefix}.lora_A.weight": {"dtype": "F32", "shape": [1, in_features],
+                                    "data_offsets": [0, a_bytes]},
+        f"{prefix}.lora_B.weight": {"dtype": "F32", "shape": [out_features, 1],
+                                    "data_offsets": [a_bytes, a_bytes + b_bytes]},
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    config = {
+        "peft_type": "LORA", "base_model_name_or_path": base_model_id, "r": 1,
+        "lora_alpha": 1, "lora_dropout": 0.0, "target_modules": ["q_proj"], "bias": "none",
+        "modules_to_save": None, "use_dora": False, "use_rslora": False,
+        "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+    }
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (staging / "adapter_model.safetensors").write_bytes(
+        struct.pack("<Q", len(raw)) + raw + bytes(a_bytes + b_bytes))
+    try:
+        os.replace(staging, dest)
+    except OSError:  # made meanwhile by another run: the same bytes
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
