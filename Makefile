@@ -53,8 +53,14 @@ reset: venv
 lint: venv
 	$(BIN)/ruff check .
 
+# Tiers 1-2 in two processes (pytest-xdist: their tests share nothing but temp folders), then
+# tier 3 alone: its tests start servers on ports and put requests under load and deadlines.
+# Both always run; the recipe fails when either did.
 test: venv tools lint local
-	PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH" $(BIN)/pytest
+	export PATH="$(CURDIR)/$(TOOLS)/bin:$$PATH"; \
+	$(BIN)/pytest -m "not integration" -n 2; unit=$$?; \
+	$(BIN)/pytest -m integration; integration=$$?; \
+	exit $$(( unit || integration ))
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .venv-vllm .local
