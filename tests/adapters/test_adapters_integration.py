@@ -1,7 +1,7 @@
 """Tier 3: adapter operations against a real vLLM CPU server started by this module.
 
 One server for the session (the tiny EXAONE-architecture model, the local stack's flags on a
-free port, state in a temp folder); only the reconcile test restarts it. Each test uses its
+free port, state in a temp folder); only the last test restarts it. Each test uses its
 own adapter names, so the record's history of one test does not leak into another.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from local_server import free_port, serve_local_copy
 
+from serving.adapters import resolver as lora_resolver
 from serving.adapters.answer import Reference
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.ops import SETTLE_WAIT_SECONDS, AdapterOps, OperationError
@@ -435,18 +436,31 @@ def test_a_hotfixed_adapter_runs_like_an_untouched_one_not_like_an_unsettled_one
     env.ops.remove("itest-slow")
 
 
-def test_reconcile_after_restart_restores_the_record(env: Env) -> None:
-    """Run last: it restarts the server. Runtime-loaded adapters are gone after a restart."""
+def test_after_restart_remove_404s_and_reconcile_restores_the_record(env: Env) -> None:
+    """Run last: it restarts the server (through the tools' own restart), once for both checks
+    of a restart. Runtime-loaded adapters are gone after it; before any reconcile, removing one
+    of them withdraws its resolver entry and a real request 404s (the attack run's "removed (it
+    was not loaded)" whose entry then loaded it again); reconcile then brings back the record."""
     env.ops.add("itest-rec", "1", env.version("itest-rec", "1", seed=81))
+    env.ops.add("itest-rm", "1", env.version("itest-rm", "1", seed=83))
     env.ops.hotfix("tone-casual", "2", env.version("tone-casual", "2", seed=82))
     env.ops.remove("tone-formal")
-    want = {n: s.path for n, s in env.ops.record().serving().items()}
+    want = {n: s.path for n, s in env.ops.record().serving().items() if n != "itest-rm"}
     probes = {n: env.ops.probe(n) for n in want}
 
-    localrun.stop(env.server)
-    localrun.start(env.server, env.key)
+    localrun.restarter(env.spec, env.server.layout, env.key)()
     loaded = env.ops.client.adapters()
-    assert "itest-rec" not in loaded and "tone-formal" in loaded  # back to the spec's flags
+    assert "itest-rec" not in loaded and "itest-rm" not in loaded  # runtime loads are gone
+    assert "tone-formal" in loaded  # back to the spec's flags
+
+    outcome = env.ops.remove("itest-rm")
+    assert "(it was not loaded); it answers 404 now" in outcome.message
+    assert not lora_resolver.link(env.server.layout.resolver_dir, "itest-rm").exists()
+    for _ in range(2):  # and stays gone: no resolver entry loads it again
+        with pytest.raises(VllmError) as gone:
+            env.ops.client.complete("itest-rm", "Hello!", max_tokens=1)
+        assert gone.value.kind == "unknown_adapter"
+    assert "itest-rm" not in env.ops.client.adapters()
 
     outcome = env.ops.reconcile()
     assert any("loaded itest-rec" in a for a in outcome.actions)
@@ -456,5 +470,6 @@ def test_reconcile_after_restart_restores_the_record(env: Env) -> None:
     for name, probe in probes.items():
         assert env.ops.probe(name).same(probe), name
     assert env.ops.reconcile().message == "already in sync"
+    assert env.ops.store.pending() is None
     assert isinstance(Reference.from_json("v", env.ops.record().serving()["itest-rec"].probe),
                       Reference)
