@@ -16,10 +16,7 @@ absurdly large values.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from serving.adapters import safejson
+from serving.atomic import replace_folder, write_file
 
 # safetensors' own bound on the header (its MAX_HEADER_SIZE): anything larger is refused.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -198,7 +196,8 @@ def _largest(bits: np.ndarray, dtype: str) -> float:
 def write_zero_adapter(dest: Path, dims: Any, base_model_id: str) -> Path:
     """A rank-1 LoRA adapter on layer 0's ``q_proj`` whose weights are all zero: through it
     the base model answers exactly as itself (it adds 0.0 to one projection). ``dims`` is the
-    base model's ``ModelDims``. Written whole or not at all; returns ``dest``."""
+    base model's ``ModelDims``. Put in place whole (readable by the serving user); returns
+    ``dest``."""
     in_features, out_features = dims.lora_shapes("q_proj")
     prefix = "base_model.model.transformer.h.0.attn.attention.q_proj"
     a_bytes, b_bytes = 4 * in_features, 4 * out_features
@@ -217,13 +216,11 @@ def write_zero_adapter(dest: Path, dims: Any, base_model_id: str) -> Path:
         "modules_to_save": None, "use_dora": False, "use_rslora": False,
         "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
     }
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    (staging / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (staging / "adapter_model.safetensors").write_bytes(
-        struct.pack("<Q", len(raw)) + raw + bytes(a_bytes + b_bytes))
-    try:
-        os.replace(staging, dest)
-    except OSError:  # made meanwhile by another run: the same bytes
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
+
+    def fill(folder: Path) -> None:
+        write_file(folder / "adapter_config.json",
+                   (json.dumps(config, indent=2) + "\n").encode(), 0o644)
+        write_file(folder / "adapter_model.safetensors",
+                   struct.pack("<Q", len(raw)) + raw + bytes(a_bytes + b_bytes), 0o644)
+
+    return replace_folder(dest, fill)

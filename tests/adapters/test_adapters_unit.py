@@ -659,6 +659,25 @@ def test_base_model_batched_with_adapters_is_observed_as_itself(world, batched_w
     assert all(ops.store.load().serving()[n].verified for n in ("new", "tone"))
 
 
+def test_the_observer_is_an_adapter_the_checks_accept_with_all_weights_zero(
+        world, tmp_path: Path) -> None:
+    """What vLLM loads to observe the base model: a valid PEFT LoRA folder for this model,
+    readable by the serving user, whose every weight is 0.0 (so it adds nothing)."""
+    from safetensors.torch import load_file
+
+    from serving.adapters.checks import check_adapter
+    from serving.adapters.weights import write_zero_adapter
+
+    ops, _fake, _version = world
+    folder = write_zero_adapter(tmp_path / "observer", ops._dims(), DEFAULT_MODEL_ID)
+    assert check_adapter(folder, dims=ops._dims(), base_model_id=DEFAULT_MODEL_ID,
+                         max_lora_rank=8) == []
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert len(tensors) == 2 and all(not t.any() for t in tensors.values())
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in folder.iterdir())
+
+
 def test_no_observer_off_the_cpu_build(noisy_world) -> None:
     """CUDA vLLM handles "no adapter" in a mixed batch: the base model is asked directly."""
     ops, fake, version = noisy_world
