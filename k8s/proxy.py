@@ -22,11 +22,14 @@ CONFIG_VOLUME = "proxy-config"
 TMP_VOLUME = "proxy-tmp"
 _TMP_MIB = 64  # pid file and empty temp folders: bodies stay in memory, responses unbuffered
 
-# nginx's unprivileged image (any UID, no root needed for a port above 1024).
+# nginx's unprivileged image (any UID, no root needed for a port above 1024), pinned by the
+# digest of the tag's image index: a tag can be pushed again, a digest names the same bytes
+# for good. This is the one place the sidecar's image is named (tests/k8s holds every pod
+# to it); bump the tag and the digest together (`docker buildx imagetools inspect IMAGE:TAG`
+# prints the index digest).
 NGINX_VERSION = "1.28.0"
 NGINX_IMAGE = f"docker.io/nginxinc/nginx-unprivileged:{NGINX_VERSION}-alpine"
-# Set to "sha256:<64 hex>" to pin the image beyond its tag.
-NGINX_DIGEST = ""
+NGINX_DIGEST = "sha256:c97ff0bf7cbae369953c6da1232ec14ad9f971d66360c5698db0856a4cd657a0"
 
 RESOURCES = {"cpu": "1", "memory": "256Mi"}
 

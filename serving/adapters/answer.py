@@ -17,9 +17,11 @@ average between repeats, while two adapters, or an adapter and the base, differe
 An observation matches a candidate when it lies within that candidate's tolerance (a multiple
 of its measured noise, never below a floor) or is many times closer to it than to any other.
 Candidates must be separable first (their distance well above the sum of their tolerances), so
-an observation can match at most one. The verdict needs ``AGREE`` matching observations and
-none for another candidate; otherwise it gathers more, up to ``MAX_OBSERVATIONS``, and then
-says "undecided". The same code holds on the CPU (noise 0, one repeat is exact) and the GPU.
+an observation can match at most one; ``decide`` refuses candidates that are not (``Indistinct``)
+rather than observe and end "undecided", and ``distinct`` lets a caller handle such a pair.
+The verdict needs ``AGREE`` matching observations and none for another candidate; otherwise
+it gathers more, up to ``MAX_OBSERVATIONS``, and then says "undecided". The same code holds on
+the CPU (noise 0, one repeat is exact) and the GPU.
 """
 
 from __future__ import annotations
@@ -69,6 +71,11 @@ Outcome = Literal["decided", "undecided"]
 
 class CheckError(Exception):
     """Scores could not be read (the server answered something unusable)."""
+
+
+class Indistinct(CheckError):
+    """Candidates that the check cannot tell apart were asked to be told apart: any verdict
+    between them would be a guess, so none is attempted."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +208,38 @@ def separation(a: Reference, b: Reference, floor: float = 0.0) -> tuple[bool, fl
     return distance > needed, distance, needed
 
 
+def overlap(a: Reference, b: Reference, floor: float = 0.0) -> tuple[bool, float, float]:
+    """(overlapping, their distance, the distance needed): overlapping candidates lie within
+    one another's tolerance, so an observation of either matches both and decides nothing."""
+    distance = a.mean.distance(b.mean)
+    needed = max(a.tolerance(floor), b.tolerance(floor))
+    return distance <= needed, distance, needed
+
+
+def distinct(candidates: Sequence[Reference], floor: float = 0.0, *, strict: bool = True
+             ) -> tuple[list[Reference], list[tuple[Reference, Reference, float, float]]]:
+    """The candidates that can be told apart, in order: each one not separable from an
+    earlier one (``separation``; with ``strict`` off, only one that overlaps it) is left out
+    and listed as (left out, its twin, distance, distance needed). Callers decide what such a
+    pair means (the same weights, or a reference recorded wrong); ``decide`` refuses to guess
+    between overlapping ones."""
+    kept: list[Reference] = []
+    twins: list[tuple[Reference, Reference, float, float]] = []
+    for candidate in candidates:
+        for earlier in kept:
+            if strict:
+                apart, distance, needed = separation(earlier, candidate, floor)
+            else:
+                close, distance, needed = overlap(earlier, candidate, floor)
+                apart = not close
+            if not apart:
+                twins.append((candidate, earlier, distance, needed))
+                break
+        else:
+            kept.append(candidate)
+    return kept, twins
+
+
 def match(observation: Scores, candidates: Sequence[Reference],
           floor: float = 0.0) -> tuple[str | None, dict[str, float]]:
     """The candidate one observation matches, or None; with its distance to each."""
@@ -224,6 +263,13 @@ def decide(observe: Callable[[], Scores], candidates: Sequence[Reference], *,
     undecided after ``max_observations`` or as soon as two candidates were matched."""
     if not candidates:
         raise ValueError("no candidates")
+    _kept, twins = distinct(candidates, floor, strict=False)
+    if twins:
+        # An observation within both tolerances matches neither (``match``): observing would
+        # only end "undecided" after every observation, and hide why.
+        raise Indistinct("; ".join(
+            f"{a.label} and {b.label} answer alike (score distance {d:.3g}, the check needs "
+            f"more than {n:.3g} to tell them apart)" for a, b, d, n in twins))
     counts: dict[str, int] = {}
     seen: list[dict[str, float]] = []
     tolerances = {c.label: c.tolerance(floor) for c in candidates}

@@ -54,19 +54,22 @@ from serving.adapters.answer import (
     REFERENCE_SAMPLES,
     SCORE_TEXTS,
     CheckError,
+    Indistinct,
     Reference,
     Scores,
     Verdict,
     decide,
+    distinct,
     noise_floor,
     parse_greedy,
     parse_scores,
     separation,
 )
-from serving.adapters.checks import base_dims, check_adapter
+from serving.adapters.checks import WEIGHTS_FILE, base_dims, check_adapter
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.journal import WatchedClient, cut_reason, is_cut
 from serving.adapters.record import Entry, Intent, Record, RecordError, RecordStore, Served
+from serving.adapters.weights import write_zero_adapter
 from serving.atomic import replace_folder
 from serving.stack.catalog import EXAONE_MODELS, inplace_load_sticks
 from serving.stack.digest import DigestError, folder_digest
@@ -82,6 +85,19 @@ BASE = "the base model"
 # Runtime-loaded names that hold a version under test. vLLM accepts any name; adapter names
 # cannot start with "_", so these never collide with a real adapter.
 CANDIDATE_PREFIX = "_candidate."
+# vLLM CPU 0.32 computes a base-model request that shares a batch with any adapter's request
+# with the adapter in the engine's last LoRA slot: its torch LoRA ops index the stacked LoRA
+# weights with -1 for "no adapter", which torch reads as the last slot (lora/ops/torch_ops:
+# ``lora_b_weights[lora_indices_tensor]``; its GPU kernels skip -1). Seen under three clients'
+# traffic: 11 of 15 greedy answers of the base model came out as some adapter's, while adapter
+# requests answered exactly, and so did a zero-weights adapter (20 of 20 equal to the base model
+# answering alone). So on the CPU build the base model is observed through an adapter whose
+# weights are all zero (base + 0.0, through the LoRA path that is right in mixed batches),
+# loaded under this name only while it is observed. Every name starting with "_" is the
+# tools' own (adapter names cannot start with it).
+BASE_OBSERVER = "_observer.base"
+BASE_OBSERVER_FOLDER = "base-observer"
+INTERNAL_PREFIX = "_"
 REMOVE_DEADLINE_SECONDS = 60.0
 # How long hotfix/rollback/reconcile wait for a pause in an adapter's requests to settle it.
 SETTLE_WAIT_SECONDS = 15.0
@@ -169,6 +185,7 @@ class AdapterOps:
     restart: Callable[[], None] | None = None
     restart_hint: str = "restart the vLLM service"
     _base_before: Reference | None = field(default=None, init=False, repr=False)
+    _observing: bool = field(default=False, init=False, repr=False)
 
     # --- the journal of an operation (serving.adapters.journal) ----------------------------
 
@@ -557,8 +574,9 @@ class AdapterOps:
                 self.say(f"settle {name}: loading it again failed ({exc.message}); "
                          "the resolver entry should answer")
         base = self.reference(self.spec.model.served_name, BASE)
+        candidates = self._told_apart([ref, base], ref.noise)
         try:
-            verdict = self.identify(name, [ref, base], floor=ref.noise)
+            verdict = self.identify(name, candidates, floor=ref.noise)
         except VllmError as exc:
             verdict = None
             why = f"it does not answer after loading it again ({exc.message})"
@@ -566,7 +584,7 @@ class AdapterOps:
             why = verdict.describe()
         if verdict is not None and verdict.is_(ref.label):
             return True
-        self._reload_plain(name, served, ref, [ref, base], ref.noise, why=why)
+        self._reload_plain(name, served, ref, candidates, ref.noise, why=why)
         return True
 
     def _after_inplace(self, name: str, served: Served, ref: Reference) -> str:
@@ -617,30 +635,79 @@ class AdapterOps:
 
     # --- the answer check -----------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _asking(self, model: str) -> Iterator[str]:
+        """The name to ask for ``model``'s answer: itself, except the base model on vLLM's CPU
+        build, which is asked through a zero-weights adapter (``BASE_OBSERVER`` says why),
+        loaded for the observations made inside this block and unloaded after."""
+        if not (self.spec.vllm.cpu and model == self.spec.model.served_name):
+            yield model
+            return
+        if self._observing:  # an observation inside another one's block
+            yield BASE_OBSERVER
+            return
+        folder = Path(self.layout.state_dir) / BASE_OBSERVER_FOLDER
+        if not (folder / WEIGHTS_FILE).is_file():
+            write_zero_adapter(folder, self._dims(), self.spec.model.id)
+        # Past the operation's watch: loading and unloading the observer changes nothing that
+        # serves (a leftover of a cut run is an internal name, which reconcile unloads).
+        client = self.client.inner if isinstance(self.client, WatchedClient) else self.client
+        try:
+            client.load(BASE_OBSERVER, str(folder))
+        except VllmError as exc:
+            if exc.kind != "already_loaded":  # a leftover of a cut run: the same zero weights
+                raise
+        self._observing = True
+        try:
+            yield BASE_OBSERVER
+        finally:
+            self._observing = False
+            with contextlib.suppress(VllmError):  # a leftover is unloaded by reconcile
+                client.unload(BASE_OBSERVER)
+
     def scores(self, model: str) -> Scores:
         """One observation: ``model``'s teacher-forced scores of the fixed texts; on vLLM's
         CPU build, which cannot score prompts with LoRA, the logprobs of its greedy answer to
         one fixed prompt (``serving.adapters.answer.GREEDY_PROMPT`` says why)."""
-        try:
-            if self.spec.vllm.cpu:
-                probe = probe_answer(self.client, model)
-                return parse_greedy(probe.tokens, probe.logprobs)
-            return parse_scores(self.client.score(model, SCORE_TEXTS), SCORE_TEXTS)
-        except CheckError as exc:
-            raise OperationError(f"checking what answers as {model!r}: {exc}") from None
+        with self._asking(model) as asked:
+            try:
+                if self.spec.vllm.cpu:
+                    probe = probe_answer(self.client, asked)
+                    return parse_greedy(probe.tokens, probe.logprobs)
+                return parse_scores(self.client.score(asked, SCORE_TEXTS), SCORE_TEXTS)
+            except CheckError as exc:
+                raise OperationError(f"checking what answers as {model!r}: {exc}") from None
 
     def reference(self, model: str, label: str, samples: int = REFERENCE_SAMPLES) -> Reference:
         """What ``model`` answers now, as a candidate: mean scores and repeat noise. Two
         repeats that agree exactly (the CPU, or the base model on a GPU) are enough; noisy
         ones get ``samples`` in all, so their noise is measured."""
-        taken = [self.scores(model), self.scores(model)]
-        if taken[0].distance(taken[1]) != 0.0:
-            taken += [self.scores(model) for _ in range(samples - len(taken))]
+        with self._asking(model) as asked:
+            taken = [self.scores(asked), self.scores(asked)]
+            if taken[0].distance(taken[1]) != 0.0:
+                taken += [self.scores(asked) for _ in range(samples - len(taken))]
         return Reference.from_samples(label, taken)
 
     def identify(self, model: str, candidates: list[Reference], *, floor: float) -> Verdict:
-        """Which of ``candidates`` answers as ``model`` (``serving.adapters.answer``)."""
-        return decide(lambda: self.scores(model), candidates, floor=floor)
+        """Which of ``candidates`` answers as ``model`` (``serving.adapters.answer``).
+        Candidates must be told apart first (``_told_apart``): between two that answer alike
+        no verdict is attempted."""
+        with self._asking(model) as asked:
+            try:
+                return decide(lambda: self.scores(asked), candidates, floor=floor)
+            except Indistinct as exc:
+                raise OperationError(f"checking what answers as {model!r}: {exc}") from None
+
+    def _told_apart(self, candidates: list[Reference], floor: float) -> list[Reference]:
+        """``candidates`` without those that answer like an earlier one (each such pair is
+        said): a verdict for the earlier one then means either, which is all that the
+        answers can show."""
+        kept, twins = distinct(candidates, floor)
+        for twin, earlier, distance, needed in twins:
+            self.say(f"{twin.label} answers like {earlier.label} (score distance "
+                     f"{distance:.3g}, needs more than {needed:.3g} to tell them apart): the "
+                     "check takes them as one")
+        return kept
 
     def _require_apart(self, a: Reference, b: Reference, floor: float, what: str) -> None:
         apart, distance, needed = separation(a, b, floor)
@@ -737,7 +804,9 @@ class AdapterOps:
         if on_staged is not None:
             on_staged()
         self.say(f"{op} {name}: swapping {old.version} -> {new_version} in place")
-        candidates = [expected, old_ref, base_ref]
+        # The serving version may answer like the base model (weights that do nothing, being
+        # fixed now): then the check cannot tell them apart and takes them as one.
+        candidates = self._told_apart([expected, old_ref, base_ref], floor)
         try:
             self.client.load(name, str(new_path), inplace=True)
             verdict = self.identify(name, candidates, floor=floor)
@@ -1063,7 +1132,7 @@ class AdapterOps:
         notes: list[str] = []
         entries: dict[str, Entry] = {}
         for name, path in sorted(self.client.adapters().items()):
-            if name.startswith(CANDIDATE_PREFIX):
+            if name.startswith(INTERNAL_PREFIX):
                 continue
             version = self._version_loaded(name, path, root)
             if version is None or not self.version_path(name, version).is_dir():
@@ -1134,7 +1203,7 @@ class AdapterOps:
         # Before any request: one that runs while vLLM re-reads a missing folder kills it.
         actions += self._keep_vllm_alive(want, hold, loaded, problems)
         for name in sorted(self.client.adapters()):
-            if name.startswith(CANDIDATE_PREFIX):
+            if name.startswith(INTERNAL_PREFIX):
                 self.client.unload(name)
                 actions.append(f"unloaded leftover {name}")
             elif name not in want and name not in hold:
@@ -1264,7 +1333,7 @@ class AdapterOps:
         by the sync before), so that the server keeps answering for every other name."""
         actions = []
         for name, path in sorted(loaded.items()):
-            if name.startswith(CANDIDATE_PREFIX) or Path(path).exists():
+            if name.startswith(INTERNAL_PREFIX) or Path(path).exists():
                 continue
             if name in want and self._loaded_as(name, path, want[name]):
                 continue
@@ -1294,6 +1363,12 @@ class AdapterOps:
             served = replaced(served, settled=True)
             verb = f"loaded {name} {served.version}"
         ref = Reference.from_json(label, served.probe)
+        if ref is not None and not separation(ref, base, ref.noise)[0]:
+            # Recorded while it answered like the base model (a record written before the
+            # base model was observed apart from adapters' traffic): no check can rest on it.
+            self.say(f"{name} {label}: its recorded answer is the base model's; learning it "
+                     "again")
+            ref = None
         if ref is None:  # recorded by an older check: learn it, then it must not be the base
             ref = self.reference(name, label)
             self._require_apart(ref, base, ref.noise,

@@ -15,6 +15,8 @@ absurdly large values.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from serving.adapters import safejson
+from serving.atomic import replace_folder, write_file
 
 # safetensors' own bound on the header (its MAX_HEADER_SIZE): anything larger is refused.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -188,3 +191,36 @@ def _largest(bits: np.ndarray, dtype: str) -> float:
     else:
         values = bits.view({"F64": "<f8", "F32": "<f4", "F16": "<f2"}[dtype])
     return float(np.max(np.abs(values))) if values.size else 0.0
+
+
+def write_zero_adapter(dest: Path, dims: Any, base_model_id: str) -> Path:
+    """A rank-1 LoRA adapter on layer 0's ``q_proj`` whose weights are all zero: through it
+    the base model answers exactly as itself (it adds 0.0 to one projection). ``dims`` is the
+    base model's ``ModelDims``. Put in place whole (readable by the serving user); returns
+    ``dest``."""
+    in_features, out_features = dims.lora_shapes("q_proj")
+    prefix = "base_model.model.transformer.h.0.attn.attention.q_proj"
+    a_bytes, b_bytes = 4 * in_features, 4 * out_features
+    header: dict[str, Any] = {
+        "__metadata__": {"format": "pt"},
+        f"{prefix}.lora_A.weight": {"dtype": "F32", "shape": [1, in_features],
+                                    "data_offsets": [0, a_bytes]},
+        f"{prefix}.lora_B.weight": {"dtype": "F32", "shape": [out_features, 1],
+                                    "data_offsets": [a_bytes, a_bytes + b_bytes]},
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+    config = {
+        "peft_type": "LORA", "base_model_name_or_path": base_model_id, "r": 1,
+        "lora_alpha": 1, "lora_dropout": 0.0, "target_modules": ["q_proj"], "bias": "none",
+        "modules_to_save": None, "use_dora": False, "use_rslora": False,
+        "fan_in_fan_out": False, "rank_pattern": {}, "alpha_pattern": {},
+    }
+
+    def fill(folder: Path) -> None:
+        write_file(folder / "adapter_config.json",
+                   (json.dumps(config, indent=2) + "\n").encode(), 0o644)
+        write_file(folder / "adapter_model.safetensors",
+                   struct.pack("<Q", len(raw)) + raw + bytes(a_bytes + b_bytes), 0o644)
+
+    return replace_folder(dest, fill)

@@ -107,7 +107,7 @@ def setup_files(spec: Spec, layout: Layout, *, root: Path) -> list[str]:
 # What `local reset` keeps: the model, the stack's sample adapters, the API key, the compile
 # cache; the vLLM venv lives outside .local and is never touched.
 _RUNTIME_STATE = ("adapters.json", "adapters.lock", "lora-resolver", "incoming", "demo",
-                  "vllm.pid", "vllm.log")
+                  "vllm.pid", "vllm.log", "base-observer")
 
 
 def reset(server: LocalServer) -> list[str]:

@@ -13,12 +13,20 @@ installed where stacks are validated, so its parsing rules are restated here, fr
   starts (``--host``), an ambiguous one is an error;
 - a ``--config FILE`` item makes vLLM read more flags from a YAML file the spec cannot see;
 - an item that holds a space and matches no option is taken as a positional argument,
-  which the server refuses.
+  which the server refuses;
+- ``-O3`` / ``-O=3`` / ``-Odecode`` is rewritten to ``--optimization-level``; ``-1`` or ``-.5``
+  is a value (argparse reads negative numbers as values when no option looks like one).
+
+A flag that vLLM's parser does not know (``--no-such-flag``, a typo, an ambiguous prefix)
+would stop vLLM from starting on the host, after the rollout began; it is refused here, by the
+list of the pinned vLLM's options in ``serving.stack.vllm_options``.
 """
 
 from __future__ import annotations
 
 import re
+
+from serving.stack.vllm_options import OPTIONS, PARSER_VERSION
 
 # vLLM dest -> (its option strings, the config key that sets it), read from the parser of
 # vLLM 0.32 (tests/stack/test_vllm_flags.py compares with the real one where it is installed).
@@ -66,12 +74,14 @@ OWNED_OPTIONS: dict[str, str] = {opt: dest for dest, (opts, _) in OWNED.items() 
 EXACT_NOT_OWNED = frozenset({"--tokenizer"})
 
 _NAME_RE = re.compile(r"(?<=^--)[^.]*")
+_NEGATIVE_NUMBER_RE = re.compile(r"^-\d+$|^-\d*\.\d+$")  # argparse's own test
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def option_key(item: str) -> str | None:
     """The option name vLLM's parser looks up for ``item``, or None for a value."""
-    if len(item) < 2 or not item.startswith("-") or item == "--":
+    if len(item) < 2 or not item.startswith("-") or item == "--" or \
+            _NEGATIVE_NUMBER_RE.match(item):
         return None
     key = item.split("=", 1)[0]
     if item.startswith("--"):
@@ -89,6 +99,20 @@ def owned_reached(item: str) -> list[str]:
     if key in OWNED_OPTIONS:
         return [key]
     return sorted(opt for opt in OWNED_OPTIONS if opt.startswith(key))
+
+
+def known_reached(key: str) -> list[str]:
+    """The options of vLLM's parser that the option name ``key`` (``option_key``) reaches:
+    itself, or the options it abbreviates (several: ambiguous, vLLM refuses it; none: vLLM
+    does not know it)."""
+    if key in OPTIONS:
+        return [key]
+    if not key.startswith("--") and key.startswith("-O"):
+        return ["--optimization-level"]  # vLLM's parser rewrites -O<level> first
+    found = {opt for opt in OPTIONS if opt.startswith(key)}
+    if not key.startswith("--") and key[:2] in OPTIONS:
+        found.add(key[:2])  # a short option with its value attached: -n5
+    return sorted(found)
 
 
 def _shown(item: str) -> str:
@@ -116,6 +140,16 @@ def extra_arg_problems(items: tuple[str, ...] | list[str]) -> list[tuple[int, st
             continue
         reached = owned_reached(item)
         if not reached:
+            known = known_reached(key)
+            if not known:
+                found.append((i, (
+                    f"{_shown(item)} is not a flag of vLLM {PARSER_VERSION} (vLLM would not "
+                    "start); allowed: a flag `vllm serve --help` lists")))
+            elif len(known) > 1:
+                shown = ", ".join(known[:4]) + (", ..." if len(known) > 4 else "")
+                found.append((i, (
+                    f"{_shown(item)} abbreviates several vLLM flags ({shown}), which vLLM "
+                    "refuses; allowed: the flag in full")))
             continue
         dests = {OWNED_OPTIONS[opt] for opt in reached}
         keys = "; ".join(dict.fromkeys(OWNED[d][1] for d in sorted(dests)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ class FakeVllm:
     ``poison_paths`` folder succeeds and then every model answers empty (``damaged``), as
     vLLM did with NaN weights: until they are unloaded (vLLM CPU 0.32, seen), or with
     ``heals_on_unload`` off until ``restart`` (what the attack run reported).
+    ``base_batched_with`` names a loaded adapter that the base model answers like, as vLLM
+    CPU 0.32 does for a base request batched with adapters' traffic; an adapter whose weights
+    are all zero answers as the base model (base + 0), in any batch.
     """
 
     base_url = "http://fake"
@@ -55,6 +59,7 @@ class FakeVllm:
         self.heals_on_unload = True
         self.started_with: dict[str, str] = {}  # what a restart loads (--lora-modules)
         self.restarts = 0
+        self.base_batched_with: str | None = None
 
     def restart(self) -> None:
         self.restarts += 1
@@ -116,13 +121,17 @@ class FakeVllm:
         weights = folder / "adapter_model.safetensors"
         if weights.is_symlink():  # a resolver entry: answers as the version it links to
             folder = weights.resolve().parent
+        if str(folder) not in self.answers and _all_zero(folder / "adapter_model.safetensors"):
+            return ("base",)
         return self.answers.get(str(folder), tuple(folder.parts[-2:]))
 
     def complete(self, model: str, prompt: str, *, max_tokens: int, **_: Any) -> Completion:
         if self.damaged and (model == self.served_name or model in self.loaded):
             return Completion("", (), ())
-        if model == self.served_name:
-            tokens: tuple[str, ...] = ("base",)
+        if model == self.served_name and self.base_batched_with in self.loaded:
+            tokens: tuple[str, ...] = self._answer(self.loaded[self.base_batched_with])
+        elif model == self.served_name:
+            tokens = ("base",)
         elif model in self.loaded or self._resolve(model):
             tokens = self._answer(self.loaded[model])
         else:
@@ -148,6 +157,16 @@ class FakeVllm:
     def lora_activity(self) -> LoraActivity:
         sample = self.busy.pop(0) if self.busy else LoraActivity()
         return sample() if callable(sample) else sample
+
+
+def _all_zero(weights: Path) -> bool:
+    """A safetensors file whose data bytes are all zero (every float is 0.0)."""
+    try:
+        raw = weights.read_bytes()
+    except OSError:
+        return False
+    start = 8 + struct.unpack("<Q", raw[:8])[0] if len(raw) >= 8 else len(raw)
+    return len(raw) > start and not any(raw[start:])
 
 
 @pytest.fixture

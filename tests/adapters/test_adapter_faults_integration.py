@@ -2,7 +2,9 @@
 
 NaN weights reaching vLLM, failed loads, a version folder deleted while vLLM re-reads it, an
 operation stopped by SIGTERM after the record named the new version. One server for the
-module (its own folder and port); the NaN test restarts it through the tools' own restart.
+module (its own folder and port); the NaN test restarts it through the tools' own restart
+when it finds the server harmed. Remove after a restart is tested with the restart of
+test_adapters_integration.py.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from local_server import serve_local_copy
 from safetensors.torch import load_file, save_file
 
 from serving.adapters import cli as adapters_cli
-from serving.adapters import resolver as lora_resolver
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.ops import PROBE_MAX_TOKENS, PROBE_PROMPT, AdapterOps, OperationError
 from serving.adapters.record import RecordStore
@@ -215,22 +216,3 @@ def test_sigterm_after_the_record_changed_says_what_is_recorded_and_what_to_run(
     env.ops.reconcile()
     assert env.ops.store.pending() is None
     assert env.ops.store.load().entries["ifault-cut"].current.settled
-
-
-def test_after_a_restart_remove_withdraws_the_entry_and_a_real_request_404s(env: Env) -> None:
-    """Run last: it restarts the server (through the tools' own restart). The attack run's
-    "removed (it was not loaded)" whose resolver entry then loaded it again."""
-    env.ops.add("ifault-rm", "1", env.version("ifault-rm", "1", seed=61))
-    assert env.ops.restart is not None
-    env.ops.restart()
-    assert "ifault-rm" not in env.ops.client.adapters()  # runtime loads are gone
-    outcome = env.ops.remove("ifault-rm")
-    assert "(it was not loaded); it answers 404 now" in outcome.message
-    assert not lora_resolver.link(env.server.layout.resolver_dir, "ifault-rm").exists()
-    for _ in range(2):  # and stays gone: no resolver entry loads it again
-        with pytest.raises(VllmError) as gone:
-            env.ops.client.complete("ifault-rm", "Hello!", max_tokens=1)
-        assert gone.value.kind == "unknown_adapter"
-    assert "ifault-rm" not in env.ops.client.adapters()
-    env.ops.reconcile()
-    assert env.ops.store.pending() is None

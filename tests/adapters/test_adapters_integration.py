@@ -1,7 +1,7 @@
 """Tier 3: adapter operations against a real vLLM CPU server started by this module.
 
 One server for the session (the tiny EXAONE-architecture model, the local stack's flags on a
-free port, state in a temp folder); only the reconcile test restarts it. Each test uses its
+free port, state in a temp folder); only the last test restarts it. Each test uses its
 own adapter names, so the record's history of one test does not leak into another.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from local_server import free_port, serve_local_copy
 
+from serving.adapters import resolver as lora_resolver
 from serving.adapters.answer import Reference
 from serving.adapters.client import VllmClient, VllmError
 from serving.adapters.ops import SETTLE_WAIT_SECONDS, AdapterOps, OperationError
@@ -299,11 +300,15 @@ class _Load:
 
 
 def test_hotfix_and_rollback_under_load_fail_no_request(env: Env) -> None:
-    """Traffic on the adapter itself and on the others. Each swap is in place; whether its
-    settle found a pause depends on how the requests fall, and neither way fails one."""
+    """Traffic on the adapter itself, on the others and on the base model (which vLLM CPU
+    batches with the adapters' requests: the check must still see the base model as itself).
+    Each swap is in place and settles only at a pause in the adapter's own requests: a forced
+    settle (unload + load) under traffic on the name can fail a request that passed vLLM's
+    model check just before the unload, as the settle documents; the settle then happens after
+    the load, and a settle under traffic on the other names has its own test below."""
     env.ops.add("itest-live", "1", env.version("itest-live", "1", seed=61))
     v1 = env.ops.probe("itest-live")
-    env.ops.settle_wait_s = 2.0
+    env.ops.settle_wait_s, env.ops.settle_policy = 2.0, "pause"
     try:
         with _Load(env, ["itest-live", "tone-formal", "tone-casual", "exaone-tiny"]) as load:
             env.ops.hotfix("itest-live", "2", env.version("itest-live", "2", seed=62))
@@ -316,7 +321,7 @@ def test_hotfix_and_rollback_under_load_fail_no_request(env: Env) -> None:
         env.ops.reconcile()
         raise
     finally:
-        env.ops.settle_wait_s = SETTLE_WAIT_SECONDS
+        env.ops.settle_wait_s, env.ops.settle_policy = SETTLE_WAIT_SECONDS, None
     assert load.failures == []
     assert load.ok >= 10, f"only {load.ok} requests ran alongside"
     assert not v2.same(v1) and env.ops.probe("itest-live").same(v1)
@@ -431,18 +436,31 @@ def test_a_hotfixed_adapter_runs_like_an_untouched_one_not_like_an_unsettled_one
     env.ops.remove("itest-slow")
 
 
-def test_reconcile_after_restart_restores_the_record(env: Env) -> None:
-    """Run last: it restarts the server. Runtime-loaded adapters are gone after a restart."""
+def test_after_restart_remove_404s_and_reconcile_restores_the_record(env: Env) -> None:
+    """Run last: it restarts the server (through the tools' own restart), once for both checks
+    of a restart. Runtime-loaded adapters are gone after it; before any reconcile, removing one
+    of them withdraws its resolver entry and a real request 404s (the attack run's "removed (it
+    was not loaded)" whose entry then loaded it again); reconcile then brings back the record."""
     env.ops.add("itest-rec", "1", env.version("itest-rec", "1", seed=81))
+    env.ops.add("itest-rm", "1", env.version("itest-rm", "1", seed=83))
     env.ops.hotfix("tone-casual", "2", env.version("tone-casual", "2", seed=82))
     env.ops.remove("tone-formal")
-    want = {n: s.path for n, s in env.ops.record().serving().items()}
+    want = {n: s.path for n, s in env.ops.record().serving().items() if n != "itest-rm"}
     probes = {n: env.ops.probe(n) for n in want}
 
-    localrun.stop(env.server)
-    localrun.start(env.server, env.key)
+    localrun.restarter(env.spec, env.server.layout, env.key)()
     loaded = env.ops.client.adapters()
-    assert "itest-rec" not in loaded and "tone-formal" in loaded  # back to the spec's flags
+    assert "itest-rec" not in loaded and "itest-rm" not in loaded  # runtime loads are gone
+    assert "tone-formal" in loaded  # back to the spec's flags
+
+    outcome = env.ops.remove("itest-rm")
+    assert "(it was not loaded); it answers 404 now" in outcome.message
+    assert not lora_resolver.link(env.server.layout.resolver_dir, "itest-rm").exists()
+    for _ in range(2):  # and stays gone: no resolver entry loads it again
+        with pytest.raises(VllmError) as gone:
+            env.ops.client.complete("itest-rm", "Hello!", max_tokens=1)
+        assert gone.value.kind == "unknown_adapter"
+    assert "itest-rm" not in env.ops.client.adapters()
 
     outcome = env.ops.reconcile()
     assert any("loaded itest-rec" in a for a in outcome.actions)
@@ -452,5 +470,6 @@ def test_reconcile_after_restart_restores_the_record(env: Env) -> None:
     for name, probe in probes.items():
         assert env.ops.probe(name).same(probe), name
     assert env.ops.reconcile().message == "already in sync"
+    assert env.ops.store.pending() is None
     assert isinstance(Reference.from_json("v", env.ops.record().serving()["itest-rec"].probe),
                       Reference)

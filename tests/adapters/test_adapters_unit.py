@@ -3,6 +3,7 @@ decisions of the adapter operations (against a fake server; real PEFT folders on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,7 +22,13 @@ from serving.adapters.client import (
     VllmError,
     parse_lora_activity,
 )
-from serving.adapters.ops import CANDIDATE_PREFIX, AdapterOps, OperationError, Probe
+from serving.adapters.ops import (
+    BASE_OBSERVER,
+    CANDIDATE_PREFIX,
+    AdapterOps,
+    OperationError,
+    Probe,
+)
 from serving.adapters.record import (
     Record,
     RecordError,
@@ -625,6 +632,91 @@ def test_under_gpu_noise_a_new_version_like_the_old_is_refused(noisy_world) -> N
     with pytest.raises(OperationError, match="answers like the serving version 1"):
         ops.hotfix("tone", "2", new)
     assert ("load_inplace", "tone") not in fake.calls
+
+
+# --- the base model's answer while adapters have traffic (vLLM CPU 0.32) ---------------------
+
+
+def _recorded_base(ops: AdapterOps) -> tuple[tuple[str, ...], ...]:
+    ref = Reference.from_json("base", (ops.store.load().base or {}).get("reference"))
+    assert ref is not None
+    return ref.mean.tokens
+
+
+@pytest.mark.parametrize("batched_with", ["tone", "new"])
+def test_base_model_batched_with_adapters_is_observed_as_itself(world, batched_with) -> None:
+    """vLLM CPU 0.32 answers a base-model request batched with adapters' requests like the
+    adapter in its last LoRA slot. Every operation still verifies, and what the record keeps
+    as the base model's answer is the base model's own, observed through zero weights."""
+    ops, fake, version = world
+    fake.base_batched_with = batched_with
+    ops.add("new", "1", version("new", "1", 5))
+    ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert ops.rollback("tone").version == "1"
+    assert _recorded_base(ops) == (("base",),)
+    assert BASE_OBSERVER not in fake.loaded
+    assert ("load", BASE_OBSERVER) in fake.calls and ("unload", BASE_OBSERVER) in fake.calls
+    assert all(ops.store.load().serving()[n].verified for n in ("new", "tone"))
+
+
+def test_the_observer_is_an_adapter_the_checks_accept_with_all_weights_zero(
+        world, tmp_path: Path) -> None:
+    """What vLLM loads to observe the base model: a valid PEFT LoRA folder for this model,
+    readable by the serving user, whose every weight is 0.0 (so it adds nothing)."""
+    from safetensors.torch import load_file
+
+    from serving.adapters.checks import check_adapter
+    from serving.adapters.weights import write_zero_adapter
+
+    ops, _fake, _version = world
+    folder = write_zero_adapter(tmp_path / "observer", ops._dims(), DEFAULT_MODEL_ID)
+    assert check_adapter(folder, dims=ops._dims(), base_model_id=DEFAULT_MODEL_ID,
+                         max_lora_rank=8) == []
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    assert len(tensors) == 2 and all(not t.any() for t in tensors.values())
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in folder.iterdir())
+
+
+def test_no_observer_off_the_cpu_build(noisy_world) -> None:
+    """CUDA vLLM handles "no adapter" in a mixed batch: the base model is asked directly."""
+    ops, fake, version = noisy_world
+    ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert not any(c[1] == BASE_OBSERVER for c in fake.calls)
+
+
+def test_a_serving_version_that_answers_like_the_base_is_taken_as_one_with_it(world) -> None:
+    """Hot-fixing weights that do nothing: the serving version and the base model cannot be
+    told apart; the check says so and decides between the new version and them as one,
+    rather than observing two twins and ending undecided."""
+    ops, fake, version = world
+    said: list[str] = []
+    ops.say = said.append
+    fake.answers[fake.loaded["tone"]] = ("base",)
+    outcome = ops.hotfix("tone", "2", version("tone", "2", 6))
+    assert outcome.version == "2"
+    assert any("the base model" in m and "takes them as one" in m for m in said), said
+    # Back to weights that do nothing is refused, as any version that answers like the base.
+    with pytest.raises(OperationError, match="version 1 of tone answers like the base model"):
+        ops.rollback("tone")
+    assert ops.store.load().serving()["tone"].version == "2"
+
+
+def test_reconcile_learns_again_a_recorded_answer_that_is_the_base_models(world) -> None:
+    """A record written while the base model answered like the adapter (before it was
+    observed apart): reconcile does not verify against it, it learns the answer again."""
+    ops, _fake, version = world
+    ops.add("new", "1", version("new", "1", 5))
+    record = ops.store.load()
+    served = record.serving()["new"]
+    base = ops.reference("exaone-tiny", "base")
+    ops.store.save(record.updated("new", dataclasses.replace(served, probe=base.to_json())))
+    said: list[str] = []
+    ops.say = said.append
+    ops.reconcile()
+    fresh = Reference.from_json("version 1", ops.store.load().serving()["new"].probe)
+    assert fresh is not None and fresh.mean.tokens != base.mean.tokens
+    assert any("recorded answer is the base model's" in m for m in said), said
 
 
 # --- faults around a hotfix ------------------------------------------------------------------

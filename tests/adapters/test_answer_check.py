@@ -14,9 +14,11 @@ from serving.adapters.answer import (
     AGREE,
     MAX_OBSERVATIONS,
     CheckError,
+    Indistinct,
     Reference,
     Scores,
     decide,
+    distinct,
     match,
     noise_floor,
     parse_scores,
@@ -189,3 +191,23 @@ def test_gpu_recorded_noise_is_what_the_margins_assume() -> None:
                   if a is not b)
     assert closest > 10 * worst_noise, (closest, worst_noise)
     assert refs[data["base"]].noise <= 0.05  # the base model repeats itself on a GPU
+
+
+def test_candidates_that_answer_alike_are_refused_before_any_observation() -> None:
+    """Two candidates with the same answer (a reference recorded while the base model
+    answered like the adapter): an observation would match both, every time. The decision
+    is refused up front, naming the pair, instead of ending "undecided" after six."""
+    rng = random.Random(5)
+    version, base = _ref("version 2", 1, 0.0, rng), _ref("the base model", 1, 0.0, rng)
+    observed: list[int] = []
+
+    def observe() -> Scores:
+        observed.append(1)
+        return _scores(1)
+
+    with pytest.raises(Indistinct, match="version 2 and the base model answer alike"):
+        decide(observe, [base, version])
+    assert observed == []
+    kept, twins = distinct([version, base, _ref("old", 2, 0.0, rng)])
+    assert [c.label for c in kept] == ["version 2", "old"]
+    assert [(a.label, b.label) for a, b, _d, _n in twins] == [("the base model", "version 2")]

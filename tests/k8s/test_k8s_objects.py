@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from typing import Any
 
 import pytest
@@ -145,6 +146,35 @@ def test_image_is_the_pinned_vllm_release(spec: Spec) -> None:
         expected += f"@{spec.vllm.image_digest}"
     assert _vllm(spec)["image"] == expected
     assert not _vllm(spec)["image"].endswith(":latest")
+
+
+DIGEST_RE = re.compile(r"^[a-z0-9.-]+(/[a-z0-9._-]+)+:[A-Za-z0-9._-]+@sha256:[0-9a-f]{64}$")
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_the_proxy_sidecar_is_pinned_by_digest_from_one_place(spec: Spec) -> None:
+    """The sidecar that serves every client request runs exactly the image named in
+    k8s/proxy.py, by tag and digest, and is not among the images the checkov skip excuses."""
+    deployment = _by_kind(objects.vllm_objects(spec), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    proxies = [c for c in pod["containers"] if "nginx" in c["image"]]
+    assert [c["image"] for c in proxies] == [k8s_proxy.image()]
+    assert DIGEST_RE.match(k8s_proxy.image()), k8s_proxy.image()
+    assert k8s_proxy.image() == f"{k8s_proxy.NGINX_IMAGE}@{k8s_proxy.NGINX_DIGEST}"
+    skip = " ".join(v for v in deployment["metadata"]["annotations"].values()
+                    if v.startswith("CKV_K8S_43="))
+    assert k8s_proxy.NGINX_IMAGE not in skip, skip
+
+
+@pytest.mark.parametrize("spec", CASES)
+def test_every_image_is_pinned_by_digest_or_excused_by_name(spec: Spec) -> None:
+    deployment = _by_kind(objects.vllm_objects(spec), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    skip = " ".join(v for v in deployment["metadata"]["annotations"].values()
+                    if v.startswith("CKV_K8S_43="))
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        image = container["image"]
+        assert DIGEST_RE.match(image) or image in skip, (container["name"], image, skip)
 
 
 @pytest.mark.parametrize("spec", CASES)

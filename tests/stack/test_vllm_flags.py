@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from serving.render import vllm_args
-from serving.stack import layout, stackfile, vllm_flags
+from serving.stack import layout, stackfile, vllm_flags, vllm_options
 from serving.stack.errors import SpecError
 from tests.local_server import VLLM_PYTHON
 from tests.stack.test_spec import GOOD_VM
@@ -67,7 +68,24 @@ ALLOWED: list[list[str]] = [
     ["--max-lora-cls-labels", "3"],
     ["--enforce-eager"],
     ["-O3"],
+    ["-O=2"],
     ["--block-size=32"],
+    ["--enable-prefix-cach"],  # argparse completes an unambiguous prefix
+    ["--max_num_batched_tok=4096"],
+    ["--speculative-config.num_speculative_tokens=2"],
+    ["--seed", "-1"],  # a negative number is a value
+]
+# Flags vLLM's parser does not know (typos, other tools' flags, ambiguous prefixes): vLLM would
+# not start on the host; each is refused when the stack is validated.
+UNKNOWN: list[list[str]] = [
+    ["--no-such-flag"],
+    ["--enable-prefix-cachingg"],
+    ["--enable_prefix_cachin_x"],
+    ["--kv-cache-type=fp8"],
+    ["--max-num-batched-tokens-x=1"],
+    ["--enable-p"],  # ambiguous: several --enable-p... flags
+    ["-xyz"],
+    ["--gpu-mem-util=0.9"],
 ]
 
 
@@ -91,6 +109,40 @@ def test_flags_the_spec_leaves_alone_pass(items: list[str]) -> None:
     assert vllm_flags.extra_arg_problems(items) == []
     spec = stackfile.from_values({**GOOD_VM, "vllmExtraArgs": items}, stack="t")
     assert vllm_args.args(spec, layout.VM)[-len(items):] == items
+
+
+@pytest.mark.parametrize("items", UNKNOWN, ids=[" ".join(v) for v in UNKNOWN])
+def test_a_flag_vllm_does_not_know_is_refused(items: list[str]) -> None:
+    lines = problems(items)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("Pulumi.t.yaml: exaone-serving:vllmExtraArgs[0]:"), lines[0]
+    assert "is not a flag of vLLM" in lines[0] or "abbreviates several vLLM flags" in lines[0]
+
+
+def test_an_unknown_flag_exits_2_with_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text(stackfile.stack_path("local").read_text().replace(
+        "exaone-serving:adapters:", "exaone-serving:vllmExtraArgs: [--enable-prefix-cachingg]\n"
+        "  exaone-serving:adapters:", 1))
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "serving", "render", "--config", str(config),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=stackfile.ROOT, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "vllmExtraArgs[0]" in lines[0] and \
+        "'--enable-prefix-cachingg' is not a flag of vLLM" in lines[0], lines
+    assert not out.exists()
+
+
+def test_the_checked_in_options_hold_every_owned_and_allowed_flag() -> None:
+    """The list the unknown-flag check reads holds every flag the spec renders and every
+    flag above that the spec leaves to the operator (the integration test below compares it
+    with the real parser)."""
+    assert set(vllm_flags.OWNED_OPTIONS) <= vllm_options.OPTIONS
+    for items in ALLOWED:
+        key = vllm_flags.option_key(items[0])
+        assert key is not None and len(vllm_flags.known_reached(key)) == 1, items
 
 
 @pytest.mark.parametrize("item", ["--api_key=sk-live-123", "--api-key sk-live-123",
@@ -133,7 +185,7 @@ def test_the_rules_agree_with_vllms_own_parser(tmp_path: Path) -> None:
         pytest.skip(f"{VLLM_PYTHON} is missing: `python -m serving local setup --stack local`")
     flags_file = tmp_path / "flags.yaml"
     flags_file.write_text("api-key: from-a-file\n")  # what the spec does not set itself
-    variants = [*DISGUISED, *ALLOWED, ["--config", str(flags_file)]]
+    variants = [*DISGUISED, *ALLOWED, *UNKNOWN, ["--config", str(flags_file)]]
     # Appended to the argv the spec renders, as in the unit and the pod: every variant that
     # reaches an owned flag changes a value the spec set.
     base = vllm_args.args(stackfile.load(stack="dev"), layout.VM)
@@ -148,6 +200,10 @@ def test_the_rules_agree_with_vllms_own_parser(tmp_path: Path) -> None:
     real_owned = {o for d, opts in real["options"].items() if d in owned for o in opts}
     assert real_owned == set(vllm_flags.OWNED_OPTIONS)
     every = {o for opts in real["options"].values() for o in opts}
+    # The checked-in list is this parser's, exactly: a vLLM upgrade that adds, renames or
+    # drops a flag shows here.
+    assert every == vllm_options.OPTIONS, (sorted(every - vllm_options.OPTIONS),
+                                           sorted(vllm_options.OPTIONS - every))
     prefixes = {o for o in every - real_owned
                 if any(own != o and own.startswith(o) for own in real_owned)}
     assert prefixes == set(vllm_flags.EXACT_NOT_OWNED)
