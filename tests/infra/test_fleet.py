@@ -154,8 +154,6 @@ def vm_metrics_violations(run: Run, spec: Spec) -> list[str]:
     """The VMs' metrics land where AKS's do: one workspace, a data collection rule writing to
     it, the VMs' own identity allowed to publish through that rule only, the agents' URL at the
     rule's stream, and the rendered alert rules running on the workspace."""
-    from serving.render import monitoring
-
     out: list[str] = []
     workspaces = run.of_type(WORKSPACE)
     if len(workspaces) != 1:
@@ -181,12 +179,7 @@ def vm_metrics_violations(run: Run, spec: Spec) -> list[str]:
     url = run.outputs.get("metricsIngestionUrl", "")
     if f"/dataCollectionRules/{rule.state['immutableId']}/streams/" not in url:
         out.append(f"{run.stack}: metricsIngestionUrl {url!r} is not the rule's stream")
-    groups = [g for g in run.of_type(RULE_GROUP) if wid in (g.inputs.get("scopes") or [])]
-    wanted = [r["expr"] for g in monitoring.alert_rules(spec)["groups"] for r in g["rules"]]
-    got = [r.get("expression") for g in groups for r in g.inputs.get("rules") or []]
-    if got != wanted:
-        out.append(f"{workspace.urn}: rule groups hold {len(got)} rules, not the "
-                   f"{len(wanted)} rendered ones")
+    out += _rule_group_violations(run, spec, workspace, wid)
     return out
 
 
@@ -203,6 +196,19 @@ VM_METRICS_BREAKS = {
     "rules-missing": lambda r: r.of_type(RULE_GROUP)[0].inputs.update(rules=[]),
     "no-url": lambda r: r.outputs.update(metricsIngestionUrl=""),
 }
+
+
+def _rule_group_violations(run: Any, spec: Any, workspace: Any, wid: Any) -> list[str]:
+    """The workspace's rule groups hold exactly the rendered alert rules."""
+    from serving.render import monitoring
+
+    groups = [g for g in run.of_type(RULE_GROUP) if wid in (g.inputs.get("scopes") or [])]
+    wanted = [r["expr"] for g in monitoring.alert_rules(spec)["groups"] for r in g["rules"]]
+    got = [r.get("expression") for g in groups for r in g.inputs.get("rules") or []]
+    if got == wanted:
+        return []
+    return [f"{workspace.urn}: rule groups hold {len(got)} rules, not the "
+            f"{len(wanted)} rendered ones"]
 
 
 @pytest.mark.parametrize("name", list(VM_METRICS_BREAKS))
@@ -448,12 +454,7 @@ def metrics_violations(run: Run, spec: Spec) -> list[str]:
              if a.inputs.get("resourceUri") == cid}
     if not any(r.state["id"] in bound for r in rules):
         out.append(f"{cluster.urn}: the cluster's scraper is not bound to that rule")
-    groups = [g for g in run.of_type(RULE_GROUP) if wid in (g.inputs.get("scopes") or [])]
-    wanted = [r["expr"] for g in monitoring.alert_rules(spec)["groups"] for r in g["rules"]]
-    got = [r.get("expression") for g in groups for r in g.inputs.get("rules") or []]
-    if got != wanted:
-        out.append(f"{workspace.urn}: rule groups hold {len(got)} rules, not the "
-                   f"{len(wanted)} rendered ones")
+    out += _rule_group_violations(run, spec, workspace, wid)
     monitors = run.of_type(POD_MONITOR)
     jobs = [e.get("replacement") for m in monitors
             for ep in m.inputs["spec"]["podMetricsEndpoints"] for e in ep.get("relabelings", [])
