@@ -1,10 +1,13 @@
 """Take a host out of the load balancer's rotation before it is touched, and back after its
 health gate: `fab deploy` and `fab adapters.*` roll a fleet without dropping a request.
 
-Out: the API proxy answers the probe path 503 (``serving.stack.balancer``); once the balancer
-has had time to notice, nginx reloads gracefully so idle keep-alive connections close (the
-balancer keeps open flows on a host it took out), and the rollout waits until no client
-connection is open on the API port and vLLM runs and queues nothing. In: the probe passes
+Out: the API proxy answers the probe path 503 (``serving.stack.balancer``). The balancer keeps
+open flows on a host it took out, so clients on keep-alive connections would stay: the proxy
+ends every connection older than ``proxy.KEEPALIVE_TIME_SECONDS`` with a response that says
+"Connection: close", which moves busy clients without a race. Once the balancer has had time
+to notice and that age has passed, nginx reloads gracefully so connections that are still
+idle close too, and the rollout waits until no client connection is open on the API port and
+vLLM runs and queues nothing. In: the probe passes
 again, and the rollout waits as long as the balancer takes to send traffic back before the
 next host goes out, so two hosts are never out at once.
 
@@ -46,6 +49,9 @@ class Rotation:
     out_seconds: dict[str, float] = field(default_factory=dict)
     # Where the API proxy's nginx keeps its pid (serving.render.proxy.VM on a VM).
     proxy_pid_file: str = proxy.VM.pid_file
+    # How long busy keep-alive clients take to be told "Connection: close" (the proxy's
+    # keepalive_time) plus one request's worth of slack.
+    leave_s: float = float(proxy.KEEPALIVE_TIME_SECONDS + 2)
 
     def _script(self, t: Target, *args: str) -> dict[str, str]:
         code, out, err = t.host.script(SCRIPT, *args, check=False)
@@ -67,10 +73,17 @@ class Rotation:
                             f"host was marked out, not {OUT_CODE}: is the proxy deployed?")
         t.say(f"{NAME}: out; the balancer notices within {self.notice_s:.0f} s")
         self.sleep(self.notice_s)
-        self._script(t, "close-idle", self.proxy_pid_file)
+        # Only now does no new flow arrive; every connection older than the proxy's
+        # keepalive_time is told "close" on its next response. After that, what is still open
+        # is idle (or a long request): a graceful reload closes the idle ones.
+        close_idle_at = self.clock() + self.leave_s
+        closed_idle = False
         idle, deadline = 0, self.clock() + self.drain_timeout_s
         reading: dict[str, str] = {}
         while idle < IDLE_SAMPLES:
+            if not closed_idle and self.clock() >= close_idle_at:
+                self._script(t, "close-idle", self.proxy_pid_file)
+                closed_idle = True
             reading = self._script(t, "inflight", str(t.spec.vllm.port),
                                    str(layout.vllm_port(t.spec)))
             busy = int(reading.get("connections", "1")) + int(reading.get("busy", "1"))

@@ -70,12 +70,15 @@ def lora_advice(doc: dict[str, Any], source: str) -> list[Advice]:
         # server and the baseline's. Where the front end limited a figure it measured the
         # API server's process: on the H200 every 256-stream run was, and their tok/s moved
         # by up to 25% for levers (and a base model) the lever does not touch.
+        # (merged runs may have measured a lever at fewer concurrencies than the baseline)
         engine = [c for c in doc["concurrencies"]
-                  if _engine_bound(row, c) and _engine_bound(base, c)]
+                  if _engine_bound(row, c) and _engine_bound(base, c)
+                  and row.get(f"adapters_tok_s_c{c}") and base.get(f"adapters_tok_s_c{c}")]
         if not engine:
             continue
         top = max(engine)
-        skipped = [c for c in doc["concurrencies"] if c > top]
+        skipped = [c for c in doc["concurrencies"] if c > top
+                   and not (_engine_bound(row, c) and _engine_bound(base, c))]
         front_end_only.update(skipped)
         adapters, base_tok = row.get(f"adapters_tok_s_c{top}"), row.get(f"base_tok_s_c{top}")
         ref_adapters, ref_base = (base.get(f"adapters_tok_s_c{top}"),
@@ -97,13 +100,34 @@ def lora_advice(doc: dict[str, Any], source: str) -> list[Advice]:
             f"{top} concurrent, streamed; base {ref_base:.0f} -> {base_tok:.0f}{ratios}"
             f"{unmeasured}"), source)))
     if not wins and judged:
-        above = (f"; at {', '.join(map(str, sorted(front_end_only)))} the front end limited "
-                 "the runs, so raise apiServerCount first and measure again there"
-                 if front_end_only else "")
+        above = _above_the_front_end(rows, levers, sorted(front_end_only))
         return [Advice("LoRA levers", "keep the baseline", (
             f"no lever raised adapters' tok/s by {WIN_MARGIN:.0%} where the engine limited "
             f"the figures ({'; '.join(judged)}){above}"), source)]
     return [advice for _, advice in sorted(wins, key=lambda w: -w[0])]
+
+
+def _above_the_front_end(rows: dict[str, dict[str, Any]], levers: dict[str, dict[str, Any]],
+                         concurrencies: list[int]) -> str:
+    """What is known where the front end limited the baseline: adapters against base on a
+    server with more API servers, where the engine limited both (same server, same run)."""
+    if not concurrencies:
+        return ""
+    where = ", ".join(map(str, concurrencies))
+    seen = []
+    for name, row in rows.items():
+        if row.get("error") or "apiServerCount" not in (levers[name].get("overrides") or {}):
+            continue
+        for c in concurrencies:
+            ratio = row.get(f"ratio_c{c}")
+            if _engine_bound(row, c) and ratio is not None:
+                seen.append(f"with {name} the engine limited {c} and adapters ran at "
+                            f"{ratio:.2f}x base ({row[f'adapters_tok_s_c{c}']:.0f} against "
+                            f"{row[f'base_tok_s_c{c}']:.0f} tok/s)")
+    if not seen:
+        return (f"; at {where} the front end limited the runs, so raise apiServerCount first "
+                "and measure again there")
+    return f"; at {where} the front end limited the baseline; " + "; ".join(seen)
 
 
 def front_end_advice(doc: dict[str, Any], source: str) -> list[Advice]:

@@ -72,6 +72,14 @@ CONNECT_TIMEOUT_SECONDS = 5
 SEND_TIMEOUT_SECONDS = 60
 CLIENT_TIMEOUT_SECONDS = 60
 KEEPALIVE_SECONDS = 75
+# A keep-alive connection lives at most this long: the response to its first request after
+# that says "Connection: close" and nginx closes it once sent. A load balancer keeps an open
+# flow on a host it took out of rotation (Azure's does), so this is how busy clients leave
+# such a host without a race: closing a connection the client may be writing to at that
+# moment (a reload closes idle ones) can drop its next request; a response that says "close"
+# cannot. The rollout waits this long before it closes what is left (provisioning.rotation).
+# (nginx 1.19.10 and later: Ubuntu 24.04 has 1.24, the sidecar's image newer.)
+KEEPALIVE_TIME_SECONDS = 10
 # On SIGQUIT (the unit's stop) workers finish open requests for at most this long.
 SHUTDOWN_TIMEOUT_SECONDS = 50
 WORKER_PROCESSES = 2  # a proxy at token rates is light; "auto" would count the node's cores
@@ -202,6 +210,7 @@ def render_config(spec: Spec, place: ProxyPlace, *, port: int | None = None,
         f"client_body_timeout {CLIENT_TIMEOUT_SECONDS}s;",
         f"send_timeout {SEND_TIMEOUT_SECONDS}s;",
         f"keepalive_timeout {KEEPALIVE_SECONDS}s;",
+        f"keepalive_time {KEEPALIVE_TIME_SECONDS}s;",
         "gzip off;",
         # Server-sent events (stream: true) go out token by token.
         "proxy_buffering off;",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +99,25 @@ def test_streaming_arrives_event_by_event(world: World) -> None:
         events = [line for line in response.iter_lines() if line.startswith("data:")]
     assert events[-1] == "data: [DONE]"
     assert len(events) > 3, events
+
+
+def test_an_old_keep_alive_connection_is_told_to_close(world: World) -> None:
+    """What moves busy clients off a host taken out of rotation without a race: a connection
+    past the proxy's keepalive_time gets its next answer with "Connection: close" (and then
+    nginx closes it); a young one stays open."""
+    # httpx drops a connection idle for 5 s itself: keep it for the test.
+    with httpx.Client(base_url=world.public, timeout=120,
+                      limits=httpx.Limits(keepalive_expiry=proxy.KEEPALIVE_SECONDS),
+                      headers={"Authorization": f"Bearer {world.served.key}"}) as c:
+        first = c.get("/v1/models")
+        assert first.headers.get("connection", "").lower() == "keep-alive"
+        time.sleep(proxy.KEEPALIVE_TIME_SECONDS + 0.5)
+        old = c.post("/v1/completions", json={"model": "exaone-tiny", "prompt": PROMPT,
+                                               "max_tokens": 2})
+        assert old.status_code == 200, old.text
+        assert old.headers.get("connection", "").lower() == "close"
+        again = c.get("/v1/models")  # a fresh connection: young, kept
+        assert again.headers.get("connection", "").lower() == "keep-alive"
 
 
 # Spellings a client might try to reach the admin routes with, and what it must get.

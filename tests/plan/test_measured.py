@@ -86,6 +86,27 @@ def test_a_lever_is_judged_where_the_engine_not_the_front_end_limited_the_figure
     assert keep.value == "keep the baseline" and "+3% at 1" in keep.reason
 
 
+def test_where_the_front_end_limited_the_baseline_more_api_servers_say_what_adapters_cost(
+        ) -> None:
+    """As on the H200: with 4 API servers the engine limited 256, so adapter/base there is
+    read from that server (both groups measured on it), not asked for again."""
+    base = limited({1: (230, "engine"), 256: (6600, "front-end")}, "baseline")
+    servers = limited({1: (234, "engine"), 256: (205_000, "engine")}, "api-server-count 4")
+    servers["ratio_c256"] = 205_000 / 256_000
+    levers = [*LEVERS, {"name": "api-server-count 4", "extra_args": [], "env": {},
+                        "overrides": {"apiServerCount": 4, "runtimeLoraUpdating": False}}]
+    doc = {**lever_doc([base, servers], levers), "concurrencies": [1, 256]}
+    [keep] = measured.lora_advice(doc, "x")
+    assert keep.value == "keep the baseline" and "+2% at 1" in keep.reason
+    assert ("with api-server-count 4 the engine limited 256 and adapters ran at 0.80x base "
+            "(205000 against 256000 tok/s)") in keep.reason
+    assert "measure again" not in keep.reason
+    # Front-end-limited there too: nothing is read from it.
+    servers["adapters_limit_c256"] = "front-end"
+    [keep] = measured.lora_advice(doc, "x")
+    assert "raise apiServerCount first and measure again" in keep.reason
+
+
 def test_front_end_recommends_the_smallest_count_that_pays() -> None:
     doc = {"kind": "front-end", "concurrencies": [256],
            "levers": [{"name": f"api-server-count {c}",

@@ -73,19 +73,35 @@ def _target(host: FakeHost, said: list[str]) -> Target:
 
 def test_out_waits_for_the_balancer_then_for_connections_and_requests() -> None:
     clock, said = Clock(), []
-    host = FakeHost(iter([(3, 2), (1, 1), (0, 1), (0, 0), (0, 0)]))
+    readings = [(3, 2)] * 12 + [(1, 1), (0, 1), (0, 0), (0, 0)]
+    host = FakeHost(iter(readings))
     turn = _rotation(clock, poll_s=1.0)
     t = _target(host, said)
     touched: list[bool] = []
     turn.around(t, lambda _t: touched.append(host.out))
     assert touched == [True], "the body ran while the host was in rotation"
-    assert host.calls == ["out", "close-idle", *["inflight"] * 5, "in"]
+    # Idle keep-alive connections are closed only after the balancer stopped sending new ones
+    # and busy clients had the proxy's keepalive_time to be told "Connection: close".
+    leave = proxy.KEEPALIVE_TIME_SECONDS + 2
+    at = host.calls.index("close-idle")
+    assert host.calls[:at] == ["out", *["inflight"] * leave]
+    assert host.calls[at + 1:] == ["inflight"] * (len(readings) - leave) + ["in"]
     notice = balancer.seconds_to_notice()
-    # Idle keep-alive connections are closed only after the balancer stopped sending new ones.
     assert clock.slept[0] == notice and clock.slept[-1] == notice
     assert not host.out
     assert turn.out_seconds["h1"] == clock.now
     assert any("back in after" in line for line in said)
+
+
+def test_clients_that_leave_on_their_own_need_no_reload() -> None:
+    """Busy clients leave once the proxy says "Connection: close": drained before the time to
+    close idle connections came, nginx is not reloaded (a reload can cut a request that a
+    client is writing at that moment)."""
+    clock = Clock()
+    host = FakeHost(iter([(3, 2), (2, 1), (0, 0), (0, 0)]))
+    _rotation(clock, poll_s=1.0).around(_target(host, []), lambda _t: None)
+    assert "close-idle" not in host.calls
+    assert host.calls == ["out", *["inflight"] * 4, "in"]
 
 
 def test_a_drain_that_does_not_finish_puts_the_host_back_untouched() -> None:

@@ -20,11 +20,13 @@ curl, sudo and the vLLM CPU venv with the tiny model (`python -m serving local s
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -158,6 +160,38 @@ class Fleet:
             time.sleep(2)
         pytest.fail(f"{host.name}: vLLM not healthy within {deadline_s} s")
 
+    def balancer_states(self) -> dict[str, str]:
+        """Each host's state as the balancer sees it (HAProxy's `show stat`: UP, DOWN, ...)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(5)
+            conn.connect(str(self.folder / "haproxy.sock"))
+            conn.sendall(b"show stat\n")
+            data = b""
+            while chunk := conn.recv(65536):
+                data += chunk
+        rows = csv.reader(data.decode().lstrip("# ").splitlines())
+        header = next(rows)
+        at = {name: i for i, name in enumerate(header)}
+        return {row[at["svname"]]: row[at["status"]] for row in rows
+                if len(row) > at["status"] and row[at["svname"]] in
+                {h.name for h in self.hosts}}
+
+    def wait_balanced(self, deadline_s: float = 30) -> None:
+        """Until the balancer sends to every host: vLLM healthy on loopback is not enough, the
+        balancer marks a host up only after its own probes pass (rise)."""
+        end = time.monotonic() + deadline_s
+        states: dict[str, str] = {}
+        while time.monotonic() < end:
+            states = self.balancer_states()
+            if states and all(v == "UP" for v in states.values()):
+                return
+            time.sleep(0.2)
+        pytest.fail(f"the balancer does not send to every host within {deadline_s} s: "
+                    f"{states}\n{self.balancer_log()}")
+
+    def balancer_log(self) -> str:
+        return (self.folder / "haproxy.log").read_text()[-3000:]
+
     def target(self, host: FleetHost) -> Target:
         return Target(host=Host(NsContext(host.pid), name=host.name), spec=self.vm_spec,
                       settings=settings_for(self.vm_spec), say=print)
@@ -178,12 +212,14 @@ def _run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, timeout=60)
 
 
-def _haproxy_config(port: int, hosts: list[FleetHost]) -> str:
+def _haproxy_config(port: int, hosts: list[FleetHost], stats: Path) -> str:
     servers = "\n".join(
         f"    server {h.name} {h.address}:{API_PORT} check inter {PROBE_INTER_MS} "
         f"fall {PROBE_FALL} rise {PROBE_FALL}" for h in hosts)
     return f"""global
     maxconn 512
+    # Read by the test to know what the balancer thinks of each host (_balancer_states).
+    stats socket {stats} mode 600 level user
 defaults
     # Layer 4, like Azure's Load Balancer: a flow stays on the host it was sent to.
     mode tcp
@@ -250,7 +286,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                  "bash", "-c", script], start_new_session=True)
             hosts.append(FleetHost(i, hfolder, launcher))
         lb_port = free_port()
-        (folder / "haproxy.cfg").write_text(_haproxy_config(lb_port, hosts))
+        (folder / "haproxy.cfg").write_text(
+            _haproxy_config(lb_port, hosts, folder / "haproxy.sock"))
         log = (folder / "haproxy.log").open("wb")
         haproxy = subprocess.Popen(["haproxy", "-f", str(folder / "haproxy.cfg"), "-db"],
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -262,6 +299,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             fl.start_vllm(h)
         for h in hosts:
             fl.wait_healthy(h)
+        fl.wait_balanced()
         yield fl
         for h in hosts:
             fl.stop_vllm(h)
@@ -334,6 +372,9 @@ def _roll(fleet: Fleet, body: Callable[[FleetHost], None]) -> tuple[Load, dict[s
     # The balancer here probes every PROBE_INTER_MS and needs PROBE_FALL answers to change
     # its mind: that, plus one interval, is how long the rollout waits for it.
     turn = rotation.Rotation(notice_s=PROBE_INTER_MS / 1000 * (PROBE_FALL + 1), poll_s=0.5)
+    # Load starts only once the balancer sends to every host: with none marked up yet it
+    # closes each new connection at once, which is the balancer starting, not the rollout.
+    fleet.wait_balanced()
     with streaming(fleet) as load:
         time.sleep(3)
         for host in fleet.hosts:
@@ -358,7 +399,7 @@ def test_rolling_restart_drops_no_request(fleet: Fleet) -> None:
 
     load, out = _roll(fleet, restart)
     _report(fleet, "rolling-restart", load, out)
-    assert load.failed == [] and load.ok > 0
+    assert load.failed == [] and load.ok > 0, fleet.balancer_log()
     assert sorted(out) == [h.name for h in fleet.hosts]
 
 
@@ -376,5 +417,5 @@ def test_fleet_hotfix_drops_no_request(fleet: Fleet) -> None:
 
     load, out = _roll(fleet, hotfix)
     _report(fleet, "fleet-hotfix", load, out)
-    assert load.failed == [] and load.ok > 0
+    assert load.failed == [] and load.ok > 0, fleet.balancer_log()
     assert sorted(out) == [h.name for h in fleet.hosts]
