@@ -57,6 +57,10 @@ START_DEADLINE_SECONDS = 420
 PROBE_INTER_MS = 1000
 PROBE_FALL = 2
 CLIENTS = 3
+# Each client pauses this long between requests: traffic never stops (every host out of
+# rotation keeps getting requests until the balancer notices), but on this machine's two
+# cores, clients that never pause starve the restarting host's start of CPU for minutes.
+THINK_SECONDS = 0.1
 MAX_TOKENS = 8
 REQUEST_TIMEOUT_SECONDS = 120
 
@@ -352,6 +356,7 @@ def _stream(fleet: Fleet, load: Load, worker: int) -> None:
                 load.ok += 1
             except httpx.HTTPError as exc:
                 load.failed.append(f"{model}: {type(exc).__name__}: {exc}")
+            load.stop.wait(THINK_SECONDS)
 
 
 @contextlib.contextmanager
