@@ -111,6 +111,15 @@ class Rotation:
         t.say(f"{NAME}: back in"
               + (f" after {self.out_seconds[t.host.name]} s out" if started is not None else ""))
 
+    def state(self, t: Target) -> str:
+        """What the load balancer sees of the host: "in", or "out" with why (for `fab status`:
+        a host whose rollout failed stays out, and this is where an operator sees it)."""
+        state = self._script(t, "probe", *self._probe_args(t))
+        marked, code = state.get("out") == "yes", state.get("probe", "")
+        if marked:
+            return "out (marked by a rollout)"
+        return "in" if code == IN_CODE else f"out (probe answers {code or 'nothing'})"
+
     def around(self, t: Target, body: Callable[[Target], None]) -> None:
         """``body`` with the host out of rotation; back only if it succeeded (a host that
         failed stays out: the balancer keeps sending to the others)."""

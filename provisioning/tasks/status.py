@@ -1,5 +1,5 @@
-"""`fab status`: one row per host: service and API proxy state, vLLM version, loaded adapters,
-GPU memory."""
+"""`fab status`: one row per host: service and API proxy state, whether the load balancer
+sends to it, the metrics agent, vLLM version, loaded adapters, GPU memory."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from fabric import task
 from rich.table import Table
 
+from provisioning import rotation
 from provisioning.bundle import host_python
 from provisioning.remote import Host, RemoteError
-from provisioning.steps.converge import Target
+from provisioning.steps.converge import StepError, Target
 from provisioning.steps.model import stack_file
 from provisioning.tasks import options as cli_options
-from serving.render import proxy_unit, systemd_unit
+from serving.render import metrics_unit, proxy_unit, systemd_unit
 from serving.stack import layout as layouts
 
 GPU_QUERY = ("nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader,nounits "
@@ -27,6 +28,15 @@ def host_status(t: Target) -> dict[str, str]:
         row["service"] = out.strip() or "absent"
         _, out, _ = t.host.run(f"systemctl is-active {proxy_unit.UNIT_NAME}", check=False)
         row["proxy"] = out.strip() or "absent"
+        try:
+            row["rotation"] = rotation.Rotation().state(t)
+        except StepError as exc:
+            row["rotation"] = f"unknown: {exc}"
+        if t.spec.metrics.vm_agent:
+            _, out, _ = t.host.run(f"systemctl is-active {metrics_unit.UNIT_NAME}", check=False)
+            row["metrics agent"] = out.strip() or "absent"
+        else:
+            row["metrics agent"] = "off (vmMetrics false)"
         _, pins, _ = t.host.run(f"cat {layouts.VM.venv_dir}/.pins", check=False)
         vllm = next((p for p in pins.split() if p.startswith(t.spec.vllm.package + "==")), "")
         row["vllm"] = vllm.partition("==")[2] or "-"
@@ -48,7 +58,8 @@ def host_status(t: Target) -> dict[str, str]:
     return row
 
 
-COLUMNS = ("host", "service", "proxy", "health", "vllm", "adapters", "gpu memory")
+COLUMNS = ("host", "service", "proxy", "rotation", "metrics agent", "health", "vllm",
+           "adapters", "gpu memory")
 
 
 def table(rows: list[dict[str, str]], stack: str) -> Table:

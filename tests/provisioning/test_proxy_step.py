@@ -12,7 +12,7 @@ from provisioning.steps import proxy
 from provisioning.steps.config import sha
 from provisioning.steps.converge import Target
 from provisioning.tasks.status import host_status
-from serving.render import proxy_unit
+from serving.render import metrics_unit, proxy_unit
 
 UNIT = proxy_unit.UNIT_NAME
 
@@ -96,3 +96,24 @@ def test_status_shows_the_proxy() -> None:
     })
     row = host_status(t)
     assert row["service"] == "active" and row["proxy"] == "failed"
+
+
+@pytest.mark.parametrize(("probe", "shown"), [
+    ("out=no\nprobe=200\n", "in"),
+    ("out=yes\nprobe=503\n", "out (marked by a rollout)"),
+    ("out=no\nprobe=000\n", "out (probe answers 000)"),
+], ids=["in", "left-out-by-a-rollout", "proxy-down"])
+def test_status_shows_whether_the_balancer_sends_to_the_host(probe: str, shown: str) -> None:
+    """A host whose rollout failed stays out of rotation: `fab status` is where it shows."""
+    t, _, _ = target({
+        rx("bash -s -- probe /run/exaone-rotation/out"): Result(stdout=probe),
+        rx(f"systemctl is-active {metrics_unit.UNIT_NAME}"): Result(stdout="inactive\n",
+                                                                   exited=3),
+        rx("systemctl is-active"): Result(stdout="active\n"),
+        rx("serving.host.health"): as_json({"health": True, "adapters": ["a"]}),
+        ANY: OK,
+    })
+    row = host_status(t)
+    assert row["rotation"] == shown
+    assert row["metrics agent"] == ("inactive" if t.spec.metrics.vm_agent
+                                    else "off (vmMetrics false)")
