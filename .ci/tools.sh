@@ -21,6 +21,9 @@ command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v sudo >/dev/null || need+=(sudo)
+# Each fleet test host runs its own sshd: the rollouts reach the hosts over SSH.
+[[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
+command -v ssh-keygen >/dev/null || need+=(openssh-client)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi
   $sudo apt-get update -qq
