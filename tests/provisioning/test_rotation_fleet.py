@@ -225,6 +225,7 @@ class Fleet:
     def balancer_log(self) -> str:
         return (self.folder / "haproxy.log").read_text()[-3000:]
 
+
 def dataclasses_replace_layout(spec: Spec) -> layout.Layout:
     return dataclasses.replace(layout.local(REPO), python=str(VLLM_PYTHON),
                                venv_dir=str(VLLM_PYTHON.parent.parent))
@@ -240,7 +241,7 @@ def _haproxy_config(port: int, hosts: list[FleetHost], stats: Path) -> str:
         f"fall {PROBE_FALL} rise {PROBE_FALL}" for h in hosts)
     return f"""global
     maxconn 512
-    # Read by the test to know what the balancer thinks of each host (_balancer_states).
+    # Read by the test to know what the balancer thinks of each host (Fleet.balancer_states).
     stats socket {stats} mode 600 level user
 defaults
     # Layer 4, like Azure's Load Balancer: a flow stays on the host it was sent to.
