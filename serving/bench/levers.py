@@ -128,6 +128,7 @@ class LeverReport:
     start_s: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)  # lever -> why it did not run
     measurements: list[Measurement] = field(default_factory=list)
+    common: Lever | None = None  # settings every server of the run had
 
     def get(self, lever: str, concurrency: int, models: str, stream: bool = True
             ) -> Measurement | None:
@@ -170,6 +171,7 @@ class LeverReport:
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind, "concurrencies": list(self.concurrencies),
+            "common": asdict(self.common) if self.common else None,
             "levers": [asdict(lever) for lever in self.levers],
             "rows": self.rows(),
             "measurements": [{"lever": m.lever, "concurrency": m.concurrency,
@@ -183,17 +185,31 @@ def _requests(concurrency: int, per_lane: int) -> int:
     return max(MIN_REQUESTS, concurrency * per_lane)
 
 
+def with_common(lever: Lever, common: Lever | None) -> Lever:
+    """``lever`` on top of settings every server of a run shares (``common``)."""
+    if common is None:
+        return lever
+    return replace(lever, overrides={**common.overrides, **lever.overrides},
+                   env={**common.env, **lever.env},
+                   extra_args=(*common.extra_args, *lever.extra_args))
+
+
 def run_levers(levers: Sequence[Lever], serve: Serve, cfg: BenchConfig, *, kind: str = "lora",
                concurrencies: Sequence[int] = DEFAULT_CONCURRENCIES, processes: int = 4,
                per_lane: int = REQUESTS_PER_LANE, unstreamed_reference: bool = False,
+               common: Lever | None = None,
                say: Callable[[str], None] = print) -> LeverReport:
     """Each lever on a server of its own; per concurrency the base model and the adapters
-    (``kind`` lora) or all models together (``kind`` front-end), streamed."""
-    report = LeverReport(kind, tuple(concurrencies), list(levers))
+    (``kind`` lora) or all models together (``kind`` front-end), streamed.
+
+    ``common``: settings every server of the run gets, the baseline's too (e.g. four API
+    servers, so 256 streams measure the engine): the rows then compare levers on that."""
+    report = LeverReport(kind, tuple(concurrencies), list(levers), common=common)
     for lever in levers:
         say(f"lever {lever.name}: starting a server")
+        served = with_common(lever, common)
         try:
-            context = serve(lever)
+            context = serve(served)
             target = context.__enter__()
         except Exception as exc:  # vLLM refused the lever or did not start: a row says so
             report.errors[lever.name] = f"{type(exc).__name__}: {exc}"[:400]
@@ -202,7 +218,7 @@ def run_levers(levers: Sequence[Lever], serve: Serve, cfg: BenchConfig, *, kind:
         try:
             report.start_s[lever.name] = target.start_s
             run_cfg = replace(cfg, endpoint=target.endpoint, api_key=target.api_key,
-                              api_servers=int(lever.overrides.get("apiServerCount", 1)))
+                              api_servers=int(served.overrides.get("apiServerCount", 1)))
             warm_up(run_cfg, (target.base, *target.adapters))
             for group, models in _groups(kind, target):
                 for c in concurrencies:
@@ -281,7 +297,12 @@ def merge_docs(docs: Sequence[Doc]) -> Doc:
     kinds = {d["kind"] for d in docs}
     if len(kinds) > 1:
         raise ValueError(f"cannot merge {', '.join(sorted(kinds))} results")
+    commons = {json.dumps(d.get("common"), sort_keys=True) for d in docs}
+    if len(commons) > 1:
+        # Each run's rows compare against its own baseline, on its own common settings.
+        raise ValueError("cannot merge runs whose servers shared different settings")
     return {"kind": docs[0]["kind"], "concurrencies": docs[0]["concurrencies"],
+            "common": docs[0].get("common"),
             "levers": [lever for d in docs for lever in d["levers"]],
             "rows": [row for d in docs for row in d["rows"]],
             "measurements": [m for d in docs for m in d.get("measurements", [])]}

@@ -175,11 +175,19 @@ def test_lora_levers(setup: dict[str, Any]) -> None:
     # process, limits 256 streams, and only then does the adapters' own cost show.
     levers += lv.front_end_levers((4,))
     wanted = os.environ.get("EXAONE_GPU_LEVERS")
-    if wanted:
-        levers = [lever for lever in levers if lever.name in wanted.split(",")]
+    if wanted:  # in the order given: a second run in reverse order shows order effects
+        by_name = {lever.name: lever for lever in levers}
+        levers = [by_name[n] for n in wanted.split(",") if n in by_name]
+    # EXAONE_GPU_COMMON_API_SERVERS=4: every server of the run (the baseline's too) gets 4
+    # API servers, so the 256-stream figures of each lever measure the engine.
+    servers = int(os.environ.get("EXAONE_GPU_COMMON_API_SERVERS", "1"))
+    common = lv.front_end_levers((servers,))[0] if servers > 1 else None
+    if common:
+        levers = [lever for lever in levers if "apiServerCount" not in lever.overrides]
     report = lv.run_levers(levers, setup["serve"], setup["cfg"], concurrencies=CONCURRENCIES,
-                           processes=PROCESSES, per_lane=PER_LANE)
+                           processes=PROCESSES, per_lane=PER_LANE, common=common)
     subset = "all" if not wanted else re.sub(r"[^a-z0-9]+", "-", wanted.lower())[:40]
+    subset += f"-{servers}-api-servers" if common else ""
     lv.write_outputs(report, OUT, f"levers-{subset}")
     _write_starts(setup, [lever.name for lever in levers], f"levers-{subset}")
     assert "baseline" not in report.errors, report.errors.get("baseline")

@@ -1,0 +1,106 @@
+"""Tunes vLLM's Triton LoRA kernels for this GPU and a stack's model and adapter set.
+
+    python3 bench/lora_tune.py --stack dev --out tuned/ [--workers 12] [--deadline-s 300]
+    python3 bench/lora_tune.py --stack dev --out tuned/ --active 4 --rank 32 --max-loras 4
+
+Needs a CUDA GPU and CUDA vLLM (0.25.x: the defaults it beats are that release's). Writes to
+--out the files vLLM reads from ``VLLM_TUNED_CONFIG_FOLDER`` (<GPU>_SHRINK.json,
+<GPU>_EXPAND_TRUE.json), lora-tune.json (every point: vLLM's default against the best
+candidate, microseconds per call) and lora-tune.md/.png (LoRA kernel time of one forward
+step per batch size, default against tuned). Then measure the lever end to end: the GPU
+tier's ``test_lora_levers`` with ``EXAONE_TUNED_CONFIG_FOLDER`` set to the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from serving.bench import lora_tune as lt  # noqa: E402
+from serving.bench.levers import tightest_rank  # noqa: E402
+from serving.stack import stackfile  # noqa: E402
+from serving.stack.catalog import EXAONE_MODELS  # noqa: E402
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def write_summary(doc: dict, out: Path) -> None:
+    """lora-tune.md (per-step table) and lora-tune.png (the same as bars)."""
+    lines = ["| tokens per step | LoRA kernels, vLLM default (us) | tuned (us) | tuned/default |",
+             "|---|---|---|---|"]
+    for row in doc["per_step"]:
+        ratio = row["tuned_us"] / row["default_us"] if row["default_us"] else 0.0
+        lines.append(f"| {row['batch']} | {row['default_us']:.0f} | {row['tuned_us']:.0f} | "
+                     f"{ratio:.2f} |")
+    kept = sum(p["kept"] for p in doc["points"])
+    lines.append("")
+    lines.append(f"{doc['gpu']}, {doc['model']}, rank {doc['rank']}, max-loras "
+                 f"{doc['max_loras']}, {doc['active_loras']} adapters active; {kept} of "
+                 f"{len(doc['points'])} points beat vLLM's default by more than "
+                 f"{doc['keep_margin']:.0%}.")
+    (out / "lora-tune.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = doc["per_step"]
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=110)
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["default_us"] for r in rows], 0.4, label="vLLM default")
+    ax.bar([x + 0.2 for x in xs], [r["tuned_us"] for r in rows], 0.4, label="tuned")
+    ax.set_xticks(list(xs), [str(r["batch"]) for r in rows])
+    ax.set_xlabel("tokens per forward step")
+    ax.set_ylabel("LoRA kernel time per step (us)")
+    ax.set_yscale("log")
+    ax.set_title(f"LoRA shrink+expand per step, {doc['gpu']}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "lora-tune.png")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stack", default="dev", help="checked-in stack whose model, "
+                        "max-loras and adapter ranks to tune for")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--rank", type=int, default=0, help="default: the tightest "
+                        "--max-lora-rank of the stack's adapters")
+    parser.add_argument("--max-loras", type=int, default=0, help="default: the stack's")
+    parser.add_argument("--active", type=int, default=0,
+                        help="adapters the tokens are spread over (default: the stack's count)")
+    parser.add_argument("--batches", type=_ints, default=lt.BATCHES)
+    parser.add_argument("--candidates", type=int, default=lt.MAX_CANDIDATES)
+    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
+    parser.add_argument("--deadline-s", type=float, default=300.0)
+    args = parser.parse_args(argv)
+    spec = stackfile.load(stack=args.stack)
+    dims = EXAONE_MODELS[spec.model.id]
+    rank = args.rank or tightest_rank(spec)
+    max_loras = args.max_loras or spec.vllm.max_loras
+    active = args.active or max(1, len(spec.adapters))
+    report = lt.run_tuning(dims, model=spec.model.id, rank=rank, max_loras=max_loras,
+                           active=min(active, max_loras), out_dir=args.out,
+                           batches=args.batches, workers=args.workers,
+                           deadline_s=args.deadline_s, limit=args.candidates)
+    doc = report.to_json(lt.shapes(dims, rank))
+    (args.out / "lora-tune.json").write_text(json.dumps(doc, indent=2) + "\n")
+    write_summary(doc, args.out)
+    print((args.out / "lora-tune.md").read_text())
+    print(f"wrote {', '.join(report.files)} to {args.out}: export "
+          f"VLLM_TUNED_CONFIG_FOLDER={args.out.resolve()}")
+    return 0 if report.files else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
