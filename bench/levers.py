@@ -37,7 +37,7 @@ from serving.stack import secretref, stackfile  # noqa: E402
 out = Console(width=None if sys.stdout.isatty() else 200)
 
 
-def _ints(text: str) -> tuple[int, ...]:
+def ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="merge: one table from several results files (--files)")
     parser.add_argument("--files", nargs="+", type=Path, default=[],
                         help="merge: levers/front-end JSON files of separate runs")
-    parser.add_argument("--concurrency", type=_ints, default=None,
+    parser.add_argument("--concurrency", type=ints, default=None,
                         help="comma-separated (lora default 1,2; front-end default 8)")
-    parser.add_argument("--counts", type=_ints, default=(1, 2),
+    parser.add_argument("--counts", type=ints, default=(1, 2),
                         help="front-end: API-server counts to compare")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--per-lane", type=int, default=4, help="requests per open request")

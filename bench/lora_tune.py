@@ -22,14 +22,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from levers import ints  # noqa: E402  (bench/levers.py: comma-separated integers)
+
 from serving.bench import lora_tune as lt  # noqa: E402
 from serving.bench.levers import tightest_rank  # noqa: E402
 from serving.stack import stackfile  # noqa: E402
 from serving.stack.catalog import EXAONE_MODELS  # noqa: E402
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(",") if x.strip())
 
 
 def write_summary(doc: dict, out: Path) -> None:
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-loras", type=int, default=0, help="default: the stack's")
     parser.add_argument("--active", type=int, default=0,
                         help="adapters the tokens are spread over (default: the stack's count)")
-    parser.add_argument("--batches", type=_ints, default=lt.BATCHES)
+    parser.add_argument("--batches", type=ints, default=lt.BATCHES)
     parser.add_argument("--candidates", type=int, default=lt.MAX_CANDIDATES)
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--deadline-s", type=float, default=300.0)

@@ -48,27 +48,28 @@ def _call(shape: Shape, batch: int, *, rank: int, max_loras: int, active: int
     buffer = torch.zeros((shape.num_slices, batch, rank), dtype=torch.float32, device=dev)
     if shape.op == "shrink":
         x = torch.randn((batch, shape.k), generator=gen, device=dev, dtype=torch.bfloat16)
-        weights = [torch.randn((max_loras, 1, rank, shape.k), generator=gen, device=dev,
-                               dtype=torch.bfloat16) * 0.02 for _ in range(shape.num_slices)]
+        lora_a = [torch.randn((max_loras, 1, rank, shape.k), generator=gen, device=dev,
+                              dtype=torch.bfloat16) * 0.02 for _ in range(shape.num_slices)]
+        module: Any = lora_shrink_op
 
-        def bind(config: dict[str, Any]) -> Callable[[], None]:
-            def run() -> None:
-                lora_shrink_op.get_lora_op_configs = lambda *a, **k: config
-                lora_shrink_op._lora_shrink(x, weights, buffer, *args, 1.0)
-            return run
-        return bind
-    out = torch.zeros((batch, sum(shape.slice_sizes)), device=dev, dtype=torch.bfloat16)
-    buffer.normal_(generator=gen)
-    weights = [torch.randn((max_loras, 1, size, rank), generator=gen, device=dev,
-                           dtype=torch.bfloat16) * 0.02 for size in shape.slice_sizes]
+        def invoke() -> None:
+            lora_shrink_op._lora_shrink(x, lora_a, buffer, *args, 1.0)
+    else:
+        out = torch.zeros((batch, sum(shape.slice_sizes)), device=dev, dtype=torch.bfloat16)
+        buffer.normal_(generator=gen)
+        lora_b = [torch.randn((max_loras, 1, size, rank), generator=gen, device=dev,
+                              dtype=torch.bfloat16) * 0.02 for size in shape.slice_sizes]
+        module = lora_expand_op
 
-    def bind_expand(config: dict[str, Any]) -> Callable[[], None]:
+        def invoke() -> None:
+            lora_expand_op._lora_expand(buffer, lora_b, out, *args, offset_start=0, add_inputs=True)
+
+    def bind(config: dict[str, Any]) -> Callable[[], None]:
         def run() -> None:
-            lora_expand_op.get_lora_op_configs = lambda *a, **k: config
-            lora_expand_op._lora_expand(buffer, weights, out, *args, offset_start=0,
-                                        add_inputs=True)
+            module.get_lora_op_configs = lambda *a, **k: config
+            invoke()
         return run
-    return bind_expand
+    return bind
 
 
 def _graph_us(run: Callable[[], None]) -> float:

@@ -113,7 +113,6 @@ def candidates(shape: Shape, batch: int, tokens_per_lora: int, *,
     only where block_k x split_k still fits in k. The sample is each config's place in one
     fixed hash order, so batches of one shape share most candidates and Triton compiles
     each once."""
-    _ = batch
     top_m = max(16, 1 << max(0, (tokens_per_lora - 1).bit_length()))
     block_ms = [m for m in (16, 32, 64, 128) if m <= top_m]
     grid: list[dict[str, Any]] = []
