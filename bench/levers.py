@@ -78,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuned-config-folder", default="")
     parser.add_argument("--only", help="comma-separated lever names (lora)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--name", default="", help="merge: the output files' name "
+                        "(default levers or front-end)")
     args = parser.parse_args(argv)
     if args.kind == "merge":
         doc = lv.merge_docs([json.loads(f.read_text()) for f in args.files])
-        name = "levers" if doc["kind"] == "lora" else "front-end"
+        name = args.name or ("levers" if doc["kind"] == "lora" else "front-end")
         print_table(doc, f"{name} (merged from {len(args.files)} files)")
         for path in lv.write_outputs(doc, args.out, name):
             out.print(f"wrote {path}")

@@ -2,13 +2,19 @@
 
     python3 bench/lora_tune.py --stack dev --out tuned/ [--workers 12] [--deadline-s 300]
     python3 bench/lora_tune.py --stack dev --out tuned/ --active 4 --rank 32 --max-loras 4
+    python3 bench/lora_tune.py --from tuned/lora-tune.json --up-to 64 --out tuned-small/
 
 Needs a CUDA GPU and CUDA vLLM (0.25.x: the defaults it beats are that release's). Writes to
 --out the files vLLM reads from ``VLLM_TUNED_CONFIG_FOLDER`` (<GPU>_SHRINK.json,
 <GPU>_EXPAND_TRUE.json), lora-tune.json (every point: vLLM's default against the best
 candidate, microseconds per call) and lora-tune.md/.png (LoRA kernel time of one forward
 step per batch size, default against tuned). Then measure the lever end to end: the GPU
-tier's ``test_lora_levers`` with ``EXAONE_TUNED_CONFIG_FOLDER`` set to the folder.
+tier's ``test_lora_levers`` with ``EXAONE_TUNED_CONFIG_FOLDER`` set to the folder (or
+``EXAONE_TUNED_CONFIG_FOLDERS`` to ``label=folder,...`` for several, each a lever).
+
+``--from`` rewrites a recorded run's files without a GPU; ``--up-to N`` keeps the tuned
+configs only for steps of at most N tokens (single streams and small batches) and vLLM's
+default above, a set to measure when the full set wins small batches and loses large ones.
 """
 
 from __future__ import annotations
@@ -81,17 +87,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=lt.MAX_CANDIDATES)
     parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
     parser.add_argument("--deadline-s", type=float, default=300.0)
+    parser.add_argument("--from", dest="recorded", type=Path, help="a lora-tune.json of an "
+                        "earlier run: write its files again (with --up-to), no GPU needed")
+    parser.add_argument("--up-to", type=int, default=0, help="keep tuned configs only for "
+                        "steps of at most this many tokens; vLLM's default above")
     args = parser.parse_args(argv)
-    spec = stackfile.load(stack=args.stack)
-    dims = EXAONE_MODELS[spec.model.id]
-    rank = args.rank or tightest_rank(spec)
-    max_loras = args.max_loras or spec.vllm.max_loras
-    active = args.active or max(1, len(spec.adapters))
-    report = lt.run_tuning(dims, model=spec.model.id, rank=rank, max_loras=max_loras,
-                           active=min(active, max_loras), out_dir=args.out,
-                           batches=args.batches, workers=args.workers,
-                           deadline_s=args.deadline_s, limit=args.candidates)
-    doc = report.to_json(lt.shapes(dims, rank))
+    if args.recorded:
+        try:
+            report = lt.report_from_json(json.loads(args.recorded.read_text()))
+            dims = EXAONE_MODELS[report.model]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"--from {args.recorded}: not a lora-tune.json this tuner wrote ({exc})",
+                  file=sys.stderr)
+            return 2
+    else:
+        spec = stackfile.load(stack=args.stack)
+        dims = EXAONE_MODELS[spec.model.id]
+        rank = args.rank or tightest_rank(spec)
+        max_loras = args.max_loras or spec.vllm.max_loras
+        active = args.active or max(1, len(spec.adapters))
+        report = lt.run_tuning(dims, model=spec.model.id, rank=rank, max_loras=max_loras,
+                               active=min(active, max_loras), out_dir=args.out,
+                               batches=args.batches, workers=args.workers,
+                               deadline_s=args.deadline_s, limit=args.candidates)
+    shape_list = lt.shapes(dims, report.rank)
+    if args.recorded or args.up_to:
+        if args.up_to:
+            report = lt.limited(report, args.up_to)
+        report.files = lt.write_files(lt.choices_of(report), shape_list, gpu=report.gpu,
+                                      max_loras=report.max_loras, out_dir=args.out)
+    doc = report.to_json(shape_list)
     (args.out / "lora-tune.json").write_text(json.dumps(doc, indent=2) + "\n")
     write_summary(doc, args.out)
     print((args.out / "lora-tune.md").read_text())

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -67,10 +67,13 @@ def tightest_rank(spec: Spec) -> int:
 
 
 def lora_levers(spec: Spec, *, tuned_config_folder: str = "",
+                tuned_config_folders: Mapping[str, str] | None = None,
                 batched_tokens: Sequence[int] = (2048, 8192)) -> list[Lever]:
     """The issue's LoRA levers for ``spec``'s adapter set, baseline first.
 
-    Each lever changes one thing against the baseline (the stack as configured)."""
+    Each lever changes one thing against the baseline (the stack as configured).
+    ``tuned_config_folders``: label -> folder, one lever each (e.g. a full tuned set and the
+    same limited to small batches, ``bench/lora_tune.py --up-to``)."""
     n = max(1, len(spec.adapters))
     levers = [Lever("baseline", "the stack as configured")]
     if spec.vllm.max_loras != n:
@@ -92,10 +95,13 @@ def lora_levers(spec: Spec, *, tuned_config_folder: str = "",
     levers.append(Lever("specialize-active-lora", "CUDA graphs captured per number of active "
                         "adapters (with cudagraph_specialize_lora, on by default)",
                         extra_args=("--specialize-active-lora",)))
-    if tuned_config_folder:
-        levers.append(Lever("tuned LoRA kernel configs", "Triton LoRA kernel configs tuned for "
-                            "this GPU, read from VLLM_TUNED_CONFIG_FOLDER",
-                            env={"VLLM_TUNED_CONFIG_FOLDER": tuned_config_folder}))
+    folders = {"": tuned_config_folder} if tuned_config_folder else {}
+    folders.update(tuned_config_folders or {})
+    for label, folder in folders.items():
+        levers.append(Lever("tuned LoRA kernel configs" + (f" ({label})" if label else ""),
+                            "Triton LoRA kernel configs tuned for this GPU, read from "
+                            "VLLM_TUNED_CONFIG_FOLDER" + (f" ({label})" if label else ""),
+                            env={"VLLM_TUNED_CONFIG_FOLDER": folder}))
     return levers
 
 
@@ -132,9 +138,10 @@ class LeverReport:
 
     def get(self, lever: str, concurrency: int, models: str, stream: bool = True
             ) -> Measurement | None:
-        return next((m for m in self.measurements if (m.lever, m.concurrency, m.models,
-                                                      m.stream) == (lever, concurrency, models,
-                                                                    stream)), None)
+        """The last measurement of that kind (a concurrency measured twice: the second)."""
+        return next((m for m in reversed(self.measurements)
+                     if (m.lever, m.concurrency, m.models, m.stream)
+                     == (lever, concurrency, models, stream)), None)
 
     def ratio(self, lever: str, concurrency: int) -> float | None:
         """Adapters' tokens/s over the base model's at one concurrency."""
@@ -204,7 +211,11 @@ def run_levers(levers: Sequence[Lever], serve: Serve, cfg: BenchConfig, *, kind:
 
     ``common``: settings every server of the run gets, the baseline's too (e.g. four API
     servers, so 256 streams measure the engine): the rows then compare levers on that."""
-    report = LeverReport(kind, tuple(concurrencies), list(levers), common=common)
+    # A concurrency listed twice is measured twice (e.g. 256 again after the rest: kernels
+    # compiled at first use show as a first pass slower than the second); the table and the
+    # planner read the last pass, the JSON keeps every one.
+    report = LeverReport(kind, tuple(dict.fromkeys(concurrencies)), list(levers),
+                         common=common)
     for lever in levers:
         say(f"lever {lever.name}: starting a server")
         served = with_common(lever, common)
@@ -301,11 +312,33 @@ def merge_docs(docs: Sequence[Doc]) -> Doc:
     if len(commons) > 1:
         # Each run's rows compare against its own baseline, on its own common settings.
         raise ValueError("cannot merge runs whose servers shared different settings")
-    return {"kind": docs[0]["kind"], "concurrencies": docs[0]["concurrencies"],
-            "common": docs[0].get("common"),
-            "levers": [lever for d in docs for lever in d["levers"]],
-            "rows": [row for d in docs for row in d["rows"]],
-            "measurements": [m for d in docs for m in d.get("measurements", [])]}
+    merged: Doc = {"kind": docs[0]["kind"], "concurrencies": docs[0]["concurrencies"],
+                   "common": docs[0].get("common"), "levers": [], "rows": [],
+                   "measurements": []}
+    seen: set[str] = set()
+    for d in docs:
+        # A lever in several runs (each run's own baseline, most often) is one more server
+        # of it: "baseline (again)", which the planner reads as the noise between servers.
+        names = {}
+        for lever in d["levers"]:
+            name = _unique(lever["name"], seen)
+            seen.add(name)
+            names[lever["name"]] = name
+        merged["levers"] += [{**lever, "name": names[lever["name"]]} for lever in d["levers"]]
+        merged["rows"] += [{**row, "lever": names.get(row["lever"], row["lever"])}
+                           for row in d["rows"]]
+        merged["measurements"] += [{**m, "lever": names.get(m["lever"], m["lever"])}
+                                   for m in d.get("measurements", [])]
+    return merged
+
+
+def _unique(name: str, seen: set[str]) -> str:
+    """``name``, or "name (again)", "name (again 3)", ... where it is taken."""
+    candidate, n = name, 2
+    while candidate in seen:
+        candidate = f"{name} (again)" if n == 2 else f"{name} (again {n})"
+        n += 1
+    return candidate
 
 
 def table_rows(doc: Doc | LeverReport) -> tuple[list[str], list[list[str]]]:

@@ -32,7 +32,7 @@ import hashlib
 import itertools
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -288,15 +288,69 @@ def run_tuning(dims: ModelDims, *, model: str, rank: int, max_loras: int, active
         say(f"{shape.op:6} {shape.layer[:24]:24} m={batch:<5} default {timed[0]:7.1f} us, "
             f"best {best_us:7.1f} us{' (kept)' if keep else ''}")
     report.time_s = time.monotonic() - started - report.compile_s
+    report.files = write_files(chosen, shape_list, gpu=gpu, max_loras=max_loras,
+                               out_dir=out_dir)
+    return report
+
+
+def write_files(chosen: Sequence[tuple[Shape, int, dict[str, Any]]],
+                shape_list: Sequence[Shape], *, gpu: str, max_loras: int,
+                out_dir: Path) -> list[str]:
+    """vLLM's two files for ``chosen`` in ``out_dir``; the names written."""
+    chosen = list(chosen)
     # vLLM looks num_slices up exactly: a shape the deadline left untuned still needs an
     # entry (vLLM's own default, on both sides of its batch-128 switch), or the engine fails.
+    tuned = {_key(s) for s, _, _ in chosen}
     for shape in shape_list:
-        if not any(s == shape for s, _, _ in chosen):
+        if _key(shape) not in tuned:
             chosen += [(shape, b, _default_for(shape, b)) for b in (1, 128)]
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = []
     for op, name in file_names(gpu).items():
         doc = config_document(chosen, max_loras=max_loras, op=op)
         if doc:
             (out_dir / name).write_text(json.dumps(doc, indent=1) + "\n")
-            report.files.append(name)
+            names.append(name)
+    return names
+
+
+# --- a recorded run, limited to small batches ------------------------------------------------
+
+
+def report_from_json(doc: dict[str, Any]) -> TuneReport:
+    """The report ``TuneReport.to_json`` wrote (lora-tune.json)."""
+    report = TuneReport(doc["gpu"], doc["model"], doc["rank"], doc["max_loras"],
+                        doc["active_loras"], compile_s=doc.get("compile_s", 0.0),
+                        time_s=doc.get("time_s", 0.0))
+    report.points = [Point(**p) for p in doc["points"]]
     return report
+
+
+def limited(report: TuneReport, up_to: int) -> TuneReport:
+    """``report`` with tuned configs kept only for batches of at most ``up_to`` tokens per
+    step: above it, vLLM's default (written at those batches, so the nearest-key lookup of a
+    large step never lands on a small batch's config).
+
+    Why: on the H200 the full tuned set won single streams (+9-12% adapter tok/s) and lost
+    16-22% at 256 streams, although each kernel alone was faster at 256: only the small
+    batches' configs are trusted end to end until a GPU run says otherwise."""
+    points = []
+    for p in report.points:
+        keep = p.kept and p.batch <= up_to
+        points.append(replace(p, kept=keep, config=p.config if keep else
+                              _default_for(_shape_of(p), p.batch)))
+    return replace(report, points=points, files=[])
+
+
+def _key(shape: Shape) -> tuple[str, int, int, int]:
+    return shape.op, shape.num_slices, shape.k, shape.n
+
+
+def _shape_of(p: Point) -> Shape:
+    return Shape(p.op, p.layer, p.num_slices, p.k, p.n, (), 0)
+
+
+def choices_of(report: TuneReport) -> list[tuple[Shape, int, dict[str, Any]]]:
+    """(shape, batch, config) of every point: the best where kept, else vLLM's default."""
+    return [(_shape_of(p), p.batch, p.config if p.kept else _default_for(_shape_of(p), p.batch))
+            for p in report.points]

@@ -28,6 +28,9 @@ def spec_server(values: dict[str, Any], layout: Any, api_key: str, *, stack: str
             merged["vllmExtraArgs"] = [*values.get("vllmExtraArgs", []), *lever.extra_args]
         spec = stackfile.from_values(merged, stack=stack)
         server = localrun.LocalServer(spec, layout)
+        # A lever is a fresh server: one this layout started earlier (an interrupted run's,
+        # still answering) has other settings, and ``start`` would hand it back as running.
+        localrun.stop(server)
         started = time.monotonic()
         kwargs = {} if deadline_s is None else {"deadline_s": deadline_s}
         localrun.start(server, api_key, extra_env={**(extra_env or {}), **lever.env}, **kwargs)

@@ -4,11 +4,13 @@ The capacity plan follows from arithmetic; whether a LoRA lever or more API serv
 only be measured. This module reads the bench's outputs and says which setting to change, to
 what, and why, quoting the figures:
 
-- ``levers.json`` (``bench/levers.py lora``, GPU tier): a lever wins when, at the largest
-  concurrency where the engine (not the client or the API server) limited both its run and
-  the baseline's, adapters' tokens/s beat the baseline's by at least ``WIN_MARGIN`` and the
-  base model's do not lose more than that; the best gain first. When no lever wins, one row
-  says so with each lever's figure;
+- ``levers.json`` (``bench/levers.py lora``, GPU tier): each lever against the baseline
+  where the engine (not the client or the API server) limited both. The baseline is the mean
+  of every baseline server of the files given that shared the same settings, and a lever
+  must beat it by ``WIN_MARGIN`` or by those servers' own spread, where larger: at the
+  largest such concurrency without the base model losing as much (throughput), or at a
+  smaller one losing as much nowhere (single-stream latency at no cost); the best gain
+  first. When no lever wins, one row says so with each lever's figure and the spread;
 - ``front-end.json`` (``bench/levers.py front-end``): the smallest API-server count whose
   streamed tokens/s beat one server's by at least ``WIN_MARGIN``;
 - ``bench.json`` (``serving bench --mode load``): a streamed load phase whose verdict is
@@ -54,57 +56,142 @@ def _engine_bound(row: dict[str, Any], c: int) -> bool:
                for group in ("base", "adapters"))
 
 
-def lora_advice(doc: dict[str, Any], source: str) -> list[Advice]:
+def _is_baseline(name: str) -> bool:
+    """The stack as configured: "baseline", or a repeat of it ("baseline (again)")."""
+    return name == "baseline" or name.startswith("baseline (")
+
+
+def _reference(baselines: list[dict[str, Any]], concurrencies: list[int]
+               ) -> tuple[dict[str, Any], dict[tuple[str, int], float]]:
+    """One baseline row from one or more (each figure their mean; a verdict ``engine`` only
+    where every one was), and per (group, concurrency) the spread of their tok/s over its
+    mean: the server-to-server noise this run measured."""
+    ref: dict[str, Any] = {"lever": "baseline", "error": ""}
+    noise: dict[tuple[str, int], float] = {}
+    for c in concurrencies:
+        for group in ("base", "adapters"):
+            values = [b[f"{group}_tok_s_c{c}"] for b in baselines
+                      if b.get(f"{group}_tok_s_c{c}")]
+            if values:
+                ref[f"{group}_tok_s_c{c}"] = sum(values) / len(values)
+            if len(values) > 1:
+                noise[group, c] = (max(values) - min(values)) / (sum(values) / len(values))
+            limits = {b.get(f"{group}_limit_c{c}") for b in baselines}
+            if limits != {None}:
+                ref[f"{group}_limit_c{c}"] = ("engine" if limits <= {"engine", None} else
+                                              next(x for x in sorted(limits - {None})
+                                                   if x != "engine"))
+        ratios = [b[f"ratio_c{c}"] for b in baselines if b.get(f"ratio_c{c}") is not None]
+        if ratios:
+            ref[f"ratio_c{c}"] = sum(ratios) / len(ratios)
+    return ref, noise
+
+
+def lora_advice(doc: dict[str, Any], source: str,
+                pool: list[dict[str, Any]] | None = None) -> list[Advice]:
+    """A lever wins where, at an engine-bound concurrency, adapters gain at least the margin
+    over the baseline (``WIN_MARGIN``, or the spread between baseline servers when the run
+    started the baseline more than once and that spread is larger):
+
+    - at the largest engine-bound concurrency, with the base model not losing the margin
+      there (throughput);
+    - or at a smaller one, losing the margin nowhere, neither adapters nor base (latency:
+      a single stream served faster at no cost to throughput).
+
+    ``pool``: baseline rows of every results file given whose servers shared the same
+    settings (``baseline_pool``); the reference is their mean and the noise their spread, so
+    a lever must beat every baseline server measured, not only its own run's."""
     rows = {r["lever"]: r for r in doc["rows"]}
     levers = {lever["name"]: lever for lever in doc["levers"]}
-    base = rows.get("baseline")
-    if not base or base.get("error"):
+    baselines = pool or [r for n, r in rows.items() if _is_baseline(n) and not r.get("error")]
+    if "baseline" not in rows or not baselines:
         return []
-    wins: list[tuple[float, Advice]] = []
+    base, noise = _reference(baselines, list(doc["concurrencies"]))
+    wins: list[tuple[bool, float, Advice]] = []
     judged: list[str] = []
     front_end_only: set[int] = set()
     for name, row in rows.items():
-        if name == "baseline" or row.get("error"):
+        if _is_baseline(name) or row.get("error"):
             continue
-        # A lever is judged at the largest concurrency where the engine limited both its
-        # server and the baseline's. Where the front end limited a figure it measured the
-        # API server's process: on the H200 every 256-stream run was, and their tok/s moved
-        # by up to 25% for levers (and a base model) the lever does not touch.
+        # A lever is judged where the engine limited both its server and the baseline's.
+        # Where the front end limited a figure it measured the API server's process: on the
+        # H200 every 256-stream run was, and their tok/s moved by up to 25% for levers (and a
+        # base model) the lever does not touch.
         # (merged runs may have measured a lever at fewer concurrencies than the baseline)
         engine = [c for c in doc["concurrencies"]
                   if _engine_bound(row, c) and _engine_bound(base, c)
-                  and row.get(f"adapters_tok_s_c{c}") and base.get(f"adapters_tok_s_c{c}")]
+                  and row.get(f"adapters_tok_s_c{c}") and base.get(f"adapters_tok_s_c{c}")
+                  and row.get(f"base_tok_s_c{c}") and base.get(f"base_tok_s_c{c}")]
         if not engine:
             continue
         top = max(engine)
         skipped = [c for c in doc["concurrencies"] if c > top
                    and not (_engine_bound(row, c) and _engine_bound(base, c))]
         front_end_only.update(skipped)
-        adapters, base_tok = row.get(f"adapters_tok_s_c{top}"), row.get(f"base_tok_s_c{top}")
-        ref_adapters, ref_base = (base.get(f"adapters_tok_s_c{top}"),
-                                  base.get(f"base_tok_s_c{top}"))
-        if not (adapters and base_tok and ref_adapters and ref_base):
-            continue
-        gain = adapters / ref_adapters - 1
-        judged.append(f"{name} {gain:+.0%} at {top}")
-        if gain < WIN_MARGIN or base_tok / ref_base - 1 < -WIN_MARGIN:
-            continue
+        gain = {c: row[f"adapters_tok_s_c{c}"] / base[f"adapters_tok_s_c{c}"] - 1
+                for c in engine}
+        base_gain = {c: row[f"base_tok_s_c{c}"] / base[f"base_tok_s_c{c}"] - 1 for c in engine}
+        margin = {c: max(WIN_MARGIN, noise.get(("adapters", c), 0.0)) for c in engine}
+        base_margin = {c: max(WIN_MARGIN, noise.get(("base", c), 0.0)) for c in engine}
+        judged.append(f"{name} {gain[top]:+.0%} at {top}" + "".join(
+            f", {gain[c]:+.0%} at {c}" for c in engine if c != top and gain[c] >= margin[c]))
+        loses = [c for c in engine if gain[c] < -margin[c] or base_gain[c] < -base_margin[c]]
+        if gain[top] >= margin[top] and base_gain[top] >= -base_margin[top]:
+            at = top
+        else:
+            small = [c for c in engine if c != top and gain[c] >= margin[c]]
+            if loses or not small:
+                continue
+            at = max(small, key=gain.__getitem__)
         setting, value = _setting(levers[name])
-        ratio, ref_ratio = row.get(f"ratio_c{top}"), base.get(f"ratio_c{top}")
+        ratio, ref_ratio = row.get(f"ratio_c{at}"), base.get(f"ratio_c{at}")
         ratios = (f"; adapter/base {ref_ratio:.2f} -> {ratio:.2f}"
                   if ratio is not None and ref_ratio is not None else "")
+        elsewhere = "" if at == top else (
+            f"; at {top} adapters {gain[top]:+.0%}, within the margin")
         unmeasured = (f" (at {', '.join(map(str, skipped))} the front end, not the engine, "
                       "limited the figures)") if skipped else ""
-        wins.append((gain, Advice(setting, value, (
-            f"{name}: adapters {ref_adapters:.0f} -> {adapters:.0f} tok/s (+{gain:.0%}) at "
-            f"{top} concurrent, streamed; base {ref_base:.0f} -> {base_tok:.0f}{ratios}"
+        wins.append((at != top, -gain[at], Advice(setting, value, (
+            f"{name}: adapters {base[f'adapters_tok_s_c{at}']:.0f} -> "
+            f"{row[f'adapters_tok_s_c{at}']:.0f} tok/s (+{gain[at]:.0%}) at {at} concurrent, "
+            f"streamed; base {base[f'base_tok_s_c{at}']:.0f} -> "
+            f"{row[f'base_tok_s_c{at}']:.0f}{ratios}{elsewhere}{_noise(noise, at)}"
             f"{unmeasured}"), source)))
     if not wins and judged:
         above = _above_the_front_end(rows, levers, sorted(front_end_only))
         return [Advice("LoRA levers", "keep the baseline", (
-            f"no lever raised adapters' tok/s by {WIN_MARGIN:.0%} where the engine limited "
-            f"the figures ({'; '.join(judged)}){above}"), source)]
-    return [advice for _, advice in sorted(wins, key=lambda w: -w[0])]
+            f"no lever raised adapters' tok/s by {WIN_MARGIN:.0%} (or the baseline servers' "
+            "own spread, where larger) where the engine limited the figures without losing "
+            f"as much elsewhere ({'; '.join(judged)}){_spread(noise)}{above}"), source)]
+    # Throughput wins first (best gain first), then latency-only wins.
+    return [advice for *_, advice in sorted(wins, key=lambda w: w[:2])]
+
+
+def baseline_pool(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Baseline rows of LoRA lever runs, grouped by the settings their servers shared."""
+    pool: dict[str, list[dict[str, Any]]] = {}
+    for doc in docs:
+        if doc.get("kind") != "lora":
+            continue
+        key = json.dumps(doc.get("common"), sort_keys=True)
+        pool.setdefault(key, []).extend(r for r in doc["rows"] if _is_baseline(r["lever"])
+                                        and not r.get("error"))
+    return pool
+
+
+def _spread(noise: dict[tuple[str, int], float]) -> str:
+    seen = sorted(c for group, c in noise if group == "adapters")
+    if not seen:
+        return ""
+    return "; baseline servers' adapters spread " + ", ".join(
+        f"{noise['adapters', c]:.0%} at {c}" for c in seen)
+
+
+def _noise(noise: dict[tuple[str, int], float], c: int) -> str:
+    if ("adapters", c) not in noise:
+        return ""
+    return (f"; the baseline's servers differed by {noise['adapters', c]:.0%} (adapters) and "
+            f"{noise.get(('base', c), 0.0):.0%} (base) there")
 
 
 def _above_the_front_end(rows: dict[str, dict[str, Any]], levers: dict[str, dict[str, Any]],
@@ -165,11 +252,13 @@ def bench_advice(doc: dict[str, Any], source: str) -> list[Advice]:
 def advice(paths: list[Path]) -> list[Advice]:
     """Every recommendation the results files support, in file order."""
     out: list[Advice] = []
-    for path in paths:
-        doc = json.loads(Path(path).read_text())
+    docs = [json.loads(Path(path).read_text()) for path in paths]
+    pool = baseline_pool(docs)
+    for path, doc in zip(paths, docs, strict=True):
         kind = doc.get("kind")
         if kind == "lora":
-            out += lora_advice(doc, str(path))
+            out += lora_advice(doc, str(path),
+                               pool.get(json.dumps(doc.get("common"), sort_keys=True)))
         elif kind == "front-end":
             out += front_end_advice(doc, str(path))
         elif "load" in doc:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,63 @@ def test_the_recorded_gpu_run_kept_only_what_beat_the_default() -> None:
     for row in doc["per_step"]:
         assert report.per_step_us(row["batch"], shape_list) == pytest.approx(
             (row["default_us"], row["tuned_us"]))
+
+
+RECORDED = ROOT / "docs" / "bench-gpu" / "lora-tune.json"
+CLI = ROOT / "bench" / "lora_tune.py"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(CLI), *args], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_a_recorded_run_writes_the_same_files_again(tmp_path: Path) -> None:
+    """``--from`` (no GPU) rebuilds the checked-in files of the H200 run byte for byte, and
+    ``--up-to 64`` the small-batch set measured end to end."""
+    done = _cli("--from", str(RECORDED), "--out", str(tmp_path / "full"))
+    assert done.returncode == 0, done.stderr
+    small = _cli("--from", str(RECORDED), "--up-to", "64", "--out", str(tmp_path / "small"))
+    assert small.returncode == 0, small.stderr
+    for folder, checked_in in (("full", "tuned-h200"), ("small", "tuned-h200-small-batches")):
+        for name in lt.file_names("NVIDIA H200").values():
+            assert (tmp_path / folder / name).read_bytes() == (
+                ROOT / "docs" / "bench-gpu" / checked_in / name).read_bytes(), (folder, name)
+
+
+def test_up_to_keeps_small_batches_tuned_and_gives_large_ones_vllms_default() -> None:
+    report = lt.report_from_json(json.loads(RECORDED.read_text()))
+    small = lt.limited(report, 64)
+    shape_list = lt.shapes(EXAONE_MODELS[report.model], report.rank)
+    docs = {op: lt.config_document(lt.choices_of(small), max_loras=report.max_loras, op=op)
+            for op in ("shrink", "expand")}
+    kept_small = 0
+    for p in report.points:
+        for batch in (p.batch, p.batch + p.batch // 8):  # the key and a step near it
+            got = lt.lookup(docs[p.op], max_loras=report.max_loras + 1,
+                            num_slices=p.num_slices, batch=batch, k=p.k, n=p.n)
+            if p.batch <= 64 and p.kept:
+                kept_small += batch == p.batch
+                assert got == p.config, (p.op, p.layer, batch)
+            elif p.batch >= 128:
+                assert got == lt.default_config(p.op, p.batch) | (
+                    {"block_n": 64} if p.op == "expand" and p.num_slices > 1 else {}), (
+                    p.op, p.layer, batch)
+    assert kept_small > 0
+    # The per-step figures: tuned up to 64 tokens, vLLM's default from 128 on.
+    for batch in (128, 256, 8192):
+        default, tuned = small.per_step_us(batch, shape_list)
+        assert tuned == default
+    default, tuned = small.per_step_us(1, shape_list)
+    assert tuned < default * 0.8
+
+
+def test_a_bad_recorded_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    broken = tmp_path / "lora-tune.json"
+    broken.write_text('{"gpu": "x"}')
+    for path in (broken, tmp_path / "missing.json"):
+        done = _cli("--from", str(path), "--out", str(tmp_path / "out"))
+        assert done.returncode == 2
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+        assert str(path) in done.stderr
+    assert not (tmp_path / "out").exists()

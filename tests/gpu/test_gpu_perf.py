@@ -18,7 +18,9 @@ Each test starts its own servers (one per lever) through ``serving.bench.levers`
   what the planner recommends from them.
 
 Speed is measured, not asserted. ``EXAONE_GPU_LEVERS`` (comma-separated names) runs a subset
-so each call stays within a time limit; ``bench/levers.py merge`` joins the subsets' files.
+so each call stays within a time limit (a name twice starts that server twice, e.g. the
+baseline first and last); ``bench/levers.py merge`` joins the subsets' files, and
+``EXAONE_GPU_RUN_NAME`` names a run's files (default: from the subset).
 Figures go to ``$EXAONE_GPU_OUT`` (default: a temporary folder).
 """
 
@@ -169,8 +171,12 @@ def test_front_end(setup: dict[str, Any]) -> None:
 
 def test_lora_levers(setup: dict[str, Any]) -> None:
     spec = stackfile.from_values(setup["values"], stack="gpu")
+    # EXAONE_TUNED_CONFIG_FOLDERS="label=folder,...": several tuned sets, a lever each.
+    folders = dict(item.split("=", 1) for item in
+                   os.environ.get("EXAONE_TUNED_CONFIG_FOLDERS", "").split(",") if "=" in item)
     levers = lv.lora_levers(spec, tuned_config_folder=os.environ.get(
-        "EXAONE_TUNED_CONFIG_FOLDER", ""), batched_tokens=(2048, 16384))
+        "EXAONE_TUNED_CONFIG_FOLDER", ""), tuned_config_folders=folders,
+        batched_tokens=(2048, 16384))
     # The front end as a LoRA lever too: with several API servers the engine, not one
     # process, limits 256 streams, and only then does the adapters' own cost show.
     levers += lv.front_end_levers((4,))
@@ -178,6 +184,14 @@ def test_lora_levers(setup: dict[str, Any]) -> None:
     if wanted:  # in the order given: a second run in reverse order shows order effects
         by_name = {lever.name: lever for lever in levers}
         levers = [by_name[n] for n in wanted.split(",") if n in by_name]
+        # A name twice is a second server of it: "baseline (again)" measures the noise
+        # between servers, which the planner takes as the margin a lever must beat.
+        named: list[lv.Lever] = []
+        for lever in levers:
+            if any(n.name == lever.name for n in named):
+                lever = dataclasses.replace(lever, name=f"{lever.name} (again)")
+            named.append(lever)
+        levers = named
     # EXAONE_GPU_COMMON_API_SERVERS=4: every server of the run (the baseline's too) gets 4
     # API servers, so the 256-stream figures of each lever measure the engine.
     servers = int(os.environ.get("EXAONE_GPU_COMMON_API_SERVERS", "1"))
@@ -188,6 +202,7 @@ def test_lora_levers(setup: dict[str, Any]) -> None:
                            processes=PROCESSES, per_lane=PER_LANE, common=common)
     subset = "all" if not wanted else re.sub(r"[^a-z0-9]+", "-", wanted.lower())[:40]
     subset += f"-{servers}-api-servers" if common else ""
+    subset = os.environ.get("EXAONE_GPU_RUN_NAME") or subset
     lv.write_outputs(report, OUT, f"levers-{subset}")
     _write_starts(setup, [lever.name for lever in levers], f"levers-{subset}")
     assert "baseline" not in report.errors, report.errors.get("baseline")

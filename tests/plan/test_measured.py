@@ -140,3 +140,69 @@ def test_an_unknown_file_is_refused(tmp_path: Path) -> None:
     path.write_text("{}")
     with pytest.raises(ValueError, match="not a bench results file"):
         measured.advice([path])
+
+
+def engine_row(name: str, figures: dict[int, tuple[float, float]]) -> dict[str, Any]:
+    """A row where the engine limited every figure: c -> (base, adapters) tok/s."""
+    out: dict[str, Any] = {"lever": name, "error": ""}
+    for c, (base, adapters) in figures.items():
+        out.update({f"base_tok_s_c{c}": base, f"adapters_tok_s_c{c}": adapters,
+                    f"base_limit_c{c}": "engine", f"adapters_limit_c{c}": "engine",
+                    f"ratio_c{c}": adapters / base})
+    return out
+
+
+SMALL = {"name": "small", "overrides": {}, "extra_args": [],
+         "env": {"VLLM_TUNED_CONFIG_FOLDER": "/srv/small"}}
+
+
+def two_c(rows: list[dict[str, Any]], common: dict[str, Any] | None = None
+          ) -> dict[str, Any]:
+    return {"kind": "lora", "concurrencies": [1, 256], "common": common, "rows": rows,
+            "levers": [*LEVERS, SMALL,
+                       {"name": "baseline (again)", "overrides": {}, "extra_args": [],
+                        "env": {}}]}
+
+
+def test_a_single_stream_win_that_costs_nothing_at_256_is_recommended() -> None:
+    base = engine_row("baseline", {1: (360, 230), 256: (22000, 19500)})
+    small = engine_row("small", {1: (350, 262), 256: (21800, 19900)})
+    [win] = measured.lora_advice(two_c([base, small]), "x")
+    assert (win.setting, win.value) == ("VLLM_TUNED_CONFIG_FOLDER", "/srv/small")
+    assert "+14%) at 1 concurrent" in win.reason and "at 256 adapters +2%" in win.reason
+    # The same single-stream gain, but 256 streams lose more than the margin: kept out.
+    costly = engine_row("small", {1: (350, 262), 256: (21800, 17000)})
+    [keep] = measured.lora_advice(two_c([base, costly]), "x")
+    assert keep.value == "keep the baseline" and "small -13% at 256, +14% at 1" in keep.reason
+
+
+def test_the_spread_between_baseline_servers_is_the_margin_to_beat() -> None:
+    """As on the H200: servers of the same settings differed by 20% at 256, so a lever
+    10% above one baseline is no win; the same lever against baselines that agree is."""
+    small = engine_row("small", {1: (340, 235), 256: (22000, 21500)})
+    agree = [engine_row("baseline", {1: (360, 234), 256: (22000, 19400)}),
+             engine_row("baseline (again)", {1: (362, 236), 256: (23000, 19600)})]
+    [win] = measured.lora_advice(two_c([*agree, small]), "x")
+    assert win.value == "/srv/small" and "19500 -> 21500 tok/s (+10%) at 256" in win.reason
+    assert "servers differed by 1% (adapters)" in win.reason
+    spread = [agree[0], engine_row("baseline (again)", {1: (362, 236), 256: (26000, 23500)})]
+    [keep] = measured.lora_advice(two_c([*spread, small]), "x")
+    assert keep.value == "keep the baseline" and "spread 1% at 1, 19% at 256" in keep.reason
+
+
+def test_baselines_of_every_file_with_the_same_settings_are_pooled(tmp_path: Path) -> None:
+    four = {"name": "api-server-count 4", "overrides": {"apiServerCount": 4}}
+    small = engine_row("small", {1: (340, 235), 256: (22000, 21500)})
+    paths = []
+    for i, doc in enumerate((
+            two_c([engine_row("baseline", {1: (360, 234), 256: (22000, 19400)}), small],
+                  four),
+            two_c([engine_row("baseline", {1: (360, 234), 256: (25000, 23600)})], four),
+            # Other shared settings: not a sample of the same servers.
+            two_c([engine_row("baseline", {1: (360, 234), 256: (22000, 12000)})]))):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    [keep, *_] = measured.advice(paths)
+    assert keep.value == "keep the baseline" and "20% at 256" in keep.reason
+    [win] = measured.advice(paths[:1])
+    assert win.value == "/srv/small"
