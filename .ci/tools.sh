@@ -15,14 +15,14 @@ command -v systemd-nspawn >/dev/null || need+=(systemd-container)
 # nginx, the API proxy: `nginx -t` on its rendered configuration, and a real one in front of
 # vLLM in the integration tests (in /usr/sbin, which a non-root PATH may lack).
 [[ -x /usr/sbin/nginx ]] || need+=(nginx)
-# The rolling-fleet test: HAProxy probing /health like Azure's load balancer, test hosts in
-# network namespaces (iproute2), the rotation script's curl and sudo on each host.
+# The rolling-fleet test: HAProxy probing /health like Azure's load balancer, systemd test
+# hosts each in its own network namespace (iproute2: netns, veth) reaching the package
+# mirrors through NAT (iptables), fab's SSH to them.
 [[ -x /usr/sbin/haproxy ]] || need+=(haproxy)
 command -v ip >/dev/null || need+=(iproute2)
+[[ -x /usr/sbin/iptables ]] || need+=(iptables)
 command -v curl >/dev/null || need+=(curl)
 command -v sudo >/dev/null || need+=(sudo)
-# Each fleet test host runs its own sshd: the rollouts reach the hosts over SSH.
-[[ -x /usr/sbin/sshd ]] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 if ((${#need[@]})); then
   if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi

@@ -28,6 +28,11 @@ from serving.render import proxy
 from serving.stack import balancer, layout
 
 SCRIPT = Path(__file__).resolve().parent / "steps" / "scripts" / "rotation.sh"
+# What rotation.sh calls on the host besides coreutils: curl (the probe's answer, vLLM's
+# queue) and ss from iproute2 (client connections). Azure's Ubuntu images have both; a
+# minimal Debian or Ubuntu image may not, and a drain that cannot count connections fails.
+# The runtime step installs them (provisioning.steps.runtime.os_packages).
+HOST_PACKAGES = ("curl", "iproute2")
 NAME = "rotation"
 # The longest request the drain waits for: the proxy's read timeout for a silent request.
 DRAIN_TIMEOUT_SECONDS = proxy.READ_TIMEOUT_SECONDS
@@ -35,6 +40,7 @@ POLL_SECONDS = 1.0
 IDLE_SAMPLES = 2  # consecutive idle readings before the host counts as drained
 OUT_CODE = "503"
 IN_CODE = "200"
+NOTHING_CODE = "000"  # curl's code when nothing answers on the API port
 
 
 @dataclass
@@ -67,10 +73,19 @@ class Rotation:
         """Fail the probe, wait for the balancer and the requests in flight; the start time."""
         started = self.clock()
         state = self._script(t, "out", *self._probe_args(t))
+        if state.get("probe") == NOTHING_CODE:
+            # A fresh VM (no proxy yet: the first `fab deploy` of a fleet) or one whose proxy
+            # is down: the balancer's probe fails as well, so it sends nothing here and there
+            # is nothing to drain. The mark stays: a proxy deployed by this rollout fails
+            # the probe until the host's health gate has passed.
+            t.say(f"{NAME}: out; nothing answers port {t.spec.vllm.port} (no proxy yet, or "
+                  "it is down), so the balancer sends nothing here")
+            return started
         if state.get("probe") != OUT_CODE:
             self._script(t, "in", *self._probe_args(t))
             raise StepError(NAME, f"the proxy answers the probe {state.get('probe')} after the "
-                            f"host was marked out, not {OUT_CODE}: is the proxy deployed?")
+                            f"host was marked out, not {OUT_CODE}: is it the project's proxy "
+                            "(`fab deploy` renders it)?")
         t.say(f"{NAME}: out; the balancer notices within {self.notice_s:.0f} s")
         self.sleep(self.notice_s)
         # Only now does no new flow arrive; every connection older than the proxy's

@@ -53,11 +53,12 @@ class Azurite:
     port: int
     workdir: Path
     log_file: Path
+    host: str = "127.0.0.1"
     _process: subprocess.Popen[bytes] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def account_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/{ACCOUNT_NAME}"
+        return f"http://{self.host}:{self.port}/{ACCOUNT_NAME}"
 
     @property
     def connection_string(self) -> str:
@@ -114,23 +115,25 @@ class Azurite:
         self.stop()
 
 
-def start_azurite(workdir: Path) -> Azurite:
-    """Start azurite-blob (in-memory) on a free port and wait until it answers."""
+def start_azurite(workdir: Path, *, host: str = "127.0.0.1") -> Azurite:
+    """Start azurite-blob (in-memory) on a free port of ``host`` and wait until it answers
+    (another address of this machine for test hosts in their own network namespace)."""
     binary = azurite_binary()
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_file = workdir / "azurite.log"
     # No --location: Azurite 3.37 exits with "The --inMemoryPersistence option is not
     # supported when the --location option is set."
-    command = [str(binary), "--blobHost", "127.0.0.1", "--blobPort", str(port),
+    command = [str(binary), "--blobHost", host, "--blobPort", str(port),
                "--inMemoryPersistence", "--skipApiVersionCheck", "--disableTelemetry",
                "--loose"]
     with log_file.open("wb") as log:
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    azurite = Azurite(port=port, workdir=workdir, log_file=log_file, _process=process)
+    azurite = Azurite(port=port, workdir=workdir, log_file=log_file, host=host,
+                      _process=process)
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
-    while not _answers(port):
+    while not _answers(host, port):
         if process.poll() is not None or time.monotonic() > deadline:
             azurite.stop()
             log = log_file.read_text(errors="replace")[-4000:]
@@ -141,9 +144,9 @@ def start_azurite(workdir: Path) -> Azurite:
     return azurite
 
 
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+def _answers(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), 1) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         return sock.recv(12).startswith(b"HTTP/1.1")
     return False
 

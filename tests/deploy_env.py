@@ -15,6 +15,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,13 @@ class DeployEnv:
     adapter_dirs: dict[str, Path]
     port: int
     stacks: list[Path] = dataclasses.field(default_factory=list)
+    # Every host booted for this world (``host`` is the first); a fleet has more than one.
+    hosts: list[TestHost] = dataclasses.field(default_factory=list)
+
+    @property
+    def host_strings(self) -> str:
+        """``--hosts`` for every host of the world."""
+        return ",".join(h.host_string for h in self.hosts or [self.host])
 
     def adapter_entry(self, name: str, version: str, rank: int, folder: Path) -> dict[str, Any]:
         return {"name": name, "version": version, "rank": rank,
@@ -108,12 +116,22 @@ class DeployEnv:
                                  f"{done.stderr}")
         return done
 
-    def stop(self) -> None:
-        self.host.stop()
+    def stop(self, *, remove_roots: bool = False) -> None:
+        """Power the hosts off (and delete their root folders, several GB each once
+        deployed), stop Azurite."""
+        for host in self.hosts or [self.host]:
+            host.stop(remove_root=remove_roots)
         self.azurite.stop()
 
 
-def make_env(work: Path, *, name: str = "deployhost") -> DeployEnv:
+# (base rootfs, folder for the hosts' roots, SSH private key, public key) -> booted hosts
+BootHosts = Callable[[Path, Path, Path, str], list[TestHost]]
+
+
+def make_env(work: Path, *, name: str = "deployhost", blob_host: str = "127.0.0.1",
+             boot_hosts: BootHosts | None = None, port: int | None = None) -> DeployEnv:
+    """The world: keys, the tiny model and adapters in Azurite (on ``blob_host``), and one
+    test host sharing this machine's network, or the hosts ``boot_hosts`` boots."""
     from serving.local.loramaker import make_adapter
     from serving.local.tinymodel import make_tiny_model
 
@@ -127,14 +145,22 @@ def make_env(work: Path, *, name: str = "deployhost") -> DeployEnv:
     for adapter, version, rank, seed in ADAPTERS:
         adapter_dirs[adapter] = make_adapter(work / "adapters" / adapter / version, base=model_dir,
                                              rank=rank, seed=seed, base_model_id=MODEL_ID)
-    azurite = start_azurite(work / "azurite")
+    azurite = start_azurite(work / "azurite", host=blob_host)
     azurite.upload_folder("models", MODEL_PREFIX, model_dir)
     for adapter, version, _, _ in ADAPTERS:
         azurite.upload_folder("adapters", f"{adapter}/{version}", adapter_dirs[adapter])
     started = time.monotonic()
-    host = boot(build_rootfs(), work / "hosts", name, pubkey=pubkey, key_file=key_file,
-                binds=PIP_BINDS)
-    print(f"test host {host.host_string} booted in {time.monotonic() - started:.1f} s")
-    return DeployEnv(work=work, host=host, azurite=azurite, key_file=key_file, pubkey=pubkey,
-                     api_key_file=api_key_file, model_dir=model_dir, adapter_dirs=adapter_dirs,
-                     port=free_port())
+    try:
+        if boot_hosts is None:
+            hosts = [boot(build_rootfs(), work / "hosts", name, pubkey=pubkey,
+                          key_file=key_file, binds=PIP_BINDS)]
+        else:
+            hosts = boot_hosts(build_rootfs(), work / "hosts", key_file, pubkey)
+    except BaseException:
+        azurite.stop()
+        raise
+    for host in hosts:
+        print(f"test host {host.host_string} booted in {time.monotonic() - started:.1f} s")
+    return DeployEnv(work=work, host=hosts[0], azurite=azurite, key_file=key_file,
+                     pubkey=pubkey, api_key_file=api_key_file, model_dir=model_dir,
+                     adapter_dirs=adapter_dirs, port=port or free_port(), hosts=hosts)

@@ -1,7 +1,9 @@
 """A disposable test host with real systemd: a Debian bookworm rootfs booted by systemd-nspawn.
 
-The container shares this machine's network; its sshd listens only on 127.0.0.1 on a free
-port and takes key logins for a non-root admin user with passwordless sudo, as on an Azure VM,
+The container shares this machine's network, and its sshd listens only on 127.0.0.1 on a free
+port; or it joins a network namespace made for it (``network_namespace``: a veth pair, an
+address of its own, as a VM on a subnet) and its sshd listens on that address. sshd takes key
+logins for a non-root admin user with passwordless sudo, as on an Azure VM,
 so `fab deploy` can be run against ``TestHost.host_string``. Needs root, debootstrap and
 systemd-nspawn (Debian package systemd-container).
 
@@ -179,19 +181,20 @@ class TestHost:
     admin_user: str
     key_file: Path
     log_file: Path
+    address: str = "127.0.0.1"
     _process: subprocess.Popen[bytes] | None = dataclasses.field(default=None, repr=False)
     _cgroups: tuple[Path, ...] = dataclasses.field(default=(), repr=False)
 
     @property
     def host_string(self) -> str:
-        return f"{self.admin_user}@127.0.0.1:{self.port}"
+        return f"{self.admin_user}@{self.address}:{self.port}"
 
     def ssh_command(self, command: str | None = None) -> list[str]:
         args = ["ssh", "-F", "/dev/null", "-i", str(self.key_file), "-p", str(self.port),
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR",
                 "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_SECONDS}",
-                f"{self.admin_user}@127.0.0.1"]
+                f"{self.admin_user}@{self.address}"]
         return [*args, command] if command is not None else args
 
     def ssh(self, command: str, *, check: bool = True, timeout: float = SSH_TIMEOUT_SECONDS,
@@ -261,6 +264,8 @@ class TestHost:
 def boot(base_rootfs: Path, workdir: Path, name: str, *, pubkey: str, key_file: Path,
          admin_user: str = "azureuser", binds: Sequence[str] = (),
          pip_conf: str | None = None, trust_host_ca: bool = True,
+         network_namespace: str | None = None, address: str = "127.0.0.1",
+         port: int | None = None, cpu_affinity: str | None = None,
          timeout: float = BOOT_TIMEOUT_SECONDS) -> TestHost:
     """Copy ``base_rootfs`` to ``workdir/name``, configure it, boot it, wait for SSH.
 
@@ -268,6 +273,12 @@ def boot(base_rootfs: Path, workdir: Path, name: str, *, pubkey: str, key_file: 
     pip: PIP_BINDS). ``pip_conf`` becomes /etc/pip.conf (see host_pip_conf). With
     ``trust_host_ca`` this machine's CA bundle replaces the container's, so TLS through an
     intercepting egress proxy works the same inside.
+
+    ``network_namespace`` (a path such as /run/netns/NAME, set up by the caller with
+    ``address`` on one of its interfaces) is joined instead of sharing this machine's network;
+    sshd then listens on ``address`` (and ``port``, a free one by default).
+    ``cpu_affinity`` (nspawn's --cpu-affinity, e.g. "1") confines every process of the host
+    to those cores, as if they were its machine's.
     """
     if not _NAME.match(name):
         raise HostError(f"bad host name {name!r}: lowercase letters, digits and '-'")
@@ -278,14 +289,18 @@ def boot(base_rootfs: Path, workdir: Path, name: str, *, pubkey: str, key_file: 
     root = workdir / name
     _remove_tree(root)
     _run(["cp", "-a", "--reflink=auto", str(base_rootfs), str(root)])
-    port = free_port()
-    _configure(root, name, port=port, pubkey=pubkey, admin_user=admin_user, pip_conf=pip_conf,
-               trust_host_ca=trust_host_ca)
+    port = port or free_port()
+    _configure(root, name, address=address, port=port, pubkey=pubkey, admin_user=admin_user,
+               pip_conf=pip_conf, trust_host_ca=trust_host_ca)
     log_file = workdir / f"{name}.console.log"
     command = ["systemd-nspawn", "--boot", "--register=no", f"--directory={root}",
                f"--machine={name}", "--resolv-conf=copy-host", "--console=read-only",
                "--system-call-filter=bpf"]
     command += [f"--bind-ro={path}" for path in binds if Path(path).exists()]
+    if network_namespace:
+        command.append(f"--network-namespace-path={network_namespace}")
+    if cpu_affinity:
+        command.append(f"--cpu-affinity={cpu_affinity}")
     cgroups: tuple[Path, ...] = ()
     preexec: Callable[[], None] | None = None
     # On a systemd host, without --keep-unit, nspawn puts itself in its own transient scope.
@@ -309,7 +324,7 @@ def boot(base_rootfs: Path, workdir: Path, name: str, *, pubkey: str, key_file: 
             _remove_cgroup(cgroup, time.monotonic())
         raise
     host = TestHost(name=name, root=root, port=port, admin_user=admin_user, key_file=key_file,
-                    log_file=log_file, _process=process, _cgroups=cgroups)
+                    log_file=log_file, address=address, _process=process, _cgroups=cgroups)
     try:
         _wait_for_ssh(host, timeout)
     except BaseException:
@@ -342,8 +357,8 @@ def _wait_for_ssh(host: TestHost, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _configure(root: Path, name: str, *, port: int, pubkey: str, admin_user: str,
-               pip_conf: str | None, trust_host_ca: bool) -> None:
+def _configure(root: Path, name: str, *, address: str, port: int, pubkey: str,
+               admin_user: str, pip_conf: str | None, trust_host_ca: bool) -> None:
     etc = root / "etc"
     (etc / "machine-id").write_text(uuid.uuid4().hex + "\n")
     (etc / "hostname").write_text(name + "\n")
@@ -367,7 +382,7 @@ def _configure(root: Path, name: str, *, port: int, pubkey: str, admin_user: str
           "-f", str(host_key)])
     (etc / "ssh" / "sshd_config.d" / "50-testhost.conf").write_text(
         f"Port {port}\n"
-        "ListenAddress 127.0.0.1\n"
+        f"ListenAddress {address}\n"
         "PasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\n"
         "PermitRootLogin no\n"

