@@ -1,13 +1,21 @@
-"""Step `metrics`: each VM's Prometheus agent (``serving.render.metrics_unit``).
+"""Step `metrics`: each VM's Prometheus agent and its token refresher
+(``serving.render.metrics_unit``).
 
-The distribution's prometheus package (ubuntu-2404: 2.45, the first with remote-write
-``azuread``), its own units masked; the project's hardened unit runs it in agent mode on the
-rendered configuration, filled here with the stack's ingestion URL and the VMs' identity (stack
-outputs, ``provisioning.settings.MetricsAccess``) and the VM's host name as ``instance``. The
-package's promtool checks the file before the agent (re)loads it: a build without ``azuread``
-fails here, not silently at the first remote write. What the agent runs on is hashed into a
-marker written after each (re)load, so a run cut between writing a file and reloading still
-reloads on the next run. A failure here never touches vLLM.
+The distribution's prometheus package (agent mode: 2.32 or newer; ubuntu-2404 has 2.45), its
+own units masked; the project's hardened unit runs it in agent mode on the rendered
+configuration, filled here with the stack's ingestion URL (a stack output,
+``provisioning.settings.MetricsAccess``) and the VM's host name as ``instance``. The remote
+write carries the VMs' identity's bearer token from a file: Debian's and Ubuntu's builds lack
+``remote_write.azuread`` (bookworm's 2.42 and trixie's 2.53 refuse it as an unknown field), so
+a oneshot unit (``metrics-token.sh``, the identity's client id on its command line) gets the
+token from the instance metadata service, and a timer repeats that; Prometheus reads the file
+on every request. The step runs the refresher once before the agent (re)starts: a VM that
+cannot get a token fails here, naming the refresher's journal, not silently at the first
+remote write. The package's promtool checks the configuration before the agent (re)loads it.
+What the agent runs on is hashed into a marker written after each (re)load, so a run cut
+between writing a file and reloading still reloads on the next run. The token is never read
+by this step (the probe asks only whether the file is there) and never printed. A failure
+here never touches vLLM.
 """
 
 from __future__ import annotations
@@ -24,12 +32,19 @@ from serving.render import metrics_unit
 from serving.stack import layout as layouts
 
 SCRIPT = Path(__file__).resolve().parent / "scripts" / "metrics.sh"
+TOKEN_SCRIPT = SCRIPT.with_name("metrics-token.sh")
 MARKER = f"{layouts.VM_MARKERS_DIR}/metrics-inputs"
 INSTALL_TIMEOUT_SECONDS = 600
 RESTART_TIMEOUT_SECONDS = metrics_unit.STOP_TIMEOUT_SECONDS + 60
 # An agent replays its write-ahead log before it reports ready: seconds, not minutes.
 READY_TIMEOUT_SECONDS = 120
 UNIT = metrics_unit.UNIT_NAME
+TOKEN_UNIT = metrics_unit.TOKEN_UNIT_NAME
+TIMER = metrics_unit.TOKEN_TIMER_NAME
+# The refresher retries IMDS within its own TimeoutStartSec.
+TOKEN_TIMEOUT_SECONDS = metrics_unit.TOKEN_TIMEOUT_SECONDS + 30
+UNIT_FILES = (metrics_unit.UNIT_FILE, metrics_unit.TOKEN_UNIT_FILE,
+              metrics_unit.TOKEN_TIMER_FILE)
 
 
 def version_of(package_version: str) -> tuple[int, int] | None:
@@ -44,14 +59,17 @@ def too_old(package_version: str) -> bool:
 
 
 def files(t: Target, instance: str) -> dict[str, tuple[str, str]]:
-    """path -> (content, octal mode). Nothing secret: a client id names an identity, the
-    token is fetched by the agent from the instance metadata service."""
+    """path -> (content, octal mode). Nothing secret: a client id names an identity, and the
+    token is fetched on the VM by the refresher into a file only the agent reads."""
     access = t.settings.metrics
     config = metrics_unit.render_config(t.spec, instance=instance,
-                                        remote_write_url=access.ingestion_url,
-                                        client_id=access.client_id)
+                                        remote_write_url=access.ingestion_url)
     return {
         metrics_unit.CONFIG_FILE: (config, "644"),
+        metrics_unit.TOKEN_SCRIPT: (TOKEN_SCRIPT.read_text(), "755"),
+        metrics_unit.TOKEN_UNIT_FILE: (
+            metrics_unit.render_token_unit(t.spec, access.client_id), "644"),
+        metrics_unit.TOKEN_TIMER_FILE: (metrics_unit.render_token_timer(t.spec), "644"),
         metrics_unit.UNIT_FILE: (metrics_unit.render_unit(t.spec), "644"),
     }
 
@@ -81,7 +99,8 @@ class MetricsStep:
         if _skip(t):
             return {}  # nothing to read on a host the step leaves alone
         _, out, _ = t.host.script(SCRIPT, "probe", metrics_unit.PACKAGE, metrics_unit.PROMETHEUS,
-                                  UNIT, metrics_unit.READY_URL, *metrics_unit.DISTRIBUTION_UNITS)
+                                  UNIT, metrics_unit.READY_URL, TIMER, metrics_unit.TOKEN_FILE,
+                                  *metrics_unit.DISTRIBUTION_UNITS)
         state: dict[str, Any] = dict(line.split("=", 1) for line in out.splitlines()
                                      if "=" in line)
         instance = state.get("hostname", "").strip() or t.host.name
@@ -108,14 +127,19 @@ class MetricsStep:
                 actions.append(f"stop and mask {unit}")
         actions += [f"write {path}" for path, (content, _) in files(t, instance).items()
                     if state["digests"].get(path) != sha(content)]
-        unit_written = f"write {metrics_unit.UNIT_FILE}" in actions
-        if unit_written:
+        if any(f"write {path}" in actions for path in UNIT_FILES):
             actions.append("systemctl daemon-reload")
         if state.get("enabled") != "enabled":
             actions.append(f"systemctl enable {UNIT}")
+        if state.get("timer-enabled") != "enabled" or state.get("timer-active") != "active":
+            actions.append(f"enable and start {TIMER}")
+        if (state.get("token") != "yes" or f"write {metrics_unit.TOKEN_UNIT_FILE}" in actions
+                or f"write {metrics_unit.TOKEN_SCRIPT}" in actions):
+            actions.append(f"refresh the token ({TOKEN_UNIT})")
         if state.get("active") != "active":
             actions.append(f"start {UNIT} (it is {state.get('active') or 'absent'})")
-        elif unit_written or any(a.startswith(("install", "upgrade")) for a in actions):
+        elif (f"write {metrics_unit.UNIT_FILE}" in actions
+              or any(a.startswith(("install", "upgrade")) for a in actions)):
             actions.append(f"restart {UNIT} (its unit or binary changed)")
         elif (state["marker"] != inputs_hash(t, instance)
               or any(a.startswith("write") for a in actions)):
@@ -135,9 +159,9 @@ class MetricsStep:
             if too_old(version):
                 raise StepError(self.name, (
                     f"the archive's {metrics_unit.PACKAGE} is {version or 'not installable'}; "
-                    f"the agent needs {_minimum()} or newer (remote-write with a managed "
-                    f"identity): vmImage {t.spec.vm.image} cannot run it; allowed: vmImage "
-                    "ubuntu-2404, or vmMetrics false"))
+                    f"the agent needs {_minimum()} or newer (agent mode): vmImage "
+                    f"{t.spec.vm.image} cannot run it; allowed: vmImage ubuntu-2404, or "
+                    "vmMetrics false"))
         for path, (content, mode) in files(t, instance).items():
             if f"write {path}" in actions:
                 put(t, path, content, mode)
@@ -145,6 +169,17 @@ class MetricsStep:
             t.host.sudo("systemctl daemon-reload")
         if any(a.startswith("systemctl enable") for a in actions):
             t.host.sudo(f"systemctl enable --quiet {UNIT}")
+        if f"enable and start {TIMER}" in actions:
+            t.host.sudo(f"systemctl enable --now --quiet {TIMER}")
+        if f"refresh the token ({TOKEN_UNIT})" in actions:
+            # A oneshot: `start` returns when the refresher has exited. Its output (the expiry,
+            # or why it failed) is in its journal; the token is in neither.
+            code, _, err = t.host.sudo(f"systemctl start {TOKEN_UNIT}", check=False,
+                                       timeout_s=TOKEN_TIMEOUT_SECONDS)
+            if code:
+                self._fail(t, f"{TOKEN_UNIT} could not get the managed identity's token "
+                           f"({err.strip()}); does the VM have the stack's identity, and IMDS "
+                           "(169.254.169.254) answer? vLLM is untouched", TOKEN_UNIT)
         verb = next((a.split()[0] for a in actions if a.startswith(("start", "restart",
                                                                      "reload"))), "")
         if verb:
@@ -153,10 +188,9 @@ class MetricsStep:
             code, out, err = t.host.script(SCRIPT, "check", metrics_unit.PROMTOOL,
                                            metrics_unit.CONFIG_FILE, check=False)
             if code:
-                raise StepError(self.name, "promtool refuses the agent's configuration "
-                                "(does this prometheus build know remote_write.azuread? "
-                                "Ubuntu 24.04's should); vLLM is untouched; to deploy without "
-                                "VM metrics set exaone-serving:vmMetrics false:\n"
+                raise StepError(self.name, "promtool refuses the agent's configuration; "
+                                "vLLM is untouched; to deploy without VM metrics set "
+                                "exaone-serving:vmMetrics false:\n"
                                 f"{(out + err).strip()}")
             if verb != "reload":
                 t.host.sudo(f"systemctl reset-failed {UNIT}", check=False)
@@ -173,6 +207,6 @@ class MetricsStep:
             t.host.sudo(f"mkdir -p {layouts.VM_MARKERS_DIR}")
             put(t, MARKER, inputs_hash(t, instance) + "\n", "644")
 
-    def _fail(self, t: Target, why: str) -> None:
-        _, journal, _ = t.host.sudo(f"journalctl -u {UNIT} -n 30 --no-pager", check=False)
+    def _fail(self, t: Target, why: str, unit: str = UNIT) -> None:
+        _, journal, _ = t.host.sudo(f"journalctl -u {unit} -n 30 --no-pager", check=False)
         raise StepError(self.name, f"{why}\n{journal}")

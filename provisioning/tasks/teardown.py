@@ -20,10 +20,16 @@ from serving.render import metrics_unit, proxy_unit, systemd_unit
 from serving.stack import layout as layouts
 
 # The proxy first: clients stop arriving while vLLM drains what is in flight; the metrics
-# agent last, so vLLM's final samples still leave.
-UNITS = (proxy_unit.UNIT_NAME, systemd_unit.UNIT_NAME, metrics_unit.UNIT_NAME)
+# agent last, so vLLM's final samples still leave; then the timer that refreshes its token.
+UNITS = (proxy_unit.UNIT_NAME, systemd_unit.UNIT_NAME, metrics_unit.UNIT_NAME,
+         metrics_unit.TOKEN_TIMER_NAME)
+# The agent's and the refresher's state folders: systemd keeps a DynamicUser= unit's under
+# /var/lib/private and links /var/lib/<name> to it.
+_METRICS_STATE = tuple(f"/var/lib/{where}{name}" for name in (
+    metrics_unit.STATE_DIRECTORY, metrics_unit.TOKEN_DIRECTORY) for where in ("", "private/"))
 PURGE_PATHS = (proxy_unit.UNIT_FILE, systemd_unit.UNIT_FILE, metrics_unit.UNIT_FILE,
-               layouts.VM.config_dir,
+               metrics_unit.TOKEN_UNIT_FILE, metrics_unit.TOKEN_TIMER_FILE,
+               metrics_unit.TOKEN_SCRIPT, *_METRICS_STATE, layouts.VM.config_dir,
                "/opt/exaone", layouts.VM.state_dir, layouts.VM.cache_dir)
 STOP_TIMEOUT_SECONDS = systemd_unit.STOP_TIMEOUT_SECONDS + 60
 

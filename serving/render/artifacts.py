@@ -44,6 +44,8 @@ def artifacts(spec: Spec, root: Path) -> dict[str, str]:
         out[f"proxy/{proxy_unit.NAME}.nginx.conf"] = proxy_unit.render_config(spec)
         hosts = layout.vm_host_names(spec)
         out[f"systemd/{metrics_unit.UNIT_NAME}"] = metrics_unit.render_unit(spec)
+        out[f"systemd/{metrics_unit.TOKEN_UNIT_NAME}"] = metrics_unit.render_token_unit(spec)
+        out[f"systemd/{metrics_unit.TOKEN_TIMER_NAME}"] = metrics_unit.render_token_timer(spec)
         for host in hosts:
             out[f"monitoring/{metrics_unit.NAME}-{host}.yml"] = metrics_unit.render_config(
                 spec, instance=host)

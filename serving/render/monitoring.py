@@ -259,7 +259,6 @@ def alert_rules(spec: Spec, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict
 # gives the host name, the DCR its immutable id (infra.monitoring builds the URL).
 INGESTION_API_VERSION = "2023-04-24"
 PROMETHEUS_STREAM = "Microsoft-PrometheusMetrics"
-AZURE_CLOUD = "AzurePublic"
 # What ``render`` writes where the cloud values go (``fab deploy`` renders the real ones).
 PLACEHOLDER_INGESTION_URL = (
     "https://dce.region-1.metrics.ingest.monitor.azure.com/dataCollectionRules/dcr-0/streams/"
@@ -273,14 +272,15 @@ def ingestion_url(endpoint: str, rule_immutable_id: str) -> str:
             f"{PROMETHEUS_STREAM}/api/v1/write?api-version={INGESTION_API_VERSION}")
 
 
-def agent_config(spec: Spec, *, instance: str, vllm_address: str,
-                 remote_write_url: str = PLACEHOLDER_INGESTION_URL,
-                 client_id: str = PLACEHOLDER_CLIENT_ID) -> dict[str, Any]:
+def agent_config(spec: Spec, *, instance: str, vllm_address: str, token_file: str,
+                 remote_write_url: str = PLACEHOLDER_INGESTION_URL) -> dict[str, Any]:
     """Prometheus in agent mode on a VM: scrape vLLM on loopback under the stack's job (so the
     alert rules select it as on AKS) with the host's name as ``instance``, and remote-write
-    with the VM's user-assigned identity (Prometheus's ``azuread.managed_identity``: the
-    identity must hold Monitoring Metrics Publisher on the data collection rule). An agent has
-    no rules and no query API: the rules run in the workspace."""
+    with the bearer token in ``token_file``: the VM's user-assigned identity's, which a
+    refresher keeps current (``serving.render.metrics_unit``; the identity must hold
+    Monitoring Metrics Publisher on the data collection rule). Prometheus reads the file on
+    every request, so the configuration holds its path, never the token. An agent has no rules
+    and no query API: the rules run in the workspace."""
     scrape = scrape_config(spec, [vllm_address])
     scrape["static_configs"][0]["labels"]["instance"] = instance
     return {
@@ -289,6 +289,6 @@ def agent_config(spec: Spec, *, instance: str, vllm_address: str,
         "scrape_configs": [scrape],
         "remote_write": [{
             "url": remote_write_url,
-            "azuread": {"cloud": AZURE_CLOUD, "managed_identity": {"client_id": client_id}},
+            "authorization": {"type": "Bearer", "credentials_file": token_file},
         }],
     }

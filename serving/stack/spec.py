@@ -570,9 +570,16 @@ def cross_checks(spec: Spec, key) -> list[Problem]:
     return problems
 
 
-# Images whose distribution prometheus is too old for ``remote_write.azuread`` (2.45 and newer;
-# Ubuntu 24.04 ships 2.45): the VM metrics agent needs the other image.
-OLD_PROMETHEUS_IMAGES = {"ubuntu-2204": "2.31"}
+# The VM metrics agent (``serving.render.metrics_unit``) runs the distribution's prometheus in
+# agent mode, which came in 2.32 (``--enable-feature=agent``); its remote write authenticates
+# with ``authorization.credentials_file`` (2.26 and newer), so no newer feature is needed. The
+# one place for both facts: the oldest release it runs, and each image's package.
+PROMETHEUS_AGENT_MIN_VERSION = (2, 32)
+IMAGE_PROMETHEUS = {"ubuntu-2204": (2, 31), "ubuntu-2404": (2, 45)}
+
+
+def _version(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
 
 
 def fleet_checks(spec: Spec, key) -> list[Problem]:
@@ -585,11 +592,12 @@ def fleet_checks(spec: Spec, key) -> list[Problem]:
     if spec.on.ssh_hosts and not spec.network.api_cidrs:
         bad("apiCidrs", f"is empty: the {spec.balancer.kind} load balancer admits only these "
             "networks, so no client could reach the fleet; allowed: the clients' CIDRs")
-    if spec.on.ssh_hosts and spec.metrics.vm_agent and spec.vm.image in OLD_PROMETHEUS_IMAGES:
-        bad("vmImage", f"{spec.vm.image}'s prometheus package "
-            f"({OLD_PROMETHEUS_IMAGES[spec.vm.image]}) cannot remote-write with a managed "
-            "identity, so the VM metrics agent cannot run there; allowed: ubuntu-2404, or "
-            "vmMetrics false")
+    packaged = IMAGE_PROMETHEUS.get(spec.vm.image, PROMETHEUS_AGENT_MIN_VERSION)
+    if spec.on.ssh_hosts and spec.metrics.vm_agent and packaged < PROMETHEUS_AGENT_MIN_VERSION:
+        fit = [name for name, v in IMAGE_PROMETHEUS.items() if v >= PROMETHEUS_AGENT_MIN_VERSION]
+        bad("vmImage", f"{spec.vm.image}'s prometheus package ({_version(packaged)}) predates "
+            f"agent mode ({_version(PROMETHEUS_AGENT_MIN_VERSION)}), so the VM metrics agent "
+            f"cannot run there; allowed: {', '.join(fit)}, or vmMetrics false")
     if spec.metrics.grafana and not spec.on.cloud:
         bad("grafana", f"target {spec.target} has no Azure Monitor workspace to show; "
             "allowed: false, or target vm or aks")

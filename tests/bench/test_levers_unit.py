@@ -131,6 +131,16 @@ def test_runs_on_different_shared_settings_are_not_merged() -> None:
         lv.merge_docs([_doc(["baseline"]), _doc(["baseline"], {"name": "api-server-count 4"})])
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (``stop`` may have reaped it already: Popen.poll then cannot
+    tell)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def test_a_server_left_running_is_stopped_before_a_lever_starts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An interrupted run's server, still answering on the port, must not be measured as the
@@ -142,13 +152,14 @@ def test_a_server_left_running_is_stopped_before_a_lever_starts(
         start_new_session=True)
     try:
         (Path(layout.state_dir) / "vllm.pid").write_text(f"{leftover.pid}\n")
-        seen: list[int | None] = []
-        monkeypatch.setattr(run, "start", lambda *a, **k: seen.append(leftover.poll()) or 1)
+        seen: list[bool] = []
+        monkeypatch.setattr(run, "start", lambda *a, **k: seen.append(_running(leftover.pid))
+                            or 1)
         monkeypatch.setattr(run, "stop", functools.partial(run.stop, deadline_s=5))
         serve = lever_server.spec_server(values("local"), layout, "key", stack="local")
         with serve(lv.Lever("baseline", "")):
             pass
-        assert seen and seen[0] is not None, "the leftover server still ran at the start"
+        assert seen == [False], "the leftover server still ran at the start"
     finally:
         leftover.kill()
         leftover.wait()

@@ -293,7 +293,7 @@ BAD_FLEET_INPUTS = {
                                              "replicasMax": 2}, "gpuNodesMax"),
     "more-pods-than-gpus": ("prod", {"replicasMax": 9}, "replicasMax"),
     "kv-cache-target-above-one": ("prod", {"scaleKvCacheUsage": "1.5"}, "scaleKvCacheUsage"),
-    # 22.04's prometheus (2.31) cannot remote-write with a managed identity.
+    # 22.04's prometheus (2.31) has no agent mode (2.32 and later).
     "vm-metrics-on-ubuntu-2204": ("dev", {"vmImage": "ubuntu-2204"}, "vmImage"),
     "grafana-without-a-workspace": ("dev", {"vmMetrics": False, "grafana": True}, "grafana"),
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The VM metrics agent's package: the distribution's prometheus, its own units stopped.
 #
-#   metrics.sh probe PACKAGE PROMETHEUS UNIT READY_URL DISTRIBUTION_UNIT...
+#   metrics.sh probe PACKAGE PROMETHEUS UNIT READY_URL TIMER TOKEN_FILE DISTRIBUTION_UNIT...
 #   metrics.sh install PACKAGE DISTRIBUTION_UNIT...
 #   metrics.sh check PROMTOOL CONFIG
 #   metrics.sh wait-ready READY_URL SECONDS
@@ -9,8 +9,9 @@
 # probe prints key=value lines: version (the installed package's version, empty when it is
 # not installed or its binary is missing), distro:UNIT (is-enabled of each unit the package
 # brings: "masked" once this step has run), enabled and active (of the project's agent unit),
-# ready (yes when the agent answers READY_URL on loopback) and hostname (the VM's name, the
-# agent's instance label). install adds the package (or upgrades it to the archive's version)
+# ready (yes when the agent answers READY_URL on loopback), timer-enabled and timer-active (of
+# the token refresher's timer), token (yes when TOKEN_FILE is there and not empty: its content
+# is never read here) and hostname (the VM's name, the agent's instance label). install adds the package (or upgrades it to the archive's version)
 # and masks the package's units: prometheus.service would run a full server on :9090 with the
 # package's example configuration. check runs the package's promtool on the agent's file.
 set -euo pipefail
@@ -23,8 +24,8 @@ installed_version() {
 }
 
 probe() {
-    local package=$1 prometheus=$2 unit=$3 ready_url=$4
-    shift 4
+    local package=$1 prometheus=$2 unit=$3 ready_url=$4 timer=$5 token_file=$6
+    shift 6
     local version
     version=$(installed_version "$package")
     [[ -x $prometheus ]] || version=""
@@ -39,6 +40,13 @@ probe() {
         echo "ready=yes"
     else
         echo "ready=no"
+    fi
+    echo "timer-enabled=$(systemctl is-enabled "$timer" 2>/dev/null || true)"
+    echo "timer-active=$(systemctl is-active "$timer" 2>/dev/null || true)"
+    if [[ -s $token_file ]]; then
+        echo "token=yes"
+    else
+        echo "token=no"
     fi
     echo "hostname=$(hostname)"
 }
