@@ -13,7 +13,6 @@ Authorization header. Needs root, systemd-nspawn and the Debian mirror.
 from __future__ import annotations
 
 import contextlib
-import json
 import subprocess
 import threading
 import time
@@ -22,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
+from imds_server import serve_imds
 from local_server import free_port
 from provisioning_helpers import spec_with
 from testhost import TestHost, boot, build_rootfs, make_keypair
@@ -32,22 +32,6 @@ from serving.render import metrics_unit as mu
 pytestmark = pytest.mark.integration
 
 ARRIVAL_TIMEOUT_SECONDS = 90  # the agent replays its write-ahead log before its first send
-
-
-class _Imds(BaseHTTPRequestHandler):
-    token = "tok-first"
-
-    def do_GET(self) -> None:
-        body = json.dumps({"access_token": _Imds.token, "token_type": "Bearer",
-                           "expires_on": str(int(time.time()) + 3600)}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 class _Receiver(BaseHTTPRequestHandler):
@@ -123,9 +107,9 @@ def test_agent_reads_the_refreshers_token_and_follows_a_refresh(host: TestHost) 
     for path, text in files.items():
         host.write_file(path, text, mode="0755" if path == mu.TOKEN_SCRIPT else "0644")
     _Receiver.seen = []
-    _Imds.token = "tok-first"
-    with _imds_address(), _serving(mu.IMDS_ADDRESS, 80, _Imds), \
+    with _imds_address(), serve_imds(mu.IMDS_ADDRESS, 80) as imds, \
             _serving("127.0.0.1", receiver, _Receiver):
+        imds.token = "tok-first"
         host.sudo(f"systemctl daemon-reload && systemctl enable --now {mu.TOKEN_TIMER_NAME} "
                   f"&& systemctl start {mu.UNIT_NAME}")
         # The agent's unit pulled the refresher in first; both ran as one dynamic user.
@@ -138,7 +122,7 @@ def test_agent_reads_the_refreshers_token_and_follows_a_refresh(host: TestHost) 
                              f"journalctl -u {mu.UNIT_NAME} --no-pager | tail -20",
                              check=False).stdout)
         pid = host.sudo(f"systemctl show -p MainPID --value {mu.UNIT_NAME}").stdout.strip()
-        _Imds.token = "tok-second"
+        imds.token = "tok-second"
         host.sudo(f"systemctl start {mu.TOKEN_UNIT_NAME}")
         _Receiver.seen = []
         assert _wait_for(lambda: "Bearer tok-second" in _Receiver.seen,
