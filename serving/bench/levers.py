@@ -321,7 +321,7 @@ def merge_docs(docs: Sequence[Doc]) -> Doc:
         # of it: "baseline (again)", which the planner reads as the noise between servers.
         names = {}
         for lever in d["levers"]:
-            name = _unique(lever["name"], seen)
+            name = unique_name(lever["name"], seen)
             seen.add(name)
             names[lever["name"]] = name
         merged["levers"] += [{**lever, "name": names[lever["name"]]} for lever in d["levers"]]
@@ -332,7 +332,7 @@ def merge_docs(docs: Sequence[Doc]) -> Doc:
     return merged
 
 
-def _unique(name: str, seen: set[str]) -> str:
+def unique_name(name: str, seen: set[str]) -> str:
     """``name``, or "name (again)", "name (again 3)", ... where it is taken."""
     candidate, n = name, 2
     while candidate in seen:

@@ -270,10 +270,9 @@ def run_tuning(dims: ModelDims, *, model: str, rank: int, max_loras: int, active
     lora_kernels.compile_all(jobs, rank=rank, max_loras=max_loras, active=active,
                              workers=workers, deadline_s=deadline_s * 0.5, say=say)
     report.compile_s = time.monotonic() - started
-    chosen: list[tuple[Shape, int, dict[str, Any]]] = []
     for shape, batch, cands in jobs:
         if time.monotonic() - started > deadline_s:
-            say(f"deadline reached: {len(chosen)} of {len(jobs)} points tuned")
+            say(f"deadline reached: {len(report.points)} of {len(jobs)} points tuned")
             break
         timed, failed = lora_kernels.time_candidates(shape, batch, cands, rank=rank,
                                                      max_loras=max_loras, active=active)
@@ -284,11 +283,10 @@ def run_tuning(dims: ModelDims, *, model: str, rank: int, max_loras: int, active
         report.points.append(Point(shape.op, shape.layer, shape.num_slices, shape.k, shape.n,
                                    batch, timed[0], best_us, keep, cands[best], len(timed),
                                    failed))
-        chosen.append((shape, batch, cands[best]))
         say(f"{shape.op:6} {shape.layer[:24]:24} m={batch:<5} default {timed[0]:7.1f} us, "
             f"best {best_us:7.1f} us{' (kept)' if keep else ''}")
     report.time_s = time.monotonic() - started - report.compile_s
-    report.files = write_files(chosen, shape_list, gpu=gpu, max_loras=max_loras,
+    report.files = write_files(choices_of(report), shape_list, gpu=gpu, max_loras=max_loras,
                                out_dir=out_dir)
     return report
 

@@ -167,15 +167,19 @@ def lora_advice(doc: dict[str, Any], source: str,
     return [advice for *_, advice in sorted(wins, key=lambda w: w[:2])]
 
 
+def _common_key(doc: dict[str, Any]) -> str:
+    """The settings every server of a run shared, as a key."""
+    return json.dumps(doc.get("common"), sort_keys=True)
+
+
 def baseline_pool(docs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Baseline rows of LoRA lever runs, grouped by the settings their servers shared."""
     pool: dict[str, list[dict[str, Any]]] = {}
     for doc in docs:
         if doc.get("kind") != "lora":
             continue
-        key = json.dumps(doc.get("common"), sort_keys=True)
-        pool.setdefault(key, []).extend(r for r in doc["rows"] if _is_baseline(r["lever"])
-                                        and not r.get("error"))
+        pool.setdefault(_common_key(doc), []).extend(
+            r for r in doc["rows"] if _is_baseline(r["lever"]) and not r.get("error"))
     return pool
 
 
@@ -257,8 +261,7 @@ def advice(paths: list[Path]) -> list[Advice]:
     for path, doc in zip(paths, docs, strict=True):
         kind = doc.get("kind")
         if kind == "lora":
-            out += lora_advice(doc, str(path),
-                               pool.get(json.dumps(doc.get("common"), sort_keys=True)))
+            out += lora_advice(doc, str(path), pool.get(_common_key(doc)))
         elif kind == "front-end":
             out += front_end_advice(doc, str(path))
         elif "load" in doc:

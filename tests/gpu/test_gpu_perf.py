@@ -186,11 +186,11 @@ def test_lora_levers(setup: dict[str, Any]) -> None:
         levers = [by_name[n] for n in wanted.split(",") if n in by_name]
         # A name twice is a second server of it: "baseline (again)" measures the noise
         # between servers, which the planner takes as the margin a lever must beat.
+        seen: set[str] = set()
         named: list[lv.Lever] = []
         for lever in levers:
-            if any(n.name == lever.name for n in named):
-                lever = dataclasses.replace(lever, name=f"{lever.name} (again)")
-            named.append(lever)
+            named.append(dataclasses.replace(lever, name=lv.unique_name(lever.name, seen)))
+            seen.add(named[-1].name)
         levers = named
     # EXAONE_GPU_COMMON_API_SERVERS=4: every server of the run (the baseline's too) gets 4
     # API servers, so the 256-stream figures of each lever measure the engine.

@@ -1,7 +1,7 @@
-"""Tier 3: the metrics agent's rendered units on a host booted with systemd (nspawn), as
-`fab deploy` installs them: the token refresher and the agent share one dynamic user, so the
-agent reads the token the refresher wrote (a folder only that user may enter), sends it as its
-bearer token, and sends a refreshed one without a restart.
+"""Tier 3: the metrics agent's rendered units on a host booted with systemd (nspawn), the
+files the `metrics` step of `fab deploy` writes: the token refresher and the agent share one
+dynamic user, so the agent reads the token the refresher wrote (a folder only that user may
+enter), sends it as its bearer token, and sends a refreshed one without a restart.
 
 The distribution's prometheus (Debian's, installed in the host with apt) runs the rendered
 agent unit unchanged; the refresher unit asks 169.254.169.254 (an address this test puts on
@@ -23,9 +23,10 @@ from typing import ClassVar
 import pytest
 from imds_server import serve_imds
 from local_server import free_port
-from provisioning_helpers import spec_with
+from provisioning_helpers import settings_for, spec_with, target
 from testhost import TestHost, boot, build_rootfs, make_keypair
 
+from provisioning.settings import MetricsAccess
 from provisioning.steps import metrics
 from serving.render import metrics_unit as mu
 
@@ -96,16 +97,11 @@ def test_agent_reads_the_refreshers_token_and_follows_a_refresh(host: TestHost) 
     receiver = free_port()
     host.sudo("DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >/dev/null && "
               f"systemctl disable --now {' '.join(mu.DISTRIBUTION_UNITS)}", timeout=600)
-    files = {
-        mu.CONFIG_FILE: mu.render_config(spec, instance="h1",
-                                         remote_write_url=f"http://127.0.0.1:{receiver}/write"),
-        mu.UNIT_FILE: mu.render_unit(spec),
-        mu.TOKEN_UNIT_FILE: mu.render_token_unit(spec, client_id="client-1"),
-        mu.TOKEN_TIMER_FILE: mu.render_token_timer(spec),
-        mu.TOKEN_SCRIPT: metrics.TOKEN_SCRIPT.read_text(),
-    }
-    for path, text in files.items():
-        host.write_file(path, text, mode="0755" if path == mu.TOKEN_SCRIPT else "0644")
+    access = MetricsAccess(ingestion_url=f"http://127.0.0.1:{receiver}/write",
+                           client_id="client-1")
+    t = target(spec=spec, settings=settings_for(spec, metrics=access))[0]
+    for path, (text, mode) in metrics.files(t, "h1").items():  # what the step writes
+        host.write_file(path, text, mode=f"0{mode}")
     _Receiver.seen = []
     with _imds_address(), serve_imds(mu.IMDS_ADDRESS, 80) as imds, \
             _serving("127.0.0.1", receiver, _Receiver):

@@ -11,9 +11,10 @@
 # brings: "masked" once this step has run), enabled and active (of the project's agent unit),
 # ready (yes when the agent answers READY_URL on loopback), timer-enabled and timer-active (of
 # the token refresher's timer), token (yes when TOKEN_FILE is there and not empty: its content
-# is never read here) and hostname (the VM's name, the agent's instance label). install adds the package (or upgrades it to the archive's version)
-# and masks the package's units: prometheus.service would run a full server on :9090 with the
-# package's example configuration. check runs the package's promtool on the agent's file.
+# is never read here) and hostname (the VM's name, the agent's instance label). install adds
+# the package (or upgrades it to the archive's version) and masks the package's units:
+# prometheus.service would run a full server on :9090 with the package's example
+# configuration. check runs the package's promtool on the agent's file.
 set -euo pipefail
 
 installed_version() {
