@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--up-to", type=int, default=0, help="keep tuned configs only for "
                         "steps of at most this many tokens; vLLM's default above")
     args = parser.parse_args(argv)
+    if args.up_to < 0:
+        print(f"--up-to {args.up_to}: a token count per step, 1 or more (0: no limit)",
+              file=sys.stderr)
+        return 2
     if args.recorded:
         try:
             report = lt.report_from_json(json.loads(args.recorded.read_text()))

@@ -231,3 +231,9 @@ def test_a_bad_recorded_file_is_refused_in_one_line(tmp_path: Path) -> None:
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
         assert str(path) in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_negative_up_to_is_refused_in_one_line(tmp_path: Path) -> None:
+    done = _cli("--from", str(RECORDED), "--up-to", "-64", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--up-to" in done.stderr
+    assert not (tmp_path / "out").exists()
